@@ -1,0 +1,48 @@
+"""Engine configuration: one pydantic-settings model, each field also read from PAGECHAT_<NAME>."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class EngineConfig(BaseSettings):
+    """Everything the engine needs to start; keyword arguments override the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="PAGECHAT_", extra="ignore", protected_namespaces=())
+
+    model: str = Field("Qwen/Qwen3-4B-Instruct-2507", description="local directory or HF hub id")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    max_model_len: int | None = Field(None, description="defaults to the checkpoint's context")
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    block_size: int = Field(16, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    kv_cache_memory_gb: float = Field(2.0, gt=0.0, description="KV pool size on CPU")
+    num_kv_blocks: int | None = Field(None, ge=1, description="override the computed KV pool size")
+    enable_prefix_caching: bool = True
+    attention_backend: Literal["auto", "triton", "torch"] = "auto"
+    enforce_eager: bool = False
+    seed: int = 0
+
+    @field_validator("block_size")
+    @classmethod
+    def _power_of_two(cls, value: int) -> int:
+        if value & (value - 1):
+            raise ValueError(f"block_size must be a power of two, got {value}")
+        return value
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_attention_backend(self) -> str:
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        return "triton" if self.resolved_device().startswith("cuda") else "torch"

@@ -1,0 +1,157 @@
+"""Paged attention: one interface, two backends (torch for CPU and as the reference, Triton for GPU).
+
+Every backend first writes the step's new K/V into the paged cache by slot, then attends each
+query token to all keys of its sequence (cached prefix + new tokens) through the block table.
+A prefill chunk, a prefill with a cached prefix and a single-token decode are one case:
+query i of a sequence with `query_len` new tokens and `seq_len` keys sees keys
+`0 .. seq_len - query_len + i` (bottom-right aligned causal mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Batch layout for one forward pass over a mixed batch of prefill chunks and decodes.
+
+    Tokens of all sequences are packed: sequence s owns rows query_start_loc[s]:query_start_loc[s+1].
+    """
+
+    slot_mapping: torch.Tensor  # int64 [num_tokens]; cache slot per new token, -1 = do not store
+    query_start_loc: torch.Tensor  # int32 [num_seqs + 1]
+    seq_lens: torch.Tensor  # int32 [num_seqs]; keys per sequence after this step's tokens
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks_per_seq]; padding rows/cols are 0
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, so the torch backend and the runner never sync the device to read them.
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(Protocol):
+    """Stores k/v for the new tokens, then returns attention output [num_tokens, Hq, D]."""
+
+    name: str
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor: ...
+
+
+def store_kv_cache_torch(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write k/v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at flat slots."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    num_kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k[keep].to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+
+
+def gather_sequence_kv(
+    cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int
+) -> torch.Tensor:
+    """The first seq_len cached vectors of one sequence, [seq_len, Hkv, D]."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = cache[block_table_row[:num_blocks].long()]
+    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+
+
+def paged_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Reference paged attention in plain torch ops, computed in float32."""
+    out = torch.empty_like(q)
+    num_heads = q.shape[1]
+    group = num_heads // k_cache.shape[2]
+    start = 0
+    for s, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        if query_len == 0:
+            continue
+        keys = gather_sequence_kv(k_cache, meta.block_tables[s], seq_len).float()
+        values = gather_sequence_kv(v_cache, meta.block_tables[s], seq_len).float()
+        queries = q[start : start + query_len].float()
+        # [H, Tq, D] x [H, D, Tk]; GQA by repeating each KV head over its query heads.
+        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)
+        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
+        queries = queries.transpose(0, 1)
+        context_len = seq_len - query_len
+        mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device).tril(context_len)
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+        out[start : start + query_len] = attended.transpose(0, 1).to(q.dtype)
+        start += query_len
+    return out
+
+
+class TorchAttentionBackend:
+    """Plain torch ops: the CPU path and the reference the Triton kernels are tested against."""
+
+    name = "torch"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        store_kv_cache_torch(k, v, k_cache, v_cache, meta.slot_mapping)
+        return paged_attention_torch(q, k_cache, v_cache, meta, scale)
+
+
+class TritonAttentionBackend:
+    """Triton kernels: one store launch and one paged-attention launch for the whole batch."""
+
+    name = "triton"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        from engine.kernels import paged_attention, store_kv_cache
+
+        store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        return paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            out,
+            meta.query_start_loc,
+            meta.seq_lens,
+            meta.block_tables,
+            max_query_len=meta.max_query_len,
+            max_seq_len=meta.max_seq_len,
+            scale=scale,
+        )
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    """'torch' or 'triton' (resolve 'auto' with EngineConfig.resolved_attention_backend first)."""
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        return TritonAttentionBackend()
+    raise ValueError(f"attention_backend must be 'torch' or 'triton', got {name!r}")

@@ -1,0 +1,34 @@
+"""What the engine hands back: whole results for LLM, deltas for AsyncLLM streams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RequestOutput:
+    """One request's state after a step.
+
+    `text`/`token_ids` are cumulative; `delta_text`/`delta_token_ids` are what this step added.
+    `error` is set (with finish_reason "error") when the request failed inside the engine.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    num_cached_tokens: int = 0
+    error: str | None = None
+    # Timing, seconds on time.monotonic(): when the request arrived and when it got its first token.
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    # Prefill progress: prompt tokens whose KV is computed so far (for progress displays).
+    num_computed_prompt_tokens: int = 0
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
