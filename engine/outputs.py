@@ -26,6 +26,8 @@ class RequestOutput:
     # Timing, seconds on time.monotonic(): when the request arrived and when it got its first token.
     arrival_time: float = 0.0
     first_token_time: float | None = None
+    # Per generated token, the top log-probabilities asked for with SamplingParams.logprobs.
+    logprobs: list[dict[int, float]] | None = None
     # Prefill progress: prompt tokens whose KV is computed so far (for progress displays).
     num_computed_prompt_tokens: int = 0
 

@@ -1,0 +1,36 @@
+"""App settings (PAGECHAT_* environment variables), separate from the engine's EngineConfig."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AppSettings(BaseSettings):
+    """What the server needs beyond the engine: where data lives, who may log in, limits."""
+
+    model_config = SettingsConfigDict(env_prefix="PAGECHAT_", extra="ignore", protected_namespaces=())
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    demo: bool = Field(False, description="tiny random checkpoint: answers are random text")
+    data_dir: Path = Field(Path("data"), description="SQLite database, uploads, secrets")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir")
+    auth_users: str = Field("", description="user:password pairs, comma-separated; empty = local user")
+    api_keys: str = Field("", description="comma-separated keys required by /v1/* when set")
+    engine_url: str | None = Field(None, description="external OpenAI-compatible server to use")
+    engine_api_key: str | None = Field(None, description="bearer key for engine_url")
+    served_model_name: str | None = Field(None, description="model id shown by /v1/models")
+    max_upload_mb: int = Field(50, ge=1)
+    max_queued_requests: int = Field(256, ge=1, description="API answers 503 beyond this")
+    cors_allow_origins: str = Field("", description="comma-separated origins; empty = closed")
+
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def sqlalchemy_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'pagechat.db').resolve()}"
