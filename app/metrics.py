@@ -1,0 +1,226 @@
+"""Prometheus metrics: engine gauges read at scrape time, latency histograms fed by request streams.
+
+One process serves one engine, so there is one `METRICS` instance with its own registry (not
+prometheus-client's global one). The OpenAI API and the chat UI both wrap their engine streams
+with `track(...)` so time-to-first-token, inter-token and end-to-end latency cover every request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from engine.outputs import RequestOutput
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+
+
+class _EngineCollector:
+    """Reads the engine's stats snapshot when /metrics is scraped (no polling thread)."""
+
+    def __init__(self) -> None:
+        self.engine: Any = None
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        engine = self.engine
+        yield GaugeMetricFamily(
+            "pagechat_model_loaded",
+            "1 once the model is loaded and serving",
+            value=int(engine is not None),
+        )
+        if engine is None:
+            return
+        s = engine.stats()
+        gauges = [
+            (
+                "num_requests_running",
+                "Requests being generated (in the running batch)",
+                s.num_running,
+            ),
+            (
+                "num_requests_waiting",
+                "Requests queued for their first prefill or preempted",
+                s.num_waiting,
+            ),
+            ("kv_cache_blocks_used", "KV cache blocks held by requests", s.kv_blocks_used),
+            ("kv_cache_blocks_total", "KV cache blocks in the pool", s.kv_blocks_total),
+            (
+                "kv_cache_usage_ratio",
+                "Fraction of KV cache blocks in use",
+                _ratio(s.kv_blocks_used, s.kv_blocks_total),
+            ),
+            (
+                "prefix_cache_hit_rate",
+                "Prompt tokens found in the prefix cache / looked up",
+                s.prefix_cache_hit_rate,
+            ),
+        ]
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(f"pagechat_{name}", doc, value=value)
+        counters = [
+            ("prompt_tokens", "Prompt tokens received", s.prompt_tokens_total),
+            ("generation_tokens", "Tokens generated", s.generation_tokens_total),
+            (
+                "prefix_cache_queries",
+                "Prompt tokens looked up in the prefix cache",
+                s.prefix_cache_queries,
+            ),
+            (
+                "prefix_cache_hits",
+                "Prompt tokens served from the prefix cache",
+                s.prefix_cache_hits,
+            ),
+        ]
+        for name, doc, value in counters:
+            yield CounterMetricFamily(f"pagechat_{name}", doc, value=value)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else 0.0
+
+
+class Metrics:
+    """A registry with the engine collector and the per-request latency metrics."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._engine = _EngineCollector()
+        self.registry.register(self._engine)
+        self.time_to_first_token = Histogram(
+            "pagechat_time_to_first_token_seconds",
+            "From the request reaching the server to its first generated token",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.inter_token_latency = Histogram(
+            "pagechat_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one request",
+            buckets=ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e_latency = Histogram(
+            "pagechat_e2e_request_latency_seconds",
+            "From the request reaching the server to its last token",
+            buckets=E2E_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests_finished = Counter(
+            "pagechat_requests_finished",
+            "Requests finished, by reason (stop, length, abort, error)",
+            ["finish_reason"],
+            registry=self.registry,
+        )
+
+    def recorder(self) -> RequestRecorder:
+        return RequestRecorder(self)
+
+    async def track(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """Pass a request's outputs through unchanged, recording its latencies on the way."""
+        recorder = self.recorder()
+        try:
+            async for out in outputs:
+                recorder.observe(out)
+                yield out
+        finally:
+            recorder.close()
+
+    def render(self, engine: Any) -> bytes:
+        """The exposition text, with engine gauges read from `engine.stats()` now."""
+        self._engine.engine = engine
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._engine.engine = None
+
+
+class RequestRecorder:
+    """Feeds one request's stream of outputs into the latency histograms.
+
+    Times are taken as the consumer sees the outputs, which is what a user waits for.
+    """
+
+    def __init__(self, metrics: Metrics, start: float | None = None) -> None:
+        self.metrics = metrics
+        self.start = time.monotonic() if start is None else start
+        self.last_token_time: float | None = None
+        self.seen = False
+        self.done = False
+
+    def observe(self, out: RequestOutput) -> None:
+        if self.done:
+            return
+        self.seen = True
+        now = time.monotonic()
+        # Remote outputs carry text but no token ids; count a text delta as one token.
+        n = len(out.delta_token_ids) or (1 if out.delta_text else 0)
+        if n:
+            if self.last_token_time is None:
+                self.metrics.time_to_first_token.observe(now - self.start)
+            else:
+                gap = (now - self.last_token_time) / n
+                for _ in range(n):
+                    self.metrics.inter_token_latency.observe(gap)
+            self.last_token_time = now
+        if out.finished:
+            self.metrics.e2e_latency.observe(now - self.start)
+            self.metrics.requests_finished.labels(out.finish_reason or "stop").inc()
+            self.done = True
+
+    def close(self) -> None:
+        """Call when the consumer stops; a started stream that did not finish counts as aborted.
+
+        A request refused before its first output (prompt too long...) is not counted.
+        """
+        if self.seen and not self.done:
+            self.metrics.e2e_latency.observe(time.monotonic() - self.start)
+            self.metrics.requests_finished.labels("abort").inc()
+            self.done = True
+
+
+METRICS = Metrics()
+
+
+def track(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    """`async for out in track(engine.generate(...))`: the one call the chat UI needs."""
+    return METRICS.track(outputs)
+
+
+router = APIRouter()
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(request: Request) -> Response:
+    engine = getattr(request.app.state, "engine", None)
+    return Response(METRICS.render(engine), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/health", tags=["ops"])
+async def health(request: Request) -> JSONResponse:
+    """200 once the model is loaded (and a remote engine answers), 503 before."""
+    state = request.app.state
+    engine = getattr(state, "engine", None)
+    if engine is None:
+        error = getattr(state, "engine_error", None)
+        body = {"status": "error", "error": str(error)} if error else {"status": "loading"}
+        return JSONResponse(body, status_code=503)
+    check = getattr(engine, "health", None)
+    if check is not None and not await check():
+        return JSONResponse({"status": "engine unreachable"}, status_code=503)
+    return JSONResponse({"status": "ok"})

@@ -1,0 +1,695 @@
+"""OpenAI-compatible API on the app's own server: /v1/models, /v1/chat/completions, /v1/completions.
+
+The engine is `app.state.engine`: the in-process AsyncLLM (chat messages go through its
+tokenizer's chat template, prompts reach it as token ids) or a RemoteEngine (messages travel
+as they are to the upstream server). `router` also carries /health and /metrics; include it
+before mounting Chainlit at "/", which would otherwise shadow these paths.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app import metrics
+from app.auth_keys import key_is_valid
+from app.openai_protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessage,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+    PromptTokensDetails,
+    SamplingRequest,
+    Usage,
+)
+from app.settings import AppSettings
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+# Prompts longer than this many characters are tokenized off the event loop.
+LONG_TEXT_CHARS = 20_000
+STARTED_AT = int(time.time())
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type = status, message, type
+        self.param, self.code, self.headers = param, code, headers
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    parts, param = [], None
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            detail = (err.get("ctx") or {}).get("error", "")
+            return APIError(400, f"The request body is not valid JSON: {detail}".rstrip(": "))
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        param = param or ".".join(loc) or None
+        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+    return APIError(400, "; ".join(parts) or "invalid request", param=param)
+
+
+class OpenAIRoute(APIRoute):
+    """A route whose errors, request validation included, come back as OpenAI error JSON (400, not 422)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return _validation_error(exc).response()
+            except APIError as exc:
+                return exc.response()
+
+        return route
+
+
+# ---- app state ------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _env_settings() -> AppSettings:
+    return AppSettings()
+
+
+def _settings(request: Request) -> AppSettings:
+    return getattr(request.app.state, "settings", None) or _env_settings()
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def require_api_key(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    keys = _settings(request).api_key_list()
+    if keys and not key_is_valid(credentials.credentials if credentials else None, keys):
+        raise APIError(
+            401,
+            "Incorrect or missing API key: send `Authorization: Bearer <key>`.",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+def _engine(request: Request) -> Any:
+    engine = getattr(request.app.state, "engine", None)
+    if engine is None:
+        error = getattr(request.app.state, "engine_error", None)
+        message = (
+            f"The model failed to load: {error}"
+            if error
+            else "The model is still loading; retry shortly."
+        )
+        raise APIError(
+            503, message, type="server_error", code="model_not_ready", headers={"Retry-After": "5"}
+        )
+    return engine
+
+
+def _is_remote(engine: Any) -> bool:
+    """A remote engine has no local tokenizer: chat messages go to it as messages."""
+    return getattr(engine, "tokenizer", None) is None
+
+
+def _model_id(request: Request, engine: Any) -> str:
+    served = _settings(request).served_model_name
+    if served:
+        return served
+    if _is_remote(engine):
+        return engine.model or "unknown"
+    return str(engine.config.model)
+
+
+def _check_model(request: Request, engine: Any, model: str) -> str:
+    model_id = _model_id(request, engine)
+    if model != model_id:
+        raise APIError(
+            404,
+            f"The model `{model}` does not exist. This server serves `{model_id}`.",
+            param="model",
+            code="model_not_found",
+        )
+    return model_id
+
+
+def _check_queue(request: Request, engine: Any) -> None:
+    limit = _settings(request).max_queued_requests
+    waiting = engine.stats().num_waiting
+    if waiting >= limit:
+        raise APIError(
+            503,
+            f"The server is overloaded: {waiting} requests are waiting (limit {limit}). Retry later.",
+            type="server_error",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
+
+
+# ---- request -> engine ----------------------------------------------------------------------
+
+
+def _check_unsupported(body: SamplingRequest) -> None:
+    if body.n != 1:
+        raise APIError(400, f"Only n=1 is supported, got n={body.n}.", param="n")
+    logprobs = getattr(body, "logprobs", None)
+    if logprobs:
+        raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
+    if isinstance(body, ChatCompletionRequest):
+        if body.tools:
+            raise APIError(400, "Tool calling is not supported by this server.", param="tools")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(
+                400, "Only response_format {'type': 'text'} is supported.", param="response_format"
+            )
+    if isinstance(body, CompletionRequest):
+        if body.echo:
+            raise APIError(400, "echo is not supported by this server.", param="echo")
+        if body.suffix:
+            raise APIError(400, "suffix is not supported by this server.", param="suffix")
+        if body.best_of not in (None, 1):
+            raise APIError(400, "Only best_of=1 is supported.", param="best_of")
+
+
+def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """OpenAI messages as the chat template wants them: content joined into one string."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(
+                        400,
+                        f"Content part type `{part.type}` is not supported; only text parts are.",
+                        param=f"messages.{i}.content",
+                    )
+                texts.append(part.text)
+            content = "\n".join(texts)
+        item = message.model_dump(exclude_none=True)
+        item["role"] = "system" if message.role == "developer" else message.role
+        item["content"] = content or ""
+        out.append(item)
+    return out
+
+
+async def _off_loop_if_long(size: int, fn: Callable, *args: Any) -> Any:
+    return await asyncio.to_thread(fn, *args) if size > LONG_TEXT_CHARS else fn(*args)
+
+
+async def _chat_prompt_ids(engine: Any, messages: list[dict]) -> list[int]:
+    size = sum(len(m["content"]) for m in messages)
+    try:
+        return await _off_loop_if_long(size, engine.tokenizer.apply_chat_template, messages)
+    except Exception as exc:  # the template refuses some message orders (raise_exception)
+        raise APIError(
+            400, f"The chat template could not render these messages: {exc}", param="messages"
+        ) from exc
+
+
+def _check_length(n_prompt: int, max_tokens: int | None, max_model_len: int, what: str) -> None:
+    if n_prompt >= max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, your {what} "
+            f"resulted in {n_prompt} tokens. Please reduce the length of the {what}.",
+            param=what,
+            code="context_length_exceeded",
+        )
+    if max_tokens is not None and n_prompt + max_tokens > max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{n_prompt + max_tokens} tokens ({n_prompt} in the {what}, {max_tokens} in the completion). "
+            f"Please reduce the length of the {what} or completion.",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+
+
+def _sampling_params(
+    body: SamplingRequest, defaults: dict, max_tokens: int | None
+) -> SamplingParams:
+    """SamplingParams from the request; what it leaves out comes from the model's generation config."""
+
+    def pick(name: str, fallback: Any) -> Any:
+        value = getattr(body, name)
+        return value if value is not None else defaults.get(name, fallback)
+
+    top_k = pick("top_k", -1)
+    try:
+        return SamplingParams(
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=-1 if top_k == 0 else top_k,
+            min_p=pick("min_p", 0.0),
+            max_tokens=max_tokens,
+            stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+            stop_token_ids=body.stop_token_ids,
+            ignore_eos=body.ignore_eos,
+            seed=body.seed,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=pick("repetition_penalty", 1.0),
+        )
+    except ValueError as exc:
+        text = str(exc)
+        field = (
+            text.split(" ", 1)[0].removeprefix("SamplingParams.")
+            if text.startswith("SamplingParams.")
+            else None
+        )
+        raise APIError(400, text, param=field) from exc
+
+
+def _requested_max_tokens(body: SamplingRequest) -> int | None:
+    return getattr(body, "max_completion_tokens", None) or body.max_tokens
+
+
+def _engine_error(exc: Exception) -> APIError:
+    """An exception from the engine (or the upstream server) as the matching API error."""
+    status = getattr(exc, "status", None)
+    if isinstance(exc, ValueError):
+        return APIError(400, str(exc))
+    if status in (429, 503):
+        return APIError(status, str(exc), type="server_error", code="upstream_unavailable")
+    if status is not None or isinstance(exc, ConnectionError):
+        return APIError(
+            502, f"The engine server failed: {exc}", type="server_error", code="bad_gateway"
+        )
+    return APIError(500, f"Internal error: {exc}", type="server_error")
+
+
+# ---- engine -> response ---------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    """One API request: its engine streams (one per prompt) and how to shape the answer."""
+
+    kind: str  # "chat" | "text"
+    response_id: str
+    model: str
+    created: int
+    stream: bool
+    include_usage: bool
+    request_ids: list[str]
+    streams: list[AsyncIterator[RequestOutput]]
+
+    def chunk(self, index: int, text: str, finish_reason: str | None, role: bool = False) -> dict:
+        if self.kind == "chat":
+            delta: dict[str, Any] = (
+                {"role": "assistant", "content": text} if role else {"content": text}
+            )
+            choice = {
+                "index": index,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            obj = "chat.completion.chunk"
+        else:
+            choice = {
+                "index": index,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+            obj = "text_completion"
+        data = {
+            "id": self.response_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
+        if self.include_usage:
+            data["usage"] = None
+        return data
+
+    def usage_chunk(self, usage: Usage) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {
+            "id": self.response_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage.model_dump(),
+        }
+
+
+def _usage(finals: list[RequestOutput | None]) -> Usage:
+    prompt = completion = cached = 0
+    for out in finals:
+        if out is None:
+            continue
+        prompt += out.num_prompt_tokens
+        remote_count = getattr(out, "completion_tokens", None)
+        completion += remote_count if remote_count is not None else len(out.token_ids)
+        cached += out.num_cached_tokens
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=completion,
+        total_tokens=prompt + completion,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+    )
+
+
+async def _merge(
+    streams: list[AsyncIterator[RequestOutput]],
+) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as (index, output), in arrival order."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _DisconnectGuard:
+    """Aborts the job's engine requests as soon as the client goes away.
+
+    Waits on the ASGI `receive` channel, which yields `http.disconnect` when the connection
+    closes, so a client that leaves while its request is still queued is noticed too.
+    """
+
+    def __init__(self, request: Request, engine: Any, request_ids: list[str]) -> None:
+        self.request, self.engine, self.request_ids = request, engine, request_ids
+        self.disconnected = False
+        self.task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self.request.receive())["type"] != "http.disconnect":
+            pass
+        self.disconnected = True
+        for request_id in self.request_ids:
+            await self.engine.abort(request_id)
+
+    def stop(self) -> None:
+        self.task.cancel()
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _respond(request: Request, engine: Any, job: _Job) -> Response:
+    guard = _DisconnectGuard(request, engine, job.request_ids)
+    outputs = _merge([metrics.track(s) for s in job.streams])
+    try:
+        # Wait for the first output before answering, so a refused request gets its real status.
+        first = await anext(outputs, None)
+    except Exception as exc:
+        guard.stop()
+        await outputs.aclose()
+        raise _engine_error(exc) from exc
+    if job.stream:
+        return StreamingResponse(
+            _stream_events(job, first, outputs, guard),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    try:
+        return await _collect(job, first, outputs)
+    finally:
+        guard.stop()
+        await outputs.aclose()
+
+
+async def _collect(
+    job: _Job, first: tuple[int, RequestOutput] | None, outputs: AsyncIterator
+) -> Response:
+    n = len(job.streams)
+    texts = [""] * n
+    finals: list[RequestOutput | None] = [None] * n
+    pending = [first] if first else []
+    try:
+        while True:
+            item = pending.pop() if pending else await anext(outputs, None)
+            if item is None:
+                break
+            i, out = item
+            texts[i] += out.delta_text
+            if out.finished:
+                finals[i] = out
+    except Exception as exc:
+        raise _engine_error(exc) from exc
+    for out in finals:
+        if out is not None and out.finish_reason == "error":
+            raise APIError(500, f"The engine failed this request: {out.error}", type="server_error")
+    reasons = [out.finish_reason if out else "abort" for out in finals]
+    usage = _usage(finals)
+    if job.kind == "chat":
+        body: Any = ChatCompletionResponse(
+            id=job.response_id,
+            created=job.created,
+            model=job.model,
+            choices=[
+                ChatChoice(
+                    index=i, message=AssistantMessage(content=texts[i]), finish_reason=reasons[i]
+                )
+                for i in range(n)
+            ],
+            usage=usage,
+        )
+    else:
+        body = CompletionResponse(
+            id=job.response_id,
+            created=job.created,
+            model=job.model,
+            choices=[
+                CompletionChoice(index=i, text=texts[i], finish_reason=reasons[i]) for i in range(n)
+            ],
+            usage=usage,
+        )
+    return JSONResponse(body.model_dump())
+
+
+async def _stream_events(
+    job: _Job,
+    first: tuple[int, RequestOutput] | None,
+    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    guard: _DisconnectGuard,
+) -> AsyncIterator[str]:
+    finals: list[RequestOutput | None] = [None] * len(job.streams)
+    try:
+        if job.kind == "chat":
+            for i in range(len(job.streams)):
+                yield _sse(job.chunk(i, "", None, role=True))
+        item = first
+        while item is not None:
+            i, out = item
+            if out.finished and out.finish_reason == "error":
+                error = APIError(
+                    500, f"The engine failed this request: {out.error}", type="server_error"
+                )
+                yield _sse(error.body())
+                break
+            if out.delta_text or out.finished:
+                yield _sse(
+                    job.chunk(i, out.delta_text, out.finish_reason if out.finished else None)
+                )
+            if out.finished:
+                finals[i] = out
+            item = await anext(outputs, None)
+        else:
+            if job.include_usage:
+                yield _sse(job.usage_chunk(_usage(finals)))
+    except Exception as exc:
+        yield _sse(_engine_error(exc).body())
+    finally:
+        guard.stop()
+        await outputs.aclose()
+    yield "data: [DONE]\n\n"
+
+
+# ---- endpoints ------------------------------------------------------------------------------
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": why}
+    for status, why in [
+        (400, "Invalid request, or prompt longer than the model's context"),
+        (401, "Missing or wrong API key"),
+        (404, "Unknown model"),
+        (503, "Model still loading, or too many requests waiting"),
+    ]
+}
+
+v1 = APIRouter(
+    prefix="/v1", route_class=OpenAIRoute, dependencies=[Depends(require_api_key)], tags=["openai"]
+)
+
+
+@v1.get("/models", response_model=ModelList, responses=ERRORS)
+async def list_models(request: Request) -> ModelList:
+    engine = _engine(request)
+    return ModelList(
+        data=[
+            ModelCard(
+                id=_model_id(request, engine),
+                created=STARTED_AT,
+                max_model_len=getattr(engine, "max_model_len", None),
+            )
+        ]
+    )
+
+
+def _job(kind: str, request_id: str, model: str, body: SamplingRequest, streams: list) -> _Job:
+    ids = [request_id] if len(streams) == 1 else [f"{request_id}-{i}" for i in range(len(streams))]
+    return _Job(
+        kind=kind,
+        response_id=request_id,
+        model=model,
+        created=int(time.time()),
+        stream=body.stream,
+        include_usage=bool(body.stream_options and body.stream_options.include_usage),
+        request_ids=ids,
+        streams=[make(rid) for make, rid in zip(streams, ids, strict=True)],
+    )
+
+
+@v1.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    engine = _engine(request)
+    model = _check_model(request, engine, body.model)
+    _check_unsupported(body)
+    messages = _message_dicts(body.messages)
+    max_tokens = _requested_max_tokens(body)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    if _is_remote(engine):
+        params = _sampling_params(body, {}, max_tokens)
+
+        def start(rid: str) -> AsyncIterator[RequestOutput]:
+            return engine.chat(messages, params, request_id=rid)
+    else:
+        ids = await _chat_prompt_ids(engine, messages)
+        _check_length(len(ids), max_tokens, engine.max_model_len, "messages")
+        budget = max_tokens or engine.max_model_len - len(ids)
+        params = _sampling_params(body, engine.generation_defaults, budget)
+
+        def start(rid: str) -> AsyncIterator[RequestOutput]:
+            return engine.generate(ids, params, request_id=rid)
+
+    _check_queue(request, engine)
+    return await _respond(request, engine, _job("chat", request_id, model, body, [start]))
+
+
+def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty.", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+@v1.post("/completions", response_model=CompletionResponse, responses=ERRORS)
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    engine = _engine(request)
+    model = _check_model(request, engine, body.model)
+    _check_unsupported(body)
+    prompts = _prompts(body.prompt)
+    max_tokens = _requested_max_tokens(body)
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    starts = []
+    for prompt in prompts:
+        if _is_remote(engine):
+            params = _sampling_params(body, {}, max_tokens)
+            prompt_input: str | list[int] = prompt
+        else:
+            if isinstance(prompt, str):
+                prompt_input = await _off_loop_if_long(len(prompt), engine.tokenizer.encode, prompt)
+            else:
+                prompt_input = prompt
+            if not prompt_input:
+                raise APIError(400, "prompt must not be empty.", param="prompt")
+            _check_length(len(prompt_input), max_tokens, engine.max_model_len, "prompt")
+            budget = max_tokens or engine.max_model_len - len(prompt_input)
+            params = _sampling_params(body, engine.generation_defaults, budget)
+        starts.append(_bind(engine, prompt_input, params))
+    _check_queue(request, engine)
+    return await _respond(request, engine, _job("text", request_id, model, body, starts))
+
+
+def _bind(
+    engine: Any, prompt: str | list[int], params: SamplingParams
+) -> Callable[[str], AsyncIterator]:
+    return lambda rid: engine.generate(prompt, params, request_id=rid)
+
+
+router = APIRouter()
+router.include_router(v1)
+router.include_router(metrics.router)
