@@ -157,17 +157,25 @@ def _is_remote(engine: Any) -> bool:
     return getattr(engine, "tokenizer", None) is None
 
 
-def _model_id(request: Request, engine: Any) -> str:
+async def _model_id(request: Request, engine: Any) -> str:
     served = _settings(request).served_model_name
     if served:
         return served
-    if _is_remote(engine):
-        return engine.model or "unknown"
-    return str(engine.config.model)
+    if not _is_remote(engine):
+        return str(engine.config.model)
+    if engine.model is None and not await engine.start():
+        raise APIError(
+            503,
+            f"The engine server {engine.base_url} is not reachable yet; retry shortly.",
+            type="server_error",
+            code="model_not_ready",
+            headers={"Retry-After": "5"},
+        )
+    return engine.model
 
 
-def _check_model(request: Request, engine: Any, model: str) -> str:
-    model_id = _model_id(request, engine)
+async def _check_model(request: Request, engine: Any, model: str) -> str:
+    model_id = await _model_id(request, engine)
     if model != model_id:
         raise APIError(
             404,
@@ -598,7 +606,7 @@ async def list_models(request: Request) -> ModelList:
     return ModelList(
         data=[
             ModelCard(
-                id=_model_id(request, engine),
+                id=await _model_id(request, engine),
                 created=STARTED_AT,
                 max_model_len=getattr(engine, "max_model_len", None),
             )
@@ -623,7 +631,7 @@ def _job(kind: str, request_id: str, model: str, body: SamplingRequest, streams:
 @v1.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     engine = _engine(request)
-    model = _check_model(request, engine, body.model)
+    model = await _check_model(request, engine, body.model)
     _check_unsupported(body)
     messages = _message_dicts(body.messages)
     max_tokens = _requested_max_tokens(body)
@@ -659,7 +667,7 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
 @v1.post("/completions", response_model=CompletionResponse, responses=ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     engine = _engine(request)
-    model = _check_model(request, engine, body.model)
+    model = await _check_model(request, engine, body.model)
     _check_unsupported(body)
     prompts = _prompts(body.prompt)
     max_tokens = _requested_max_tokens(body)

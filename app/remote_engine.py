@@ -18,14 +18,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from app.settings import AppSettings
-from engine.llm_engine import EngineStats
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from engine.llm_engine import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +118,9 @@ class _Progress:
     def final(self, reason: str, error: str | None = None) -> RemoteRequestOutput:
         return self._output(delta_text="", finished=True, reason=reason, error=error)
 
-    def _output(self, delta_text: str, finished: bool, reason: str | None, error: str | None = None) -> RemoteRequestOutput:
+    def _output(
+        self, delta_text: str, finished: bool, reason: str | None, error: str | None = None
+    ) -> RemoteRequestOutput:
         usage = self.usage or {}
         details = usage.get("prompt_tokens_details") or {}
         return RemoteRequestOutput(
@@ -198,12 +202,16 @@ class RemoteEngine:
         if card is None:
             if self.requested_model:
                 logger.warning(
-                    "engine server does not serve %r; using %r", self.requested_model, cards[0].get("id")
+                    "engine server does not serve %r; using %r",
+                    self.requested_model,
+                    cards[0].get("id"),
                 )
             card = cards[0]
         self.model = str(card["id"])
         self.max_model_len = card.get("max_model_len")
-        logger.info("using %s at %s (max_model_len %s)", self.model, self.base_url, self.max_model_len)
+        logger.info(
+            "using %s at %s (max_model_len %s)", self.model, self.base_url, self.max_model_len
+        )
         return self.model
 
     async def health(self) -> bool:
@@ -234,7 +242,10 @@ class RemoteEngine:
     # ---- requests -----------------------------------------------------------------------------
 
     async def chat(
-        self, messages: list[dict], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        messages: list[dict],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[RemoteRequestOutput]:
         """Stream the assistant's answer to `messages` (OpenAI format) as deltas, then a final output."""
         body = {"messages": messages}
@@ -242,10 +253,15 @@ class RemoteEngine:
             yield out
 
     async def generate(
-        self, prompt: str | list[int], params: SamplingParams | None = None, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
     ) -> AsyncIterator[RemoteRequestOutput]:
         """A plain text completion of `prompt` (text, or token ids of the upstream's tokenizer)."""
-        async for out in self._stream("/completions", {"prompt": prompt}, params, request_id, chat=False):
+        async for out in self._stream(
+            "/completions", {"prompt": prompt}, params, request_id, chat=False
+        ):
             yield out
 
     async def abort(self, request_id: str) -> None:
@@ -257,6 +273,8 @@ class RemoteEngine:
 
     def stats(self) -> EngineStats:
         """What this process knows: requests in flight and token counts from upstream usage."""
+        from engine.llm_engine import EngineStats  # here: remote mode need not load the model code
+
         return EngineStats(
             num_running=len(self._tasks),
             num_waiting=0,
@@ -312,7 +330,9 @@ class RemoteEngine:
         except httpx.HTTPError as exc:
             raise UpstreamError(f"engine server {self.base_url} unreachable: {exc}") from exc
 
-    async def _pump(self, path: str, payload: dict, progress: _Progress, queue: asyncio.Queue, chat: bool) -> None:
+    async def _pump(
+        self, path: str, payload: dict, progress: _Progress, queue: asyncio.Queue, chat: bool
+    ) -> None:
         """Read one upstream stream into `queue`: deltas, then exactly one final output or an exception."""
         try:
             async with self._client.stream("POST", path, json=payload) as response:
@@ -321,7 +341,10 @@ class RemoteEngine:
                     message = _error_message(response)
                     if response.status_code == 400:
                         raise ValueError(message)
-                    raise UpstreamError(f"engine server answered {response.status_code}: {message}", response.status_code)
+                    raise UpstreamError(
+                        f"engine server answered {response.status_code}: {message}",
+                        response.status_code,
+                    )
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue
