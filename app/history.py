@@ -1,0 +1,392 @@
+"""A chat as token ids, so every follow-up reuses the KV blocks of everything before it.
+
+The prompt of turn n+1 is exactly the prompt of turn n, plus the ids the model generated
+(closed by `<|im_end|>`), plus the new turn's ids
+`\\n<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n`. Old turns are never
+re-tokenized: re-tokenized text can differ from what was generated and would miss the cache.
+
+Documents enter inside the user's turn, before the question, so later questions share their
+prefix. When the chat outgrows the context, the oldest turns are dropped but their documents
+are carried into the first remaining turn while they fit; a new document too large for the
+context is cut down to the passages most relevant to the question (`app.retrieval`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from app import retrieval
+
+# Chat-format control tokens typed by a user must stay text, never become control tokens.
+_CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
+FORMAT_VERSION = 1
+
+
+class TokenizerLike(Protocol):
+    im_end_id: int
+    eos_token_ids: list[int]
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
+
+
+class ContextOverflow(ValueError):
+    """The new message cannot fit the context even alone; `params` carry the numbers."""
+
+    def __init__(self, code: str, message: str, **params) -> None:
+        super().__init__(message)
+        self.code = code
+        self.params = params
+
+
+class ChatCodec:
+    """Token ids of the pieces of the Qwen3 chat format (ChatML)."""
+
+    def __init__(self, tokenizer: TokenizerLike) -> None:
+        self.tokenizer = tokenizer
+        self.user_prefix = tokenizer.encode("<|im_start|>user\n")
+        self.turn_suffix = tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
+        self.system_prefix = tokenizer.encode("<|im_start|>system\n")
+        self.system_suffix = tokenizer.encode("<|im_end|>\n")
+        self.newline = tokenizer.encode("\n")
+        self.im_end = tokenizer.im_end_id
+        self.eos = set(tokenizer.eos_token_ids) | {self.im_end}
+
+    def text(self, text: str) -> list[int]:
+        """Ids of plain text; `<|im_start|>` and friends written in it stay plain text."""
+        ids: list[int] = []
+        start = 0
+        for match in _CONTROL_TOKEN.finditer(text):
+            cut = match.start() + 1  # split "<" from "|im_start|>": no control token survives
+            ids += self.tokenizer.encode(text[start:cut])
+            start = cut
+        if start < len(text):
+            ids += self.tokenizer.encode(text[start:])
+        return ids
+
+    def system(self, prompt: str) -> list[int]:
+        prompt = prompt.strip()
+        if not prompt:
+            return []
+        return self.system_prefix + self.text(prompt) + self.system_suffix
+
+    def document(self, name: str, body: str, note: str = "") -> list[int]:
+        """A document block, followed by the blank line that separates it from what follows."""
+        return self.text(document_block(name, body, note) + "\n\n")
+
+    def close_answer(self, ids: Sequence[int]) -> list[int]:
+        """Generated ids ending in `<|im_end|>`, as the chat format wants after an answer."""
+        ids = list(ids)
+        if ids and ids[-1] == self.im_end:
+            return ids
+        if ids and ids[-1] in self.eos:
+            ids[-1] = self.im_end  # <|endoftext|>: its KV was never computed, replacing is free
+            return ids
+        return ids + [self.im_end]
+
+
+def document_block(name: str, body: str, note: str = "") -> str:
+    safe = re.sub(r'["<>\n\r]', "_", name)[:200]
+    extra = f' note="{note}"' if note else ""
+    return f'<document name="{safe}"{extra}>\n{body.strip()}\n</document>'
+
+
+@dataclass
+class Piece:
+    """Part of a user turn: a document block or the question."""
+
+    kind: str  # "document" | "question"
+    ids: list[int]
+    name: str = ""
+    full_tokens: int | None = None  # an excerpted document: its whole size
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "ids": self.ids, "name": self.name, "full_tokens": self.full_tokens}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Piece:
+        return cls(data["kind"], list(data["ids"]), data.get("name", ""), data.get("full_tokens"))
+
+
+@dataclass
+class Turn:
+    pieces: list[Piece]
+    question: str
+    answer_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    message_id: str | None = None  # the chat message that asked it (to follow edits)
+
+    @property
+    def documents(self) -> list[Piece]:
+        return [p for p in self.pieces if p.kind == "document"]
+
+    def to_dict(self) -> dict:
+        return {
+            "pieces": [p.to_dict() for p in self.pieces],
+            "question": self.question,
+            "answer_ids": self.answer_ids,
+            "finish_reason": self.finish_reason,
+            "message_id": self.message_id,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Turn:
+        return cls(
+            [Piece.from_dict(p) for p in data["pieces"]],
+            data.get("question", ""),
+            list(data.get("answer_ids", [])),
+            data.get("finish_reason"),
+            data.get("message_id"),
+        )
+
+
+@dataclass
+class NewDocument:
+    name: str
+    text: str
+
+
+@dataclass
+class Excerpt:
+    """A document cut down to passages because it did not fit."""
+
+    name: str
+    full_tokens: int
+    kept_tokens: int
+    passages_kept: int
+    passages_total: int
+
+
+@dataclass
+class Plan:
+    """The next request's prompt, and the history window it implies once the turn is kept."""
+
+    prompt_ids: list[int]
+    turn: Turn
+    first_turn: int
+    carried: list[Piece]
+    max_tokens: int
+    budget: int
+    dropped_turns: int = 0
+    dropped_documents: list[str] = field(default_factory=list)
+    excerpts: list[Excerpt] = field(default_factory=list)
+    new_document_tokens: int = 0
+    reused_tokens: int = 0  # leading prompt ids identical to the previous request's ids
+    document_room: int = 0  # tokens the new documents could take
+
+
+@dataclass
+class Conversation:
+    """Everything needed to rebuild the exact prompt ids of a chat (and to persist it)."""
+
+    system_prompt: str = ""
+    system_ids: list[int] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    first_turn: int = 0  # turns before this one no longer enter the prompt
+    carried: list[Piece] = field(default_factory=list)  # their documents that still do
+
+    def set_system_prompt(self, prompt: str, codec: ChatCodec) -> None:
+        if prompt.strip() != self.system_prompt:
+            self.system_prompt = prompt.strip()
+            self.system_ids = codec.system(prompt)
+
+    @property
+    def window(self) -> list[Turn]:
+        return self.turns[self.first_turn :]
+
+    def prompt_ids(self, codec: ChatCodec, new_turn: Turn | None = None) -> list[int]:
+        """The prompt for the window plus `new_turn` (or the whole window, answers included)."""
+        return build_prompt(codec, self.system_ids, self.window, self.carried, new_turn)
+
+    def prepare(
+        self,
+        codec: ChatCodec,
+        question: str,
+        documents: Sequence[NewDocument],
+        max_model_len: int,
+        max_tokens: int,
+        reuse_documents: Sequence[Piece] = (),
+    ) -> Plan:
+        """Tokenize the new turn and fit everything into the context. Blocking: use a thread.
+
+        `reuse_documents` are already tokenized document pieces (an edited turn keeps its files).
+        """
+        reserve = max(1, min(max_tokens, max_model_len // 4))
+        budget = max_model_len - reserve
+        question_piece = Piece("question", codec.text(question.strip()))
+        fixed = (
+            len(self.system_ids) + len(codec.user_prefix) + len(codec.turn_suffix)
+            + len(question_piece.ids)
+        )
+        if fixed > budget:
+            raise ContextOverflow(
+                "message_too_long",
+                f"this message is {len(question_piece.ids):,} tokens; the context holds "
+                f"{budget:,} for the prompt ({max_model_len:,} in all)",
+                tokens=len(question_piece.ids),
+                budget=budget,
+                max_model_len=max_model_len,
+            )
+        reused = list(reuse_documents)
+        room = budget - fixed - sum(len(p.ids) for p in reused)
+        doc_pieces, excerpts = self._document_pieces(codec, question, documents, room)
+        turn = Turn(reused + doc_pieces + [question_piece], question.strip())
+
+        window = list(self.window)
+        carried = list(self.carried)
+        first_turn = self.first_turn
+        dropped_turns = 0
+        dropped_docs: list[str] = []
+
+        def size() -> int:
+            return prompt_length(codec, self.system_ids, window, carried, turn)
+
+        while size() > budget and window:
+            gone = window.pop(0)
+            first_turn += 1
+            dropped_turns += 1
+            carried += gone.documents
+        while size() > budget and carried:
+            dropped_docs.append(carried.pop(0).name)
+        prompt = build_prompt(codec, self.system_ids, window, carried, turn)
+        unchanged = dropped_turns == 0 and not dropped_docs
+        reused_tokens = (
+            prompt_length(codec, self.system_ids, window, carried, None) if unchanged and window else 0
+        )
+        return Plan(
+            prompt_ids=prompt,
+            turn=turn,
+            first_turn=first_turn,
+            carried=carried,
+            max_tokens=max(1, min(max_tokens, max_model_len - len(prompt))),
+            budget=budget,
+            dropped_turns=dropped_turns,
+            dropped_documents=dropped_docs,
+            excerpts=excerpts,
+            new_document_tokens=sum(len(p.ids) for p in doc_pieces),
+            reused_tokens=reused_tokens,
+            document_room=max(0, room),
+        )
+
+    def truncate(self, index: int) -> Turn:
+        """Forget turn `index` and everything after it (an edited message); returns that turn."""
+        turn = self.turns[index]
+        self.turns = self.turns[:index]
+        if self.first_turn > index:
+            self.first_turn = index
+            kept = [d for t in self.turns for d in t.documents]
+            self.carried = [p for p in self.carried if any(p.ids == d.ids for d in kept)]
+        return turn
+
+    def commit(self, plan: Plan, generated_ids: Sequence[int], finish_reason: str | None, codec: ChatCodec) -> Turn:
+        """Keep the turn with what was generated (also a partial, stopped answer)."""
+        turn = plan.turn
+        turn.answer_ids = codec.close_answer(generated_ids)
+        turn.finish_reason = finish_reason
+        self.turns.append(turn)
+        self.first_turn = plan.first_turn
+        self.carried = list(plan.carried)
+        return turn
+
+    @staticmethod
+    def _document_pieces(
+        codec: ChatCodec, question: str, documents: Sequence[NewDocument], room: int
+    ) -> tuple[list[Piece], list[Excerpt]]:
+        pieces = [Piece("document", codec.document(d.name, d.text), d.name) for d in documents]
+        total = sum(len(p.ids) for p in pieces)
+        if total <= room:
+            return pieces, []
+        excerpts = []
+        for i, (doc, piece) in enumerate(zip(documents, pieces)):
+            share = room * len(piece.ids) // total
+            if len(piece.ids) <= share:
+                continue
+            pieces[i], excerpt = _excerpt(codec, question, doc, len(piece.ids), share)
+            excerpts.append(excerpt)
+        return pieces, excerpts
+
+    # ---- persistence ----------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        return {
+            "version": FORMAT_VERSION,
+            "system_prompt": self.system_prompt,
+            "system_ids": self.system_ids,
+            "turns": [t.to_dict() for t in self.turns],
+            "first_turn": self.first_turn,
+            "carried": [p.to_dict() for p in self.carried],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Conversation:
+        if data.get("version") != FORMAT_VERSION:
+            raise ValueError(f"unknown chat history format {data.get('version')!r}")
+        return cls(
+            system_prompt=data.get("system_prompt", ""),
+            system_ids=list(data.get("system_ids", [])),
+            turns=[Turn.from_dict(t) for t in data.get("turns", [])],
+            first_turn=int(data.get("first_turn", 0)),
+            carried=[Piece.from_dict(p) for p in data.get("carried", [])],
+        )
+
+
+def _excerpt(
+    codec: ChatCodec, question: str, doc: NewDocument, full_tokens: int, share: int
+) -> tuple[Piece, Excerpt]:
+    passages = retrieval.split_passages(doc.text)
+    note_template = "excerpt: {kept} of {total} passages"
+    overhead = len(codec.document(doc.name, "", note_template.format(kept=9999, total=9999)))
+    sizes = [len(codec.text(p.text + "\n\n")) for p in passages]
+    chosen = retrieval.select_passages(question, passages, sizes, max(0, share - overhead))
+    body = "\n\n".join(p.text for p in chosen)
+    note = note_template.format(kept=len(chosen), total=len(passages))
+    ids = codec.document(doc.name, body, note)
+    piece = Piece("document", ids, doc.name, full_tokens=full_tokens)
+    return piece, Excerpt(doc.name, full_tokens, len(ids), len(chosen), len(passages))
+
+
+def _user_ids_length(codec: ChatCodec, turn: Turn, carried: Sequence[Piece]) -> int:
+    return (
+        len(codec.user_prefix) + sum(len(p.ids) for p in carried)
+        + sum(len(p.ids) for p in turn.pieces) + len(codec.turn_suffix)
+    )
+
+
+def prompt_length(
+    codec: ChatCodec, system_ids: Sequence[int], window: Sequence[Turn], carried: Sequence[Piece],
+    new_turn: Turn | None,
+) -> int:
+    turns = list(window) + ([new_turn] if new_turn else [])
+    n = len(system_ids)
+    for j, turn in enumerate(turns):
+        n += len(codec.newline) if j else 0
+        n += _user_ids_length(codec, turn, carried if j == 0 else ())
+        if turn is not new_turn:
+            n += len(turn.answer_ids)
+    return n
+
+
+def build_prompt(
+    codec: ChatCodec, system_ids: Sequence[int], window: Sequence[Turn], carried: Sequence[Piece],
+    new_turn: Turn | None,
+) -> list[int]:
+    """system + turns (+ carried documents inside the first one) + the new turn's user part."""
+    turns = list(window) + ([new_turn] if new_turn else [])
+    ids = list(system_ids)
+    for j, turn in enumerate(turns):
+        if j:
+            ids += codec.newline
+        ids += codec.user_prefix
+        if j == 0:
+            for piece in carried:
+                ids += piece.ids
+        for piece in turn.pieces:
+            ids += piece.ids
+        ids += codec.turn_suffix
+        if turn is not new_turn:
+            ids += turn.answer_ids
+    return ids
