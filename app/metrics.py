@@ -68,7 +68,7 @@ class _EngineCollector:
             ),
             (
                 "prefix_cache_hit_rate",
-                "Prompt tokens found in the prefix cache / looked up",
+                "Prefix-cache hits / lookups since start",
                 s.prefix_cache_hit_rate,
             ),
         ]
@@ -79,12 +79,12 @@ class _EngineCollector:
             ("generation_tokens", "Tokens generated", s.generation_tokens_total),
             (
                 "prefix_cache_queries",
-                "Prompt tokens looked up in the prefix cache",
+                "Prefix-cache lookups of new prompts",
                 s.prefix_cache_queries,
             ),
             (
                 "prefix_cache_hits",
-                "Prompt tokens served from the prefix cache",
+                "Prefix-cache lookups that found the KV cached",
                 s.prefix_cache_hits,
             ),
         ]

@@ -10,6 +10,7 @@ import asyncio
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import uvicorn
@@ -172,3 +173,30 @@ def fake_upstream(log: UpstreamLog) -> FastAPI:
         return await stream(request, body, body["prompt"], chat=False)
 
     return app
+
+
+@contextmanager
+def api_server(checkpoint, **engine_overrides):
+    """The API router and /health, /metrics on their own FastAPI app with a real AsyncLLM.
+
+    One sequence at a time (max_num_seqs=1) so tests can make a request wait behind another;
+    a small KV pool. Chainlit is not mounted: its lifespan would end the test process.
+    """
+    from app.openai_api import router
+    from app.settings import AppSettings
+    from engine import AsyncLLM, EngineConfig
+
+    config = dict(
+        model=str(checkpoint), device="cpu", max_num_seqs=1, num_kv_blocks=512, max_model_len=4096
+    )
+    engine = AsyncLLM(EngineConfig(**{**config, **engine_overrides}))
+    app = FastAPI()
+    app.include_router(router)
+    app.state.settings = AppSettings()
+    app.state.engine = engine
+    try:
+        with LiveServer(app) as live:
+            live.app, live.engine = app, engine
+            yield live
+    finally:
+        engine.shutdown()
