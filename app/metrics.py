@@ -132,7 +132,10 @@ class Metrics:
         return RequestRecorder(self)
 
     async def track(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-        """Pass a request's outputs through unchanged, recording its latencies on the way."""
+        """Pass a request's outputs through unchanged, recording its latencies on the way.
+
+        Closing this iterator closes `outputs` too, so an engine stream ends (and aborts) at once.
+        """
         recorder = self.recorder()
         try:
             async for out in outputs:
@@ -140,6 +143,9 @@ class Metrics:
                 yield out
         finally:
             recorder.close()
+            aclose = getattr(outputs, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     def render(self, engine: Any) -> bytes:
         """The exposition text, with engine gauges read from `engine.stats()` now."""

@@ -415,8 +415,11 @@ async def _merge(
 ) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Outputs of several streams as (index, output), in arrival order."""
     if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            await streams[0].aclose()  # type: ignore[attr-defined]
         return
     queue: asyncio.Queue = asyncio.Queue()
 
