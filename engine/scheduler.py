@@ -1,0 +1,282 @@
+"""Continuous batching with chunked prefill, prefix caching and preemption by recompute.
+
+Every step carries all running decodes, then chunks of running prefills, then chunks of newly
+admitted prompts, up to `max_num_batched_tokens` tokens; prefill chunks and decodes share the
+batch, so a long document being read never freezes other streams. Blocks are allocated step by
+step for the tokens actually scheduled. Priority is admission order: when blocks run out, a
+sequence preempts the newest running sequences (their blocks are freed and they are recomputed
+later, mostly from the prefix cache); the oldest sequence can always proceed on its own, so the
+engine never deadlocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSequence:
+    """Run `seq.token_ids[start : start + num_new_tokens]` this step."""
+
+    seq: Sequence
+    num_new_tokens: int
+    start: int  # seq.num_computed_tokens when scheduled
+    _samples: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._samples = self.start + self.num_new_tokens >= self.seq.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """The chunk reaches the end of the known tokens, so the step samples the next one."""
+        return self._samples
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSequence] = field(default_factory=list)  # decodes first, then prefills
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    """Decides which tokens of which sequences run each step and owns their lifecycle."""
+
+    def __init__(
+        self, config: EngineConfig, num_blocks: int, max_model_len: int, eos_token_ids: list[int]
+    ) -> None:
+        self.config = config
+        self.block_size = config.block_size
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.max_model_len = max_model_len
+        # A sequence stops growing where the pool could no longer hold it alone.
+        self._length_limit = min(max_model_len, num_blocks * config.block_size)
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        # Every running sequence gets at least one token of every step's budget.
+        self.max_num_seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # admission order: the last is preempted first
+        self._live: dict[str, Sequence] = {}
+        self.num_preemptions = 0
+
+    # ---- requests ---------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._live)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new sequence; ValueError (with the numbers) if it could never be served."""
+        n = seq.num_prompt_tokens
+        if n == 0:
+            raise ValueError("prompt is empty")
+        if seq.request_id in self._live:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
+        if seq.status is not SequenceStatus.WAITING or seq.block_table:
+            raise ValueError(f"{seq} was already scheduled")
+        if n > self.max_model_len:
+            raise ValueError(f"prompt has {n} tokens, more than max_model_len {self.max_model_len}")
+        bm = self.block_manager
+        need = bm.blocks_for(n)
+        if need > bm.num_blocks:
+            raise ValueError(
+                f"prompt has {n} tokens and needs {need} KV blocks of {bm.block_size} tokens, "
+                f"but the KV cache holds only {bm.num_blocks} blocks "
+                f"({bm.num_blocks * bm.block_size} tokens)"
+            )
+        self.waiting.append(seq)
+        self._live[seq.request_id] = seq
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence now (stop string, error, abort...) and free its blocks."""
+        if seq.is_finished:
+            return
+        if self._live.get(seq.request_id) is seq:
+            del self._live[seq.request_id]
+            if seq.status is SequenceStatus.RUNNING:
+                self.running.remove(seq)
+                self.block_manager.free(seq)
+            else:
+                self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Finish a waiting or running request with reason "abort"; its blocks are free at once."""
+        seq = self._live.get(request_id)
+        if seq is not None:
+            self.finish(seq, "abort")
+        return seq
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens; each scheduled block table covers [0, start + num_new_tokens)."""
+        step = _Step(self.max_num_batched_tokens)
+        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        for seq in decodes + prefills:
+            if seq.status is not SequenceStatus.RUNNING:  # preempted earlier in this step
+                continue
+            n = min(seq.num_tokens - seq.num_computed_tokens, step.budget_left)
+            n = self._reserve(seq, n, step)
+            if n > 0:
+                step.add(ScheduledSequence(seq, n, seq.num_computed_tokens))
+        if not step.preempted:  # blocks are contended when something was just preempted
+            self._admit_waiting(step)
+        return SchedulerOutput(scheduled=list(step.scheduled.values()), preempted=step.preempted)
+
+    def _reserve(self, seq: Sequence, n: int, step: _Step) -> int:
+        """Allocate blocks for n more tokens of a running seq, preempting newer sequences.
+
+        With no newer sequence left to preempt, the chunk shrinks to what the free blocks hold
+        (possibly nothing: the seq keeps its blocks and waits for older ones to free theirs).
+        """
+        bm = self.block_manager
+        start = seq.num_computed_tokens
+        while n > 0 and bm.num_new_blocks(seq, start + n) > bm.num_free_blocks:
+            victim = self.running[-1]
+            if victim is seq:
+                capacity = (len(seq.block_table) + bm.num_free_blocks) * self.block_size - start
+                n = min(n, capacity)
+                break
+            self._preempt(victim, step)
+        if n > 0:
+            bm.allocate(seq, start + n)
+        return n
+
+    def _preempt(self, seq: Sequence, step: _Step) -> None:
+        """Free a running sequence's blocks and requeue it first; it will be recomputed."""
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        step.remove(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+        step.preempted.append(seq)
+
+    def _admit_waiting(self, step: _Step) -> None:
+        """Admit waiting sequences in order, each with its cached prefix and a first chunk."""
+        bm = self.block_manager
+        while self.waiting and len(self.running) < self.max_num_seqs and step.budget_left > 0:
+            seq = self.waiting[0]
+            hits = bm.find_cached_prefix(seq)
+            cached = len(hits) * self.block_size
+            free_for_new = bm.num_free_blocks - bm.num_free_among(hits)
+            # The cached prefix ends on a block boundary, so new tokens fill fresh blocks only.
+            n = min(seq.num_tokens - cached, step.budget_left, free_for_new * self.block_size)
+            if n <= 0:
+                break
+            self.waiting.popleft()
+            first_time = not seq.admitted_once
+            bm.admit(seq, hits, first_time)
+            if first_time:
+                seq.num_cached_tokens = cached
+                seq.admitted_once = True
+            bm.allocate(seq, cached + n)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            step.add(ScheduledSequence(seq, n, cached))
+
+    # ---- after the forward pass -------------------------------------------------------------
+
+    def postprocess(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
+        """Record a step's results; returns the sequences that got a new token (finished or not).
+
+        `sampled[i]` is the token sampled for `out.scheduled[i]` (None when it did not sample).
+        Blocks the step filled are registered in the prefix cache, finished sequences freed.
+        """
+        if len(sampled) != len(out.scheduled):
+            raise ValueError(f"{len(sampled)} sampled tokens for {len(out.scheduled)} sequences")
+        for s, token in zip(out.scheduled, sampled):
+            if s.samples and token is None and self._still_current(s):
+                raise ValueError(f"no token sampled for {s.seq.request_id}, whose chunk samples")
+        progressed: list[Sequence] = []
+        for s, token in zip(out.scheduled, sampled):
+            if not self._still_current(s):  # finished, aborted or preempted meanwhile
+                continue
+            seq = s.seq
+            seq.num_computed_tokens = s.start + s.num_new_tokens
+            self.block_manager.register_computed(seq, s.start, seq.num_computed_tokens)
+            if not s.samples or token is None:
+                continue
+            seq.append_token(token)
+            progressed.append(seq)
+            reason = self._stop_reason(seq, token)
+            if reason is not None:
+                self.finish(seq, reason)
+        return progressed
+
+    @staticmethod
+    def _still_current(s: ScheduledSequence) -> bool:
+        return s.seq.status is SequenceStatus.RUNNING and s.seq.num_computed_tokens == s.start
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        params = seq.params
+        if params.stop_token_ids:  # replace the checkpoint's eos ids and ignore ignore_eos
+            if token in params.stop_token_ids:
+                return "stop"
+        elif not params.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            return "length"
+        if seq.num_tokens >= self._length_limit:
+            return "length"
+        return None
+
+    # ---- checks -----------------------------------------------------------------------------
+
+    def check_integrity(self) -> None:
+        """Assert the scheduler's and block manager's invariants (for tests and debugging)."""
+        self.block_manager.check_integrity(self.running)
+        assert len(self.running) <= self.max_num_seqs
+        assert len(self._live) == len(self.running) + len(self.waiting)
+        for seq in self.running:
+            assert seq.status is SequenceStatus.RUNNING and self._live[seq.request_id] is seq
+            assert 0 <= seq.num_computed_tokens < seq.num_tokens, seq
+        for seq in self.waiting:
+            assert seq.status is SequenceStatus.WAITING and self._live[seq.request_id] is seq
+            assert not seq.block_table and seq.num_computed_tokens == 0, seq
+
+
+class _Step:
+    """The sequences chosen so far in one schedule() call and the token budget they use."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.used = 0
+        self.scheduled: dict[int, ScheduledSequence] = {}  # by id(seq), in batch order
+        self.preempted: list[Sequence] = []
+
+    @property
+    def budget_left(self) -> int:
+        return self.budget - self.used
+
+    def add(self, s: ScheduledSequence) -> None:
+        self.scheduled[id(s.seq)] = s
+        self.used += s.num_new_tokens
+
+    def remove(self, seq: Sequence) -> None:
+        s = self.scheduled.pop(id(seq), None)
+        if s is not None:
+            self.used -= s.num_new_tokens
