@@ -1,0 +1,175 @@
+"""`AsyncLLM`: the engine on its own thread, streaming RequestOutput deltas to asyncio callers.
+
+The engine thread owns the LLMEngine (scheduler, blocks, model); callers talk to it only
+through a command queue, and results come back to each caller's event loop with
+`loop.call_soon_threadsafe`, so GPU work never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from engine.config import EngineConfig
+from engine.llm_engine import EngineStats, LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Prompts longer than this many characters are tokenized in a worker thread.
+LONG_PROMPT_CHARS = 20_000
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+class AsyncLLM:
+    """Thread-backed async front end. Construct it off the event loop: it loads the weights."""
+
+    def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
+        config = config.model_copy(update=kwargs) if config else EngineConfig(**kwargs)
+        self.config = config
+        self.engine = LLMEngine(config)
+        self.tokenizer = self.engine.tokenizer
+        self.model_config = self.engine.model_config
+        self.max_model_len = self.engine.max_model_len
+        self.generation_defaults = dict(self.engine.generation_defaults)
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._stats = self.engine.stats()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pagechat-engine", daemon=True)
+        self._thread.start()
+
+    # ---- caller side (event loop) -------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream deltas until the request finishes. Cancelling the consumer aborts the request.
+
+        Raises ValueError before the first output when the request can never be served.
+        """
+        if self._stopped.is_set():
+            raise RuntimeError("engine is shut down")
+        params = params or SamplingParams()
+        request_id = request_id or uuid.uuid4().hex
+        if isinstance(prompt, str) and len(prompt) > LONG_PROMPT_CHARS:
+            prompt = await asyncio.to_thread(self.tokenizer.encode, prompt)
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+        self._commands.put(("add", request_id, prompt, params))
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        """Abort a request; its blocks are freed on the engine thread's next turn."""
+        done = asyncio.get_running_loop().create_future()
+        self._commands.put(("abort", request_id, done))
+        await done
+
+    def stats(self) -> EngineStats:
+        """The latest snapshot, refreshed by the engine thread after every step."""
+        return self._stats
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._commands.put(("stop",))
+        self._thread.join(timeout)
+
+    # ---- engine thread ------------------------------------------------------------------------
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._lock:
+            stream = self._streams.get(request_id)
+        if stream is not None and not stream.loop.is_closed():
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _handle(self, command: tuple) -> None:
+        kind = command[0]
+        if kind == "add":
+            _, request_id, prompt, params = command
+            try:
+                self.engine.add_request(prompt, params, request_id=request_id)
+            except Exception as exc:  # refused: tell that caller only
+                self._deliver(request_id, exc if isinstance(exc, ValueError) else RuntimeError(str(exc)))
+        elif kind == "abort":
+            out = self.engine.abort(command[1])
+            if out is not None:  # a caller still listening sees the request end
+                self._deliver(command[1], out)
+            if len(command) > 2:
+                done = command[2]
+                done.get_loop().call_soon_threadsafe(_resolve, done)
+
+    def _loop(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                block = not self.engine.has_unfinished()
+                command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            except queue.Empty:
+                command = None
+            while command is not None:
+                if command[0] == "stop":
+                    self._fail_all("engine shut down")
+                    return
+                self._handle(command)
+                try:
+                    command = self._commands.get_nowait()
+                except queue.Empty:
+                    command = None
+            if not self.engine.has_unfinished():
+                self._stats = self.engine.stats()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception:
+                logger.exception("engine step failed outside the model; failing running requests")
+                self._fail_all("internal engine error")
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out)
+            self._stats = self.engine.stats()
+
+    def _fail_all(self, why: str) -> None:
+        for request_id in list(self.engine.requests):
+            out = self.engine.fail(request_id, why)
+            if out is not None:
+                self._deliver(request_id, out)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

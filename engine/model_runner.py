@@ -1,0 +1,257 @@
+"""Runs one scheduled batch: builds the packed tensors, runs the model, samples on the device.
+
+Owns the weights, the paged KV cache and (on CUDA) the decode CUDA graphs. The batch layout is
+the one `engine.layers.attention.AttentionMetadata` documents: every sequence contributes its
+new tokens, decodes and prefill chunks alike, and only rows that end a sequence's known tokens
+produce logits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.layers.attention import AttentionMetadata, get_attention_backend
+from engine.model_config import ModelConfig
+from engine.models.loader import load_model, resolve_dtype
+from engine.sampler import Sampler, SamplingRow
+from engine.scheduler import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+MAX_LOGPROBS = 20
+GiB = 1 << 30
+
+
+@dataclass
+class BatchInputs:
+    """Host-built inputs of one forward pass, already on the model's device."""
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # rows of the packed batch whose next token is sampled
+
+
+@dataclass
+class StepResult:
+    """Sampled ids per scheduled sequence (None when it only advanced a prefill chunk)."""
+
+    sampled: list[int | None]
+    # Top log-probabilities of the raw model distribution, for rows that asked for them.
+    logprobs: list[dict[int, float] | None]
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, model_path: Path) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(config.resolved_device())
+        self.dtype = resolve_dtype(config.dtype, model_config, str(self.device))
+        self.block_size = config.block_size
+        backend_name = config.resolved_attention_backend()
+        self.attention_backend = get_attention_backend(backend_name)
+        torch.manual_seed(config.seed)
+        self.model = load_model(
+            model_path, model_config, self.dtype, str(self.device), self.attention_backend
+        )
+        self.sampler = Sampler(model_config.vocab_size, self.device)
+        self.num_blocks = self._count_kv_blocks()
+        self._allocate_kv_cache()
+        self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager:
+            from engine.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self)
+            self.graphs.capture()
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s, %s attention)",
+            self.num_blocks,
+            self.block_size,
+            self.num_blocks * self.block_size,
+            self.kv_cache.numel() * self.kv_cache.element_size() / GiB,
+            self.dtype,
+            backend_name,
+        )
+
+    # ---- memory -------------------------------------------------------------------------------
+
+    @property
+    def block_bytes(self) -> int:
+        mc = self.model_config
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        per_token = 2 * mc.num_hidden_layers * mc.num_key_value_heads * mc.head_dim * itemsize
+        return per_token * self.block_size
+
+    def _count_kv_blocks(self) -> int:
+        if self.config.num_kv_blocks is not None:
+            return self.config.num_kv_blocks
+        if self.device.type != "cuda":
+            return max(1, int(self.config.kv_cache_memory_gb * GiB) // self.block_bytes)
+        peak = self._profile_activation_peak()
+        total = torch.cuda.get_device_properties(self.device).total_memory
+        free_for_kv = total * self.config.gpu_memory_utilization - peak
+        blocks = int(free_for_kv // self.block_bytes)
+        if blocks < 1:
+            raise RuntimeError(
+                f"no GPU memory left for the KV cache: {total / GiB:.1f} GiB total, "
+                f"utilization {self.config.gpu_memory_utilization}, weights and activations "
+                f"peak at {peak / GiB:.1f} GiB; raise PAGECHAT_GPU_MEMORY_UTILIZATION or lower "
+                "PAGECHAT_MAX_NUM_BATCHED_TOKENS"
+            )
+        return blocks
+
+    def _profile_activation_peak(self) -> int:
+        """Run the largest prefill a step can hold on a scratch cache; return peak bytes in use."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        mc = self.model_config
+        num_tokens = self.config.max_num_batched_tokens
+        scratch_blocks = (num_tokens + self.block_size - 1) // self.block_size
+        shape = (scratch_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
+        k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_hidden_layers)]
+        v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_hidden_layers)]
+        self.model.bind_kv_cache(k, v)
+        inputs = self._build_inputs(
+            token_ids=[[0] * num_tokens], starts=[0], block_tables=[list(range(scratch_blocks))],
+            samples=[True],
+        )
+        with torch.inference_mode():
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+            self.model.compute_logits(hidden[inputs.logits_indices])
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        del k, v, hidden
+        torch.cuda.empty_cache()
+        return peak
+
+    def _allocate_kv_cache(self) -> None:
+        mc = self.model_config
+        shape = (
+            2,
+            mc.num_hidden_layers,
+            self.num_blocks,
+            self.block_size,
+            mc.num_key_value_heads,
+            mc.head_dim,
+        )
+        # Uninitialised on purpose: attention only ever reads slots that were written.
+        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        layers = range(mc.num_hidden_layers)
+        self.model.bind_kv_cache(
+            [self.kv_cache[0, i] for i in layers], [self.kv_cache[1, i] for i in layers]
+        )
+
+    # ---- one step -----------------------------------------------------------------------------
+
+    def _build_inputs(
+        self,
+        token_ids: list[list[int]],
+        starts: list[int],
+        block_tables: list[list[int]],
+        samples: list[bool],
+    ) -> BatchInputs:
+        """Pack sequences' new tokens into one batch. token_ids[i] are the tokens run for seq i."""
+        bs = self.block_size
+        flat_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start = [0]
+        seq_lens: list[int] = []
+        query_lens: list[int] = []
+        logits_rows: list[int] = []
+        for ids, start, table, sample in zip(token_ids, starts, block_tables, samples):
+            n = len(ids)
+            flat_ids.extend(ids)
+            positions.extend(range(start, start + n))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
+            query_start.append(query_start[-1] + n)
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            if sample:
+                logits_rows.append(query_start[-1] - 1)
+        width = max(len(t) for t in block_tables)
+        tables = [t + [0] * (width - len(t)) for t in block_tables]
+        pin = self.device.type == "cuda"
+
+        def to_device(values, dtype):
+            tensor = torch.tensor(values, dtype=dtype)
+            if pin:
+                tensor = tensor.pin_memory()
+            return tensor.to(self.device, non_blocking=True)
+
+        meta = AttentionMetadata(
+            slot_mapping=to_device(slots, torch.int64),
+            query_start_loc=to_device(query_start, torch.int32),
+            seq_lens=to_device(seq_lens, torch.int32),
+            block_tables=to_device(tables, torch.int32),
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        return BatchInputs(
+            input_ids=to_device(flat_ids, torch.int64),
+            positions=to_device(positions, torch.int64),
+            meta=meta,
+            logits_indices=to_device(logits_rows, torch.int64),
+        )
+
+    @torch.inference_mode()
+    def run(self, out: SchedulerOutput, rows: list[SamplingRow | None]) -> StepResult:
+        """Forward the scheduled batch and sample one token for every row that ends its sequence.
+
+        rows[i] is the sampling state of out.scheduled[i] (None for chunks that do not sample).
+        """
+        scheduled = out.scheduled
+        inputs = self._build_inputs(
+            token_ids=[s.seq.token_ids[s.start : s.start + s.num_new_tokens] for s in scheduled],
+            starts=[s.start for s in scheduled],
+            block_tables=[s.seq.block_table for s in scheduled],
+            samples=[s.samples for s in scheduled],
+        )
+        sampling_rows = [r for s, r in zip(scheduled, rows) if s.samples]
+        if not sampling_rows:
+            self._forward(inputs)
+            return StepResult([None] * len(scheduled), [None] * len(scheduled))
+        hidden = self._forward(inputs)
+        logits = self.model.compute_logits(hidden)
+        token_ids = self.sampler(logits, sampling_rows)
+        want_logprobs = [r.params.logprobs for r in sampling_rows]
+        top = chosen = None
+        if any(k is not None for k in want_logprobs):
+            log_probs = torch.log_softmax(logits, dim=-1)
+            k_max = max(k or 1 for k in want_logprobs)
+            top = log_probs.topk(min(k_max, MAX_LOGPROBS), dim=-1)
+            chosen = log_probs.gather(1, token_ids.view(-1, 1)).view(-1)
+        sampled_ids = token_ids.tolist()  # the one host sync of a step
+        sampled: list[int | None] = []
+        logprobs: list[dict[int, float] | None] = []
+        row = 0
+        for s in scheduled:
+            if not s.samples:
+                sampled.append(None)
+                logprobs.append(None)
+                continue
+            sampled.append(sampled_ids[row])
+            k = want_logprobs[row]
+            if top is not None and k is not None:
+                entry = dict(zip(top.indices[row, :k].tolist(), top.values[row, :k].tolist()))
+                entry[sampled_ids[row]] = chosen[row].item()
+                logprobs.append(entry)
+            else:
+                logprobs.append(None)
+            row += 1
+        return StepResult(sampled, logprobs)
+
+    def _forward(self, inputs: BatchInputs) -> torch.Tensor:
+        """Hidden states of the rows that sample (all of them for a decode-only batch)."""
+        if self.graphs is not None and self.graphs.can_run(inputs):
+            return self.graphs.run(inputs)[inputs.logits_indices]
+        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
+        return hidden[inputs.logits_indices]

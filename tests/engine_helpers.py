@@ -1,0 +1,42 @@
+"""Helpers shared by engine tests: an HF greedy oracle and random prompts."""
+
+from __future__ import annotations
+
+import random
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+
+def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 150_000) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(vocab) for _ in range(n)] for n in lengths]
+
+
+@lru_cache(maxsize=4)
+def hf_model(path: str):
+    from transformers import Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.eval()
+    return model
+
+
+@torch.inference_mode()
+def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation by full recomputation with transformers: the independent reference."""
+    model = hf_model(str(path))
+    ids = list(prompt)
+    out = []
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([ids + out]), use_cache=False).logits
+        out.append(int(logits[0, -1].argmax()))
+    return out
+
+
+@torch.inference_mode()
+def hf_last_logprobs(path: Path, ids: list[int]) -> torch.Tensor:
+    model = hf_model(str(path))
+    logits = model(torch.tensor([ids])).logits[0, -1].float()
+    return torch.log_softmax(logits, dim=-1)
