@@ -187,6 +187,20 @@ class PagechatDataLayer(SQLAlchemyDataLayer):
             ).first()
         return json.loads(row[0]) if row else None
 
+    async def element_owner(self, object_key: str) -> str | None:
+        """The identifier of the user whose thread holds the stored file `object_key`."""
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        'SELECT t."userIdentifier" FROM elements e JOIN threads t ON t."id" = e."threadId" '
+                        'WHERE e."objectKey" = :key'
+                    ),
+                    {"key": object_key},
+                )
+            ).first()
+        return row[0] if row else None
+
     async def delete_thread(self, thread_id: str):
         await super().delete_thread(thread_id)
         async with self.engine.begin() as conn:

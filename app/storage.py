@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import mimetypes
 import shutil
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -114,18 +115,20 @@ def _remove(path: Path, root: Path) -> None:
         parent = parent.parent
 
 
-def files_router(storage: LocalStorageClient) -> APIRouter:
-    """GET /pagechat/files/<key>: a stored upload, for the user whose id starts the key."""
+def files_router(storage: LocalStorageClient, owner_of: Callable[[str], Awaitable[str | None]]) -> APIRouter:
+    """GET /pagechat/files/<key>: a stored upload, for the owner of the chat that holds it.
+
+    `owner_of(key)` gives the identifier of that user (None if no chat holds the key).
+    """
     from chainlit.auth import get_current_user
 
     router = APIRouter()
 
     @router.get(FILES_ROUTE + "/{object_key:path}")
     async def read_file(object_key: str, user=Depends(get_current_user)):  # noqa: B008
-        user_id = getattr(user, "id", None)
-        if user is None or not user_id:
+        if user is None:
             raise HTTPException(status_code=401, detail="Unauthorized")
-        if object_key.split("/", 1)[0] != user_id:
+        if await owner_of(object_key) != user.identifier:
             raise HTTPException(status_code=404, detail="Not found")
         try:
             path = storage.path_for(object_key)
