@@ -37,6 +37,8 @@ from engine.kernels.launch import KernelLaunch
 # Split-KV pays off while the plain grid has fewer programs than a GPU has SMs (~132 on H100).
 SPLIT_KV_MAX_PROGRAMS = 128
 DEFAULT_NUM_SEGMENTS = 16
+# The interpreter runs programs one after another; fewer segments keep the same code path cheap.
+INTERPRETER_NUM_SEGMENTS = 4
 _LOG2E = 1.4426950408889634
 
 
@@ -74,8 +76,9 @@ class SplitKVWorkspace:
         num_heads: int,
         head_dim: int,
         device: torch.device | str,
-        num_segments: int = DEFAULT_NUM_SEGMENTS,
+        num_segments: int | None = None,
     ) -> SplitKVWorkspace:
+        num_segments = num_segments or default_num_segments()
         block_d = _padded_head_dim(head_dim)
         shape = (max_num_tokens, num_heads, num_segments)
         return cls(
@@ -91,6 +94,11 @@ def _padded_head_dim(head_dim: int) -> int:
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def default_num_segments() -> int:
+    """Split-KV segments of an automatic choice (and of a workspace allocated without a count)."""
+    return INTERPRETER_NUM_SEGMENTS if _interpreting() else DEFAULT_NUM_SEGMENTS
 
 
 def choose_launch_config(
@@ -129,7 +137,7 @@ def choose_launch_config(
         block_q=block_q,
         tile=tile,
         block_d=block_d,
-        num_segments=DEFAULT_NUM_SEGMENTS if split_kv else 1,
+        num_segments=default_num_segments() if split_kv else 1,
         lowp_dot=lowp,
         num_warps=num_warps,
     )
@@ -543,4 +551,5 @@ __all__ = [
     "plan_paged_attention",
     "SPLIT_KV_MAX_PROGRAMS",
     "DEFAULT_NUM_SEGMENTS",
+    "default_num_segments",
 ]
