@@ -30,7 +30,7 @@ def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
     ids = list(prompt)
     out = []
     for _ in range(max_new_tokens):
-        logits = model(torch.tensor([ids + out]), use_cache=False).logits
+        logits = model(torch.tensor([ids + out]), use_cache=False, logits_to_keep=1).logits
         out.append(int(logits[0, -1].argmax()))
     return out
 

@@ -38,6 +38,8 @@ ENGINE_VARIANTS = {
     # 40 blocks of 16 tokens cannot hold all eight sequences at once: forces preemption.
     "preempting": {"num_kv_blocks": 40, "max_num_batched_tokens": 64},
     "few-seqs": {"max_num_seqs": 3},
+    # The Triton kernels (under TRITON_INTERPRET=1 on CPU), chunked so prefix reads are exercised.
+    "triton": {"attention_backend": "triton", "max_num_batched_tokens": 64},
 }
 
 
