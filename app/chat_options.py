@@ -8,9 +8,10 @@ from app.i18n import t
 from engine.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 2048
+DEMO_MAX_TOKENS = 200  # the demo's random text: long answers show nothing more
 
 
-def default_options(generation_defaults: dict, max_model_len: int) -> dict[str, Any]:
+def default_options(generation_defaults: dict, max_model_len: int, demo: bool = False) -> dict[str, Any]:
     """Initial values: generation_config.json's sampling, a modest answer length."""
     top_k = int(generation_defaults.get("top_k", 0) or 0)
     return {
@@ -18,7 +19,7 @@ def default_options(generation_defaults: dict, max_model_len: int) -> dict[str, 
         "temperature": float(generation_defaults.get("temperature", 0.7)),
         "top_p": float(generation_defaults.get("top_p", 0.8)),
         "top_k": max(0, top_k),
-        "max_tokens": min(DEFAULT_MAX_TOKENS, max(16, max_model_len // 2)),
+        "max_tokens": min(DEMO_MAX_TOKENS if demo else DEFAULT_MAX_TOKENS, max(16, max_model_len // 2)),
     }
 
 

@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 import chainlit as cl
+from chainlit.utils import utc_now
 
 from app import chat_options
 from app.documents import DocumentError, extract_file_async
@@ -74,13 +75,20 @@ class ChatSession:
         """A new chat: say whether the model is ready (or loading), then show the settings."""
         rt = self.runtime
         if rt.engine is None and rt.engine_error is None:
+            # Return at once: the input stays usable while the model loads.
             notice = await self.say(self.t("loading", model=rt.model_name))
-            await rt.wait_ready()
-            notice.content = self._status_text()
-            await notice.update()
-        elif rt.engine_error is not None or rt.settings.demo:
+            asyncio.create_task(self._announce_when_ready(notice))
+            return
+        if rt.engine_error is not None or rt.settings.demo:
             await self.say(self._status_text())
         if rt.engine is not None:
+            await self.send_settings()
+
+    async def _announce_when_ready(self, notice: cl.Message) -> None:
+        await self.runtime.wait_ready()
+        notice.content = self._status_text()
+        await notice.update()
+        if self.runtime.engine is not None:
             await self.send_settings()
 
     def _status_text(self) -> str:
@@ -121,7 +129,9 @@ class ChatSession:
 
     async def send_settings(self) -> None:
         engine = self.runtime.engine
-        defaults = chat_options.default_options(engine.generation_defaults, engine.max_model_len)
+        defaults = chat_options.default_options(
+            engine.generation_defaults, engine.max_model_len, self.runtime.settings.demo
+        )
         saved = self.options or (cl.context.session.chat_settings or None)
         self.options = chat_options.merged_options(saved, defaults)
         widgets = chat_options.widgets(self.options, engine.max_model_len, self.language)
@@ -131,7 +141,9 @@ class ChatSession:
         engine = self.runtime.engine
         if engine is None:
             return
-        defaults = chat_options.default_options(engine.generation_defaults, engine.max_model_len)
+        defaults = chat_options.default_options(
+            engine.generation_defaults, engine.max_model_len, self.runtime.settings.demo
+        )
         self.options = chat_options.merged_options(values, defaults)
 
     async def abort(self) -> None:
@@ -265,8 +277,8 @@ class ChatSession:
                         await reading.progress(out)
                         continue
                     await reading.close(out)
-                    if answer is None:
-                        answer = cl.Message(content="")
+                    if answer is None:  # dated now: a streamed message gets no date of its own
+                        answer = cl.Message(content="", created_at=utc_now())
                         coalescer = Coalescer(answer.stream_token)
                     if out.delta_text:
                         await coalescer.add(out.delta_text)
@@ -296,15 +308,11 @@ class ChatSession:
         if coalescer is not None:
             await coalescer.flush()
         stopped = stopped or (last is not None and last.finish_reason == "abort")
-        streamed = answer is not None
         if answer is None:
             answer = cl.Message(content="")
         if last is not None:
             answer.content = close_open_fence(answer.content) + "\n\n*" + self._stats_line(last, stopped) + "*"
-        if streamed:
-            await answer.update()
-        else:
-            await answer.send()
+        await answer.send()  # ends the stream and stores the message (update() would not date it)
         generated = list(last.token_ids) if last is not None else []
         reason = "abort" if stopped else (last.finish_reason if last is not None else None)
         self.conversation.commit(plan, generated, reason, rt.codec)
@@ -343,6 +351,8 @@ class _Reading:
         self.total = len(plan.prompt_ids)
         self.to_compute = self.total - plan.reused_tokens
         self.wanted = bool(plan.turn.documents) or self.to_compute >= PROGRESS_MIN_TOKENS
+        names = [piece.name for piece in plan.turn.documents]
+        self.what = ", ".join(names) if names else chat.t("reading_chat")
         self.step: cl.Step | None = None
         self.started = time.monotonic()
         self.last_update = 0.0
@@ -351,8 +361,12 @@ class _Reading:
     async def open_if_needed(self) -> None:
         if not self.wanted:
             return
-        self.step = cl.Step(name=self.chat.t("reading", tokens=self.to_compute), type="tool")
-        self.step.show_input = False
+        parent = cl.context.current_step  # the on_message run: the step shows above the answer
+        self.step = cl.Step(
+            name=self.chat.t("reading", what=self.what, tokens=self.to_compute), type="tool",
+            parent_id=parent.id if parent else None, show_input=False,
+        )
+        self.step.start = utc_now()
         self.step.output = self._text(None)
         await self.step.send()
 
@@ -381,6 +395,7 @@ class _Reading:
         if out is not None and out.first_token_time is not None and out.arrival_time:
             seconds = out.first_token_time - out.arrival_time
         computed = self.total - (out.num_cached_tokens if out is not None else 0)
-        self.step.name = self.chat.t("reading_done", tokens=computed, seconds=seconds)
+        self.step.name = self.chat.t("reading_done", what=self.what, tokens=computed, seconds=seconds)
         self.step.output = self._text(self.total)
+        self.step.end = utc_now()
         await self.step.update()
