@@ -144,7 +144,7 @@ class ChatSession:
         defaults = chat_options.default_options(
             engine.generation_defaults, engine.max_model_len, self.runtime.settings.demo
         )
-        self.options = chat_options.merged_options(values, defaults)
+        self.options = chat_options.merged_options({**(self.options or {}), **values}, defaults)
 
     async def abort(self) -> None:
         """Stop the answer in flight: its KV blocks are freed at once."""

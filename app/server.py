@@ -112,6 +112,7 @@ def create_app(settings: AppSettings | None = None, engine_config=None) -> FastA
     from chainlit.utils import mount_chainlit
 
     sio.eio.max_http_buffer_size = MAX_SOCKET_MESSAGE_BYTES
+    _apply_upload_limit(settings.max_upload_mb)
     _serve_offline_page()
     mount_chainlit(app, target=str(APP_DIR / "chat.py"), path="/")
     return app
@@ -133,6 +134,15 @@ async def _load_engine(app: FastAPI, runtime) -> None:
     app.state.engine = engine
     runtime.set_engine(engine)
     logger.info("model ready: %s (max_model_len %d)", runtime.model_name, engine.max_model_len)
+
+
+def _apply_upload_limit(max_upload_mb: int) -> None:
+    """PAGECHAT_MAX_UPLOAD_MB is the limit: Chainlit checks it at upload, the app when reading."""
+    from chainlit.config import config
+
+    upload = config.features.spontaneous_file_upload
+    if upload is not None:
+        upload.max_size_mb = max_upload_mb
 
 
 def _display_name(model: str) -> str:

@@ -90,6 +90,7 @@ class ChatClient:
         self.sio = socketio.AsyncClient(reconnection=False)
         self.http = httpx.AsyncClient(base_url=base_url, timeout=30)
         self.cookie = ""
+        self.sent_ids: list[str] = []
         self._task_end = asyncio.Event()
 
         @self.sio.on("*")
@@ -145,6 +146,7 @@ class ChatClient:
         start = len(self.events)
         self._task_end.clear()
         message_id = str(uuid.uuid4())
+        self.sent_ids.append(message_id)
         await self.sio.emit("client_message", {
             "message": {"id": message_id, "threadId": "", "name": "User", "type": "user_message",
                         "output": text, "createdAt": datetime.now(UTC).isoformat()},
@@ -152,6 +154,16 @@ class ChatClient:
         })
         if wait:
             await self.wait_task_end()
+        return start
+
+    async def edit(self, message_id: str, text: str) -> int:
+        """Edit an earlier message (the UI's pencil button): it runs again from there."""
+        start = len(self.events)
+        self._task_end.clear()
+        await self.sio.emit("edit_message", {"message": {
+            "id": message_id, "threadId": "", "name": "User", "type": "user_message", "output": text,
+            "createdAt": datetime.now(UTC).isoformat()}})
+        await self.wait_task_end()
         return start
 
     async def settings(self, values: dict) -> None:

@@ -149,6 +149,36 @@ async def test_stop_aborts_the_engine_and_keeps_the_partial_answer(server, token
         await client.close()
 
 
+async def test_system_prompt_from_the_settings_panel(server, tokenizer):
+    client = await _client(server)
+    try:
+        await client.settings({"system_prompt": "Answer in French."})
+        start = await client.send("Hello")
+        stats = stats_of(client.assistant_messages(start)[-1])
+        expected = tokenizer.apply_chat_template(
+            [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "Hello"}])
+        assert stats["prompt"] == len(expected)
+    finally:
+        await client.close()
+
+
+async def test_editing_a_message_reruns_from_there(server, tokenizer):
+    client = await _client(server)
+    try:
+        await client.send("Hello")
+        await client.send("Tell me more.")
+        start = await client.edit(client.sent_ids[0], "Hi there")
+        stats = stats_of(client.assistant_messages(start)[-1])
+        # the history was cut back to the edited message: its prompt is that message alone
+        assert stats["prompt"] == len(tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}]))
+        start = await client.send("Next")
+        follow = stats_of(client.assistant_messages(start)[-1])
+        assert follow["prompt"] == stats["prompt"] + 13 + len(
+            tokenizer.encode("\n<|im_start|>user\nNext" + TEMPLATE_TAIL))
+    finally:
+        await client.close()
+
+
 async def test_closing_the_tab_aborts(server):
     client = await _client(server, max_tokens=1500, temperature=1.0)
     start = await client.send("Write a long essay.", wait=False)
@@ -187,6 +217,13 @@ async def test_bad_inputs_get_clear_messages_and_the_chat_goes_on(server):
         start = await client.send("lorem ipsum dolor " * 1200)  # ~3600 tokens, context is 2048
         outputs = [m.get("output", "") for m in client.messages(start).values()]
         assert any("上下文只能容纳" in o and f"{2048 - 12:,}" in o for o in outputs)
+
+        pasted = "一段很长的粘贴文本。" * 40_000  # 1.2 MB of UTF-8: over the 1 MB socket default
+        start = await client.send(pasted)
+        outputs = [m.get("output", "") for m in client.messages(start).values()]
+        assert any("上下文只能容纳" in o for o in outputs)  # a clear message, the socket lives
+        start = await client.send("还在吗？")
+        assert client.assistant_messages(start)[-1]["output"].count("token/秒") == 1
     finally:
         await client.close()
 
@@ -214,6 +251,43 @@ async def test_long_chat_is_trimmed_and_large_document_excerpted(server):
         assert any("archive.txt" in o and "left out" in o for o in notes)
     finally:
         await client.close()
+
+
+async def test_password_users_see_only_their_own_chats_and_files(tiny_checkpoint, tmp_path):
+    srv = Server(tiny_checkpoint, tmp_path / "data", PAGECHAT_AUTH_USERS="alice:wonder land,bob:pw")
+    try:
+        srv.wait_ready()
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            config = (await http.get("/auth/config")).json()
+            assert config["requireLogin"] and config["passwordAuth"] and not config["headerAuth"]
+            assert (await http.post("/auth/header")).status_code != 200  # no silent local user
+            bad = await http.post("/login", data={"username": "alice", "password": "wonder"})
+            assert bad.status_code == 401
+
+        alice = ChatClient(srv.url)
+        await alice.login("alice", "wonder land")
+        await alice.connect()
+        await alice.wait_event("chat_settings")
+        await alice.settings({"max_tokens": 4})
+        file_id = await alice.upload("private.txt", b"alice's secret notes", "text/plain")
+        start = await alice.send("Hi", (file_id,))
+        assert STATS.search(alice.assistant_messages(start)[-1]["output"])
+        thread_id = alice.thread_id()
+        threads = (await alice.http.post("/project/threads", json={
+            "pagination": {"first": 20, "cursor": None}, "filter": {}})).json()["data"]
+        url = next(e["url"] for t in threads if t["id"] == thread_id for e in t["elements"])
+        assert (await alice.http.get(url)).content == b"alice's secret notes"
+        await alice.close()
+
+        bob = ChatClient(srv.url)
+        await bob.login("bob", "pw")
+        threads = (await bob.http.post("/project/threads", json={
+            "pagination": {"first": 20, "cursor": None}, "filter": {}})).json()["data"]
+        assert threads == []
+        assert (await bob.http.get(url)).status_code == 404  # not alice's file
+        await bob.http.aclose()
+    finally:
+        srv.stop()
 
 
 async def test_chats_survive_a_restart(servers, tokenizer):
