@@ -9,6 +9,7 @@ import platform
 import random
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -77,3 +78,116 @@ def percentile(values: list[float], q: float) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+# ---- shared by the chat benchmarks (multi_turn, long_doc, serving) ----------------------------
+
+
+def default_shape(device: str) -> str:
+    """qwen3-0.6b on CPU (minutes), qwen3-4b (the product's model) on a GPU."""
+    return "qwen3-4b" if device.startswith("cuda") else "qwen3-0.6b"
+
+
+def default_dtype(device: str) -> str:
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def add_model_args(parser, name_help: str) -> None:
+    """The checkpoint, device and output options every benchmark takes."""
+    parser.add_argument("--shape", default=None,
+                        help="tiny | qwen3-0.6b | qwen3-4b random weights (default: qwen3-0.6b on "
+                             "cpu, qwen3-4b on cuda)")
+    parser.add_argument("--model", help="a checkpoint directory instead of --shape")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (default %(default)s)")
+    parser.add_argument("--dtype", default=None, help="default: float32 on cpu, bfloat16 on cuda")
+    parser.add_argument("--name", default=None, help=name_help)
+    parser.add_argument("--out-dir", default=None, help="default bench/results")
+
+
+def resolve_model_args(args) -> tuple[Path, str, str]:
+    """(checkpoint directory, shape label, dtype) from the parsed options."""
+    shape = args.shape or default_shape(args.device)
+    path = Path(args.model) if args.model else ensure_checkpoint(shape)
+    return path, (str(args.model) if args.model else shape), args.dtype or default_dtype(args.device)
+
+
+def kv_bytes_per_token(model_dir: Path, dtype: str) -> int:
+    """K and V of every layer for one token, in bytes."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    return 2 * config["num_hidden_layers"] * heads * head_dim * size
+
+
+class MachineMonitor:
+    """How much of the machine other processes used while a benchmark ran.
+
+    Compares the CPU time of the whole machine (/proc/stat) with this process's own (and its
+    waited-for children's), so a result taken on a shared machine says so.
+    """
+
+    def __enter__(self) -> MachineMonitor:
+        self.start = (time.monotonic(), _machine_busy_s(), _own_cpu_s(), os.getloadavg())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end = (time.monotonic(), _machine_busy_s(), _own_cpu_s(), os.getloadavg())
+
+    def report(self) -> dict:
+        (t0, busy0, own0, load0), (t1, busy1, own1, load1) = self.start, self.end
+        cores = os.cpu_count() or 1
+        elapsed = max(t1 - t0, 1e-9)
+        other = max(0.0, (busy1 - busy0) - (own1 - own0)) if busy0 is not None else None
+        share = None if other is None else round(other / (elapsed * cores), 3)
+        return {
+            "cpu_count": cores,
+            "elapsed_s": round(elapsed, 1),
+            "own_cpu_s": round(own1 - own0, 1),
+            "other_processes_cpu_s": None if other is None else round(other, 1),
+            "other_processes_cpu_share": share,
+            "load_average_start": [round(x, 2) for x in load0],
+            "load_average_end": [round(x, 2) for x in load1],
+            "shared": bool(share is not None and share > 0.05),
+        }
+
+
+def _machine_busy_s() -> float | None:
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    import resource
+
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def release_memory() -> None:
+    """Give back what a finished peer held before the next one loads (GPU memory above all)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def summarize(values: list[float]) -> dict:
+    """p50 / p99 / mean of a sample (NaN when empty), rounded for the JSON."""
+    if not values:
+        return {"n": 0, "p50": None, "p99": None, "mean": None}
+    return {
+        "n": len(values),
+        "p50": round(percentile(values, 50), 6),
+        "p99": round(percentile(values, 99), 6),
+        "mean": round(sum(values) / len(values), 6),
+    }
