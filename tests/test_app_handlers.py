@@ -102,3 +102,29 @@ async def test_reading_a_document_shows_prefill_progress(emitter, engine, tmp_pa
     answer = [s for s in _outputs(emitter.send_step) if s["type"] == "assistant_message"][-1]
     assert "prompt tokens" in answer["output"]
     assert len(chat.conversation.turns) == 1 and chat.conversation.turns[0].documents
+
+
+async def test_a_model_that_fails_to_load_is_explained(emitter, tmp_path):
+    from types import SimpleNamespace
+
+    from app.chat_session import ChatSession
+    from app.server import _load_engine
+    from engine import EngineConfig
+
+    runtime = Runtime(settings=AppSettings(data_dir=tmp_path), model_name="missing",
+                      engine_config=EngineConfig(model=str(tmp_path / "no-such-model")))
+    runtime.bind_loop(asyncio.get_running_loop())
+    set_runtime(runtime)
+    app = SimpleNamespace(state=SimpleNamespace(engine=None, engine_error=None))
+    await _load_engine(app, runtime)  # what the lifespan runs in the background
+    assert app.state.engine is None and "no-such-model" in app.state.engine_error
+    assert runtime.engine_error == app.state.engine_error
+
+    chat = ChatSession(runtime, "en-US")
+    await chat.start()
+    [notice] = _outputs(emitter.send_step)
+    assert "could not be loaded" in notice["output"] and "no-such-model" in notice["output"]
+    import chainlit as cl
+
+    await chat.answer(cl.Message(content="Hello?"))
+    assert "could not be loaded" in _outputs(emitter.send_step)[-1]["output"]
