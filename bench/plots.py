@@ -14,7 +14,9 @@ _COLORS = {name: f"C{i}" for i, name in enumerate([
 
 
 def color(name: str) -> str:
-    return _COLORS.setdefault(name, f"C{len(_COLORS) % 10}")
+    """The peer's colour; "name p99" and the like share the colour of "name"."""
+    base = name.split(" ")[0]
+    return _COLORS.setdefault(base, f"C{len(_COLORS) % 10}")
 
 
 def figure(rows: int, cols: int, title: str, size: tuple[float, float] | None = None):
@@ -34,7 +36,8 @@ def lines(ax, x: list, series: dict[str, list], title: str, ylabel: str, xlabel:
     for name, ys in series.items():
         points = [(a, b) for a, b in zip(x, ys) if b is not None]
         if points:
-            ax.plot(*zip(*points), marker="o", label=name, color=color(name))
+            ax.plot(*zip(*points), marker="o", label=name, color=color(name),
+                    linestyle="--" if name.endswith(" p99") else "-")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
