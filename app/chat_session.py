@@ -21,6 +21,7 @@ from app import chat_options
 from app.documents import DocumentError, extract_file_async
 from app.history import ContextOverflow, Conversation, NewDocument, Piece, Plan
 from app.i18n import t
+from app.remote_chat import Transcript, user_content
 from app.runtime import Runtime, get_runtime
 from app.streaming import Coalescer, answer_stats, close_open_fence
 
@@ -57,6 +58,7 @@ class ChatSession:
         self.runtime = runtime
         self.language = language
         self.conversation = Conversation()
+        self.transcript = Transcript()  # the history as messages, when the engine is remote
         self.options: dict[str, Any] | None = None
         self.request_id: str | None = None
         self.doc_lines: list[str] = []
@@ -112,6 +114,7 @@ class ChatSession:
         if saved:
             try:
                 self.conversation = Conversation.from_dict(saved["conversation"])
+                self.transcript = Transcript.from_dict(saved.get("transcript") or {})
                 self.options = saved.get("options")
             except (KeyError, TypeError, ValueError):
                 logger.exception("unreadable history for thread %s", thread.get("id"))
@@ -170,6 +173,9 @@ class ChatSession:
         documents = await self._read_documents(files)
         if not question and not documents and not reused:
             return  # every file failed; each got its message
+        if codec is None:  # a remote engine: the history travels as messages
+            await self._answer_remote(question, documents)
+            return
         self.conversation.set_system_prompt(self.options["system_prompt"], codec)
         max_tokens = chat_options.requested_max_tokens(self.options, engine.max_model_len)
         try:
@@ -262,14 +268,50 @@ class ChatSession:
     async def _generate(self, plan: Plan, params) -> None:
         engine = self.runtime.engine
         request_id = uuid.uuid4().hex
+
+        def record(last, reason) -> None:
+            generated = list(last.token_ids) if last is not None else []
+            self.conversation.commit(plan, generated, reason, self.runtime.codec)
+
+        stream = engine.generate(plan.prompt_ids, params, request_id=request_id)
+        await self._stream_answer(stream, request_id, _Reading(self, plan), record)
+
+    async def _answer_remote(self, question: str, documents: list) -> None:
+        engine = self.runtime.engine
+        content = user_content(
+            question or self.t("default_question"), [(d.name, d.text) for d in documents]
+        )
+        self.transcript.system_prompt = self.options["system_prompt"]
+        max_tokens = chat_options.requested_max_tokens(self.options, engine.max_model_len)
+        messages, dropped = self.transcript.messages(content, engine.max_model_len, max_tokens)
+        if dropped:
+            await self.say(self.t("trimmed", max_model_len=engine.max_model_len, count=dropped))
+        try:
+            params = chat_options.sampling_params(self.options, engine.generation_defaults, max_tokens)
+        except ValueError as exc:
+            await self.say(self.t("request_refused", error=str(exc)))
+            return
+        request_id = uuid.uuid4().hex
+
+        def record(last, reason) -> None:
+            self.transcript.commit(content, last.text if last is not None else "")
+
+        stream = engine.chat(messages, params, request_id=request_id)
+        await self._stream_answer(stream, request_id, None, record)
+
+    async def _stream_answer(self, stream, request_id: str, reading, record) -> None:
+        """Stream deltas into a coalesced message; stop, errors and refusals end it cleanly.
+
+        `record(last_output, finish_reason)` keeps the (possibly partial) answer in the history.
+        """
+        engine = self.runtime.engine
         self.request_id = request_id
-        reading = _Reading(self, plan)
+        reading = reading or _Reading(self, None)
         answer: cl.Message | None = None
         coalescer: Coalescer | None = None
         last = None
         try:
             await reading.open_if_needed()
-            stream = engine.generate(plan.prompt_ids, params, request_id=request_id)
             async with contextlib.aclosing(stream):
                 async for out in stream:
                     last = out
@@ -286,7 +328,7 @@ class ChatSession:
             with contextlib.suppress(Exception):
                 await engine.abort(request_id)
             await reading.close(last)
-            await self._finish(plan, answer, coalescer, last, stopped=True)
+            await self._finish(record, answer, coalescer, last, stopped=True)
             raise
         except ValueError as exc:  # refused before the first output (numbers in the text)
             await reading.close(None)
@@ -295,11 +337,10 @@ class ChatSession:
         finally:
             if self.request_id == request_id:
                 self.request_id = None
-        await self._finish(plan, answer, coalescer, last, stopped=False)
+        await self._finish(record, answer, coalescer, last, stopped=False)
 
-    async def _finish(self, plan: Plan, answer, coalescer, last, stopped: bool) -> None:
+    async def _finish(self, record, answer, coalescer, last, stopped: bool) -> None:
         """Show the stats line, keep the (possibly partial) answer in the history, save it."""
-        rt = self.runtime
         if last is not None and last.finish_reason == "error":
             if answer is not None:
                 await answer.remove()
@@ -313,9 +354,8 @@ class ChatSession:
         if last is not None:
             answer.content = close_open_fence(answer.content) + "\n\n*" + self._stats_line(last, stopped) + "*"
         await answer.send()  # ends the stream and stores the message (update() would not date it)
-        generated = list(last.token_ids) if last is not None else []
         reason = "abort" if stopped else (last.finish_reason if last is not None else None)
-        self.conversation.commit(plan, generated, reason, rt.codec)
+        record(last, reason)
         await self.save()
 
     def _stats_line(self, out, stopped: bool) -> str:
@@ -337,7 +377,12 @@ class ChatSession:
             return
         try:
             await rt.data_layer.save_history(
-                thread_id, {"conversation": self.conversation.to_dict(), "options": self.options}
+                thread_id,
+                {
+                    "conversation": self.conversation.to_dict(),
+                    "transcript": self.transcript.to_dict(),
+                    "options": self.options,
+                },
             )
         except Exception:  # the chat goes on; the log says why it will not resume exactly
             logger.exception("could not save the history of thread %s", thread_id)
@@ -346,12 +391,14 @@ class ChatSession:
 class _Reading:
     """The "Reading N tokens" step: documents read and prefill progress of a long prompt."""
 
-    def __init__(self, chat: ChatSession, plan: Plan) -> None:
+    def __init__(self, chat: ChatSession, plan: Plan | None) -> None:
+        """With no plan (a remote engine: no token counts) the step stays closed."""
         self.chat = chat
-        self.total = len(plan.prompt_ids)
-        self.to_compute = self.total - plan.reused_tokens
-        self.wanted = bool(plan.turn.documents) or self.to_compute >= PROGRESS_MIN_TOKENS
-        names = [piece.name for piece in plan.turn.documents]
+        self.total = len(plan.prompt_ids) if plan else 0
+        self.to_compute = self.total - plan.reused_tokens if plan else 0
+        documents = plan.turn.documents if plan else []
+        self.wanted = bool(documents) or self.to_compute >= PROGRESS_MIN_TOKENS
+        names = [piece.name for piece in documents]
         self.what = ", ".join(names) if names else chat.t("reading_chat")
         self.step: cl.Step | None = None
         self.started = time.monotonic()

@@ -42,7 +42,8 @@ class Runtime:
     def set_engine(self, engine: Any) -> None:
         from app.history import ChatCodec
 
-        self.codec = ChatCodec(engine.tokenizer)
+        # A remote engine has no tokenizer: the chat then keeps its history as messages.
+        self.codec = ChatCodec(engine.tokenizer) if engine.tokenizer is not None else None
         self.engine = engine
         self._signal()
 

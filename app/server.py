@@ -72,6 +72,8 @@ def create_app(settings: AppSettings | None = None, engine_config=None) -> FastA
             loader.cancel()
             if runtime.engine is not None:
                 await asyncio.to_thread(runtime.engine.shutdown)
+                if hasattr(runtime.engine, "aclose"):  # a remote engine's HTTP client
+                    await runtime.engine.aclose()
             if runtime.data_layer is not None:
                 await runtime.data_layer.close()
             shutil.rmtree(data_dir / "sessions", ignore_errors=True)
@@ -120,10 +122,13 @@ def create_app(settings: AppSettings | None = None, engine_config=None) -> FastA
 
 async def _load_engine(app: FastAPI, runtime) -> None:
     try:
-        from engine import AsyncLLM
+        if runtime.settings.engine_url:
+            engine = await _connect_remote_engine(runtime)
+        else:
+            from engine import AsyncLLM
 
-        logger.info("loading the model %s", runtime.engine_config.model)
-        engine = await asyncio.to_thread(AsyncLLM, runtime.engine_config)
+            logger.info("loading the model %s", runtime.engine_config.model)
+            engine = await asyncio.to_thread(AsyncLLM, runtime.engine_config)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # the page shows the reason; the server keeps running
@@ -134,6 +139,21 @@ async def _load_engine(app: FastAPI, runtime) -> None:
     app.state.engine = engine
     runtime.set_engine(engine)
     logger.info("model ready: %s (max_model_len %d)", runtime.model_name, engine.max_model_len)
+
+
+# Context assumed for an upstream that does not report its max_model_len.
+REMOTE_DEFAULT_MAX_MODEL_LEN = 32768
+
+
+async def _connect_remote_engine(runtime):
+    """PAGECHAT_ENGINE_URL: an OpenAI-compatible server (vLLM, SGLang) does the generating."""
+    from app.remote_engine import RemoteEngine
+
+    engine = RemoteEngine.from_settings(runtime.settings, model=runtime.engine_config.model)
+    logger.info("using the engine server at %s", engine.base_url)
+    await engine.start()  # False while the upstream still loads: /health says 503 meanwhile
+    engine.max_model_len = engine.max_model_len or REMOTE_DEFAULT_MAX_MODEL_LEN
+    return engine
 
 
 def _apply_upload_limit(max_upload_mb: int) -> None:

@@ -66,9 +66,10 @@ def answer_stats(out, now: float) -> AnswerStats:
     ttft = first - out.arrival_time if first is not None and out.arrival_time else None
     decode = now - first if first is not None else None
     return AnswerStats(
-        prompt_tokens=len(out.prompt_token_ids),
+        prompt_tokens=out.num_prompt_tokens,
         cached_tokens=out.num_cached_tokens,
-        generated_tokens=len(out.token_ids),
+        # A remote engine's outputs carry text and usage counts, not token ids.
+        generated_tokens=getattr(out, "completion_tokens", 0) or len(out.token_ids),
         ttft_s=ttft,
         decode_s=decode,
     )
