@@ -115,6 +115,10 @@ def create_app(settings: AppSettings | None = None, engine_config=None) -> FastA
 
     sio.eio.max_http_buffer_size = MAX_SOCKET_MESSAGE_BYTES
     _apply_upload_limit(settings.max_upload_mb)
+    from app.security import apply_cors, apply_upload_limit, parse_origins
+
+    apply_upload_limit(app, settings.max_upload_mb)  # before CORS: a 413 keeps its CORS headers
+    apply_cors(app, parse_origins(settings.cors_allow_origins))
     _serve_offline_page()
     mount_chainlit(app, target=str(APP_DIR / "chat.py"), path="/")
     return app
