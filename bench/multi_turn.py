@@ -32,7 +32,7 @@ from bench.common import (
 
 # Per device: (conversations, system prompt, user turn range, answer range, peers).
 DEFAULTS = {
-    "cpu": dict(conversations=4, system_len=200, user_len=(20, 100), answer_len=(8, 32),
+    "cpu": dict(conversations=4, system_len=200, user_len=(20, 60), answer_len=(8, 16),
                 peers="pagechat,pagechat-no-prefix-cache,hf-generate,hf-generate-cache,hf-continuous"),
     # hf-generate-cache serves one request at a time: hours for 32 chats of 100-400 tokens.
     "cuda": dict(conversations=32, system_len=200, user_len=(20, 200), answer_len=(100, 400),
@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--turns", type=int, default=8)
     parser.add_argument("--system-len", type=int, default=None, help="system prompt tokens (200)")
     parser.add_argument("--user-len", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                        help="user turn tokens (cpu 20 100, cuda 20 200)")
+                        help="user turn tokens (cpu 20 60, cuda 20 200)")
     parser.add_argument("--answer-len", type=int, nargs=2, default=None, metavar=("LO", "HI"),
-                        help="answer tokens (cpu 8 32, cuda 100 400)")
+                        help="answer tokens (cpu 8 16, cuda 100 400)")
     parser.add_argument("--peers", default=None, help=f"comma-separated, from {', '.join(PEERS)}")
     parser.add_argument("--max-num-batched-tokens", type=int, default=None,
                         help="per-step token budget for pagechat and hf-continuous")

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench.common import ensure_checkpoint, random_token_prompts, write_result
+from bench.common import MachineMonitor, ensure_checkpoint, random_token_prompts, write_result
 
 
 def run_pagechat(path, prompts, output_len, device, dtype, repeats):
@@ -111,14 +111,16 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = random_token_prompts(args.num_requests, (args.input_len, args.input_len), seed=0)
     results = {}
     for peer in args.peers.split(","):
-        times = PEERS[peer](path, prompts, args.output_len, args.device, dtype, args.repeats)
+        with MachineMonitor() as machine:  # per peer: was other work running beside it?
+            times = PEERS[peer](path, prompts, args.output_len, args.device, dtype, args.repeats)
         gc.collect()
         if times is None:
             print(f"{peer:14s} not available in this transformers version")
             continue
         best = sorted(times)[len(times) // 2]
         tokens = args.num_requests * args.output_len
-        results[peer] = {"seconds": times, "median_s": best, "output_tokens_per_s": tokens / best}
+        results[peer] = {"seconds": times, "median_s": best, "output_tokens_per_s": tokens / best,
+                         "machine": machine.report()}
         print(f"{peer:14s} median {best:7.2f} s  {tokens / best:8.1f} output tok/s")
     if "pagechat" in results:
         for peer, r in results.items():
