@@ -220,7 +220,8 @@ class Sampler:
         log_z = x.masked_fill(x < kth, float("-inf")).logsumexp(dim=-1, keepdim=True)
         probs = (values - log_z).exp().masked_fill(values < kth, 0.0)
         above = torch.cat([torch.zeros_like(probs[:, :1]), probs.cumsum(dim=-1)[:, :-1]], dim=-1)
-        num_kept = (above < top_p).sum(dim=-1, keepdim=True)  # a prefix; >= 1 since p > 0
+        # A prefix; at least the top token, also when p underflows to 0 in float32 (p < 1e-45).
+        num_kept = (above < top_p).sum(dim=-1, keepdim=True).clamp_(min=1)
         top_p_cut = values.gather(1, num_kept - 1)
         top_p_cut = top_p_cut.masked_fill(top_p >= 1.0, float("-inf"))
         return torch.maximum(kth, top_p_cut)
