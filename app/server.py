@@ -115,8 +115,10 @@ def create_app(settings: AppSettings | None = None, engine_config=None) -> FastA
 
     sio.eio.max_http_buffer_size = MAX_SOCKET_MESSAGE_BYTES
     _apply_upload_limit(settings.max_upload_mb)
-    from app.security import apply_cors, apply_upload_limit, parse_origins
+    from app.cors import apply_cors, parse_origins
+    from app.uploads import accept_empty_uploads, apply_upload_limit
 
+    accept_empty_uploads()
     apply_upload_limit(app, settings.max_upload_mb)  # before CORS: a 413 keeps its CORS headers
     apply_cors(app, parse_origins(settings.cors_allow_origins))
     _serve_offline_page()

@@ -28,7 +28,7 @@ def free_port() -> int:
 class Server:
     """`python -m app` in a subprocess; stop() sends SIGTERM like a service manager would."""
 
-    def __init__(self, checkpoint: Path, data_dir: Path, **env: str) -> None:
+    def __init__(self, checkpoint: Path, data_dir: Path, log_level: str = "warning", **env: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir.parent / f"server-{self.port}.log"
@@ -44,7 +44,7 @@ class Server:
         full_env.pop("CHAINLIT_AUTH_SECRET", None)
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+            [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", log_level],
             cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
         )
 

@@ -1,65 +1,21 @@
-"""Who may talk to the server from a browser, and how much a client may upload.
+"""Uploads: the size limit enforced before the body is read, and empty files accepted.
 
-CORS: Chainlit answers every Origin with `Access-Control-Allow-Origin: <that origin>` and
-credentials (its config.toml default is `allow_origins = ["*"]`), and its socket.io server
-checks no Origin at all. Any web page the user opens could then read their chats with their
-cookie (the local user's cookie is handed out without a login). Here the server is closed to
-other origins unless PAGECHAT_CORS_ALLOW_ORIGINS names them: one CORS middleware on the whole
-app, Chainlit's own set to allow nothing, the websocket limited to the page's own host.
-
-Uploads: Chainlit reads a whole upload into memory before checking its size, so the size limit
-(PAGECHAT_MAX_UPLOAD_MB) is enforced here from the request's length, before the body is read.
+Chainlit reads a whole upload into memory before checking its size, so PAGECHAT_MAX_UPLOAD_MB
+is enforced here from the request's length (or its bytes as they arrive), answering 413.
+Chainlit also fails a 0-byte upload with an internal error (500); it is stored instead, so the
+chat can say the file is empty.
 """
 
 from __future__ import annotations
 
 import json
-from urllib.parse import urlsplit
+import uuid
 
 from fastapi import FastAPI
 
 UPLOAD_PATH = "/project/file"
 # Room for the multipart envelope (boundary, part headers) around the file itself.
 MULTIPART_OVERHEAD_BYTES = 1024 * 1024
-
-
-def parse_origins(spec: str) -> list[str]:
-    """'https://a.example, http://b:3000' -> ['https://a.example', 'http://b:3000']."""
-    return [o.strip().rstrip("/") for o in spec.split(",") if o.strip()]
-
-
-def apply_cors(app: FastAPI, origins: list[str]) -> None:
-    """Allow cross-origin requests from `origins` only (none when empty), UI and API alike."""
-    from chainlit.config import config
-    from chainlit.server import app as chainlit_app
-    from chainlit.server import sio
-    from starlette.middleware.cors import CORSMiddleware
-
-    config.project.allow_origins = []
-    for middleware in chainlit_app.user_middleware:
-        if middleware.cls is CORSMiddleware:
-            middleware.kwargs["allow_origins"] = []
-    chainlit_app.middleware_stack = None  # rebuilt with the new options on the next request
-    allowed = frozenset(origins)
-
-    def socket_origin_allowed(origin: str, environ: dict) -> bool:
-        return origin in allowed or _same_host(origin, environ)
-
-    sio.eio.cors_allowed_origins = socket_origin_allowed
-    if origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=list(origins), allow_credentials=True,
-            allow_methods=["*"], allow_headers=["*"],
-        )
-
-
-def _same_host(origin: str, environ: dict) -> bool:
-    """The page that opens the websocket was served by this server (its Host, or the proxy's)."""
-    netloc = urlsplit(origin).netloc.lower()
-    hosts = {environ.get("HTTP_HOST", "").lower()}
-    if forwarded := environ.get("HTTP_X_FORWARDED_HOST"):
-        hosts.add(forwarded.split(",")[0].strip().lower())
-    return bool(netloc) and netloc in hosts
 
 
 class UploadLimit:
@@ -124,3 +80,26 @@ class UploadLimit:
 
 def apply_upload_limit(app: FastAPI, max_upload_mb: int) -> None:
     app.add_middleware(UploadLimit, max_bytes=max_upload_mb * 1024 * 1024)
+
+
+def accept_empty_uploads() -> None:
+    """Store 0-byte uploads: Chainlit's persist_file takes empty content for no content."""
+    from chainlit.session import BaseSession
+
+    original = BaseSession.persist_file
+    if getattr(original, "accepts_empty", False):
+        return
+
+    async def persist_file(self, name, mime, path=None, content=None):
+        if path or content is None or len(content) > 0:
+            return await original(self, name, mime, path=path, content=content)
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        empty = self.files_dir / f".empty-{uuid.uuid4().hex}"
+        empty.touch()
+        try:
+            return await original(self, name, mime, path=str(empty))
+        finally:
+            empty.unlink(missing_ok=True)
+
+    persist_file.accepts_empty = True
+    BaseSession.persist_file = persist_file
