@@ -8,6 +8,7 @@ the chat history sidebar.
 from __future__ import annotations
 
 import chainlit as cl
+from chainlit.chat_context import chat_contexts
 from chainlit.types import ThreadDict
 
 from app import chat_session
@@ -69,3 +70,6 @@ async def _on_chat_end():
     session = cl.user_session.get(chat_session.SESSION_KEY)
     if isinstance(session, chat_session.ChatSession):
         await session.abort()
+    # Chainlit keeps every message of every session in `chat_contexts` for the life of the
+    # process (pasted documents included); the app keeps its own history, so drop that copy.
+    chat_contexts.pop(cl.context.session.id, None)
