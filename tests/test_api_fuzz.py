@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 from tests.api_helpers import api_server
 
 # Short context: the longest answer a fuzzed request can ask for stays short on a CPU.
-MAX_MODEL_LEN = 48
-EXAMPLES = 30
+MAX_MODEL_LEN = 32
+EXAMPLES = 25
 FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
@@ -135,8 +135,8 @@ def _overrides(model: str) -> dict[str, st.SearchStrategy]:
         "model": weighted(st.just(model), st.text(max_size=10), 4),
         "n": weighted(st.just(1), st.integers(), 4),
         # Mostly short answers, sometimes anything the schema allows.
-        "max_tokens": weighted(st.integers(1, 4), st.one_of(st.none(), st.integers()), 5),
-        "max_completion_tokens": weighted(st.integers(1, 4), st.one_of(st.none(), st.integers()), 5),
+        "max_tokens": weighted(st.integers(1, 4), st.one_of(st.none(), st.integers()), 8),
+        "max_completion_tokens": weighted(st.integers(1, 4), st.one_of(st.none(), st.integers()), 8),
         "prompt": weighted(
             st.one_of(
                 st.text(min_size=1, max_size=40),

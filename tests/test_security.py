@@ -107,6 +107,76 @@ def prompt_tokens(said: list[str]) -> int:
     return int(stats.rsplit("*", 2)[-2].split(" prompt tokens")[0].replace(",", ""))
 
 
+# ---- constant-time checks (no server) ---------------------------------------------------------
+
+
+class NoEquality(str):
+    """A string that fails the test if anything compares it with == (a short-circuiting check)."""
+
+    def __eq__(self, other):
+        raise AssertionError("a secret was compared with ==")
+
+    __hash__ = str.__hash__
+
+
+@pytest.fixture
+def compare_digest_calls(monkeypatch):
+    import hmac
+
+    calls = []
+    real = hmac.compare_digest
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    return calls
+
+
+def test_api_key_check_is_constant_time(compare_digest_calls):
+    """Every configured key is compared with hmac.compare_digest, never ==, also after a match:
+    the time taken tells neither how much of a guess was right nor which key it was near."""
+    from app.auth_keys import key_is_valid
+
+    keys = [NoEquality(k) for k in ("sk-first-aaaaaaaa", "sk-second-bbbbbbb", "sk-third-cccccccc")]
+    for token, valid in [("sk-first-aaaaaaaa", True), ("sk-third-cccccccc", True),
+                         ("sk-first-aaaaaaab", False), ("s", False), ("", False)]:
+        compare_digest_calls.clear()
+        assert key_is_valid(NoEquality(token), keys) is valid
+        assert len(compare_digest_calls) == len(keys)
+    assert key_is_valid(None, keys) is False
+
+
+async def test_the_api_checks_keys_through_the_constant_time_check(monkeypatch):
+    from unittest.mock import Mock
+
+    from fastapi.security import HTTPAuthorizationCredentials
+
+    from app import openai_api
+    from app.settings import AppSettings
+
+    seen = []
+    monkeypatch.setattr(openai_api, "key_is_valid", lambda token, keys: seen.append((token, keys)))
+    request = Mock()
+    request.app.state.settings = AppSettings(api_keys="k1, k2")
+    with pytest.raises(openai_api.APIError) as err:
+        await openai_api.require_api_key(
+            request, HTTPAuthorizationCredentials(scheme="Bearer", credentials="k2"))
+    assert err.value.status == 401 and seen == [("k2", ["k1", "k2"])]
+
+
+def test_password_check_is_constant_time(compare_digest_calls):
+    from app.auth import PasswordUsers
+
+    users = PasswordUsers({"alice": "correct horse"})
+    for name, password, ok in [("alice", "correct horse", True), ("alice", "wrong", False),
+                               ("nobody", "correct horse", False)]:
+        compare_digest_calls.clear()
+        assert users.check(name, NoEquality(password)) is ok
+        assert len(compare_digest_calls) == 1  # unknown users are compared with a dummy too
+
+
 # ---- login ---------------------------------------------------------------------------------
 
 
