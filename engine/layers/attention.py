@@ -90,27 +90,43 @@ def paged_attention_torch(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    new_k: torch.Tensor | None = None,
+    new_v: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reference paged attention in plain torch ops, computed in float32."""
+    """Reference paged attention in plain torch ops, computed in float32.
+
+    One sdpa call per sequence, so a sequence's result never depends on its batch mates
+    (padding a batch together would change the summation order). A prefill without a cached
+    prefix uses this step's `new_k`/`new_v` when given (the values just stored); everything
+    else gathers its keys from the cache.
+    """
     out = torch.empty_like(q)
-    num_heads = q.shape[1]
-    group = num_heads // k_cache.shape[2]
     start = 0
     for s, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if query_len == 0:
             continue
-        keys = gather_sequence_kv(k_cache, meta.block_tables[s], seq_len).float()
-        values = gather_sequence_kv(v_cache, meta.block_tables[s], seq_len).float()
-        queries = q[start : start + query_len].float()
-        # [H, Tq, D] x [H, D, Tk]; GQA by repeating each KV head over its query heads.
-        keys = keys.repeat_interleave(group, dim=1).transpose(0, 1)
-        values = values.repeat_interleave(group, dim=1).transpose(0, 1)
-        queries = queries.transpose(0, 1)
-        context_len = seq_len - query_len
-        mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device).tril(context_len)
-        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
-        out[start : start + query_len] = attended.transpose(0, 1).to(q.dtype)
+        rows = slice(start, start + query_len)
         start += query_len
+        queries = q[rows].float().transpose(0, 1)  # [H, T, D]
+        if query_len == seq_len and new_k is not None and new_v is not None:
+            # A fresh prompt: sdpa's fused causal CPU kernel (it wants 4-D inputs) on this
+            # step's own keys, the values just stored.
+            keys = new_k[rows].float().transpose(0, 1)[None]
+            values = new_v[rows].float().transpose(0, 1)[None]
+            attended = F.scaled_dot_product_attention(
+                queries[None], keys, values, is_causal=True, scale=scale, enable_gqa=True
+            )[0]
+        else:
+            # Keys from the cache, bottom-right aligned causal mask (the cached prefix is visible
+            # to every query). The plain math path: its sums do not depend on batch mates.
+            keys = gather_sequence_kv(k_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+            values = gather_sequence_kv(v_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+            mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device)
+            mask = mask.tril(seq_len - query_len)
+            attended = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        out[rows] = attended.transpose(0, 1).to(q.dtype)
     return out
 
 
@@ -121,7 +137,7 @@ class TorchAttentionBackend:
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         store_kv_cache_torch(k, v, k_cache, v_cache, meta.slot_mapping)
-        return paged_attention_torch(q, k_cache, v_cache, meta, scale)
+        return paged_attention_torch(q, k_cache, v_cache, meta, scale, new_k=k, new_v=v)
 
 
 class TritonAttentionBackend:
