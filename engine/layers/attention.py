@@ -101,12 +101,27 @@ def paged_attention_torch(
     else gathers its keys from the cache.
     """
     out = torch.empty_like(q)
-    start = 0
+    starts = [0]
+    for query_len in meta.query_lens_cpu:
+        starts.append(starts[-1] + query_len)
+    # Decodes of equal context length share one batched gather and matmul: each sequence
+    # still sums over exactly its own keys, so results match a solo run bit for bit.
+    decodes_by_len: dict[int, list[int]] = {}
     for s, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        if query_len == 0:
+        if query_len == 1 and seq_len > 1:
+            decodes_by_len.setdefault(seq_len, []).append(s)
+    for seq_len, seqs in decodes_by_len.items():
+        if len(seqs) > 1:
+            rows = torch.tensor([starts[s] for s in seqs], device=q.device)
+            out[rows] = _decode_group(
+                q[rows], k_cache, v_cache, meta.block_tables[rows.new_tensor(seqs)], seq_len, scale
+            )
+    batched = {s for seqs in decodes_by_len.values() if len(seqs) > 1 for s in seqs}
+    for s, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
+        if query_len == 0 or s in batched:
             continue
+        start = starts[s]
         rows = slice(start, start + query_len)
-        start += query_len
         queries = q[rows].float().transpose(0, 1)  # [H, T, D]
         if query_len == seq_len and new_k is not None and new_v is not None:
             # A fresh prompt: sdpa's fused causal CPU kernel (it wants 4-D inputs) on this
@@ -119,8 +134,12 @@ def paged_attention_torch(
         else:
             # Keys from the cache, bottom-right aligned causal mask (the cached prefix is visible
             # to every query). The plain math path: its sums do not depend on batch mates.
-            keys = gather_sequence_kv(k_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
-            values = gather_sequence_kv(v_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+            keys = (
+                gather_sequence_kv(k_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+            )
+            values = (
+                gather_sequence_kv(v_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+            )
             mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device)
             mask = mask.tril(seq_len - query_len)
             attended = F.scaled_dot_product_attention(
@@ -128,6 +147,28 @@ def paged_attention_torch(
             )
         out[rows] = attended.transpose(0, 1).to(q.dtype)
     return out
+
+
+def _decode_group(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of one query token per sequence for sequences that all hold seq_len keys."""
+    num_seqs, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    tables = block_tables[:, :num_blocks].long()
+    shape = (num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
+    keys = k_cache[tables].reshape(shape)[:, :seq_len].float()
+    values = v_cache[tables].reshape(shape)[:, :seq_len].float()
+    queries = q.float().reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(queries, keys.permute(0, 2, 3, 1)) * scale  # [S, Hkv, G, L]
+    out = torch.matmul(torch.softmax(scores, dim=-1), values.transpose(1, 2))  # [S, Hkv, G, D]
+    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
 
 
 class TorchAttentionBackend:
