@@ -204,9 +204,9 @@ def test_fuzzed_requests_never_get_a_server_error(server, schema, model, path, c
 @pytest.mark.slow
 @pytest.mark.parametrize(("path", "component"), ENDPOINTS)
 def test_long_random_fuzzing(server, schema, model, path, component):
-    """The same with 800 fresh random examples per endpoint (`pytest -m slow`)."""
+    """The same with 400 fresh random examples per endpoint (`pytest -m slow`)."""
     _fuzz(server, schema, model, path, component, settings(
-        FUZZ_SETTINGS, max_examples=800, derandomize=False))
+        FUZZ_SETTINGS, max_examples=400, derandomize=False))
 
 
 def _fuzz(server, schema, model, path, component, fuzz_settings) -> None:
