@@ -343,6 +343,49 @@ async def test_upload_limit_is_enforced_by_the_server(guarded):
         await client.close()
 
 
+async def test_upload_limit_counts_a_body_sent_without_its_length():
+    """Chunked uploads carry no Content-Length: the body is cut off at the limit (413)."""
+    from app.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimit
+
+    read = []
+
+    async def app(scope, receive, send):  # reads the whole body, like a multipart parser
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RuntimeError("client went away")
+            read.append(len(message.get("body", b"")))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"stored"})
+
+    async def call(total: int, path: str = "/project/file") -> tuple[int, bytes]:
+        chunk = 64 * 1024
+        sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
+        messages = [{"type": "http.request", "body": b"x" * n, "more_body": i < len(sizes) - 1}
+                    for i, n in enumerate(sizes)]
+        sent = []
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": path, "headers": []}
+        await UploadLimit(app, max_bytes=1024 * 1024)(scope, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    limit = 1024 * 1024 + MULTIPART_OVERHEAD_BYTES
+    assert await call(limit) == (200, b"stored")
+    read.clear()
+    status, body = await call(limit + 1)
+    assert status == 413 and b"the upload limit is 1 MB" in body
+    assert sum(read) <= limit + 64 * 1024  # stopped reading at the limit
+    assert await call(limit + 1, path="/v1/completions") == (200, b"stored")  # other routes: untouched
+
+
 def zip_bomb_docx(unpacked_mb: int) -> bytes:
     """A DOCX whose document.xml inflates from ~0.1% of its size (zeros compress 1000:1)."""
     buf = io.BytesIO()
@@ -387,6 +430,10 @@ async def test_hostile_uploads_get_clear_messages_and_stay_in_the_data_dir(guard
             assert ".." not in key.split("/") and not key.startswith("/") and "\\" not in key
             path = (guarded.data_dir / "files" / key).resolve()
             assert path.is_relative_to(guarded.data_dir.resolve()) and path.read_bytes() == data
+        for sneaky in ("..%2F..%2Fchainlit_auth_secret", "%2e%2e/%2e%2e/pagechat.db",
+                       "unknown/..%2F..%2F..%2Fchainlit_auth_secret"):
+            response = await client.http.get("/pagechat/files/" + sneaky)
+            assert response.status_code == 404, sneaky
     finally:
         await client.close()
     outside_after = files_under(guarded.root) - files_under(guarded.data_dir)
