@@ -132,19 +132,34 @@ def paged_attention_torch(
                 queries[None], keys, values, is_causal=True, scale=scale, enable_gqa=True
             )[0]
         else:
-            # Keys from the cache, bottom-right aligned causal mask (the cached prefix is visible
-            # to every query). The plain math path: its sums do not depend on batch mates.
+            # Keys from the cache (the cached prefix is visible to every query).
             keys = (
                 gather_sequence_kv(k_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
             )
             values = (
                 gather_sequence_kv(v_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
             )
-            mask = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device)
-            mask = mask.tril(seq_len - query_len)
-            attended = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
-            )
+            if query_len == 1:
+                # A decode: the plain math path, whose sums do not depend on batch mates.
+                attended = F.scaled_dot_product_attention(
+                    queries, keys, values, scale=scale, enable_gqa=True
+                )
+            else:
+                # A chunk after a cached prefix: bottom-right aligned causal mask, as an additive
+                # float mask on 4-D inputs so sdpa takes its fused CPU kernel (the math path
+                # would materialise [H, chunk, seq_len] scores).
+                visible = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device)
+                visible = visible.tril(seq_len - query_len)
+                mask = torch.zeros(query_len, seq_len, device=q.device)
+                mask.masked_fill_(~visible, float("-inf"))
+                attended = F.scaled_dot_product_attention(
+                    queries[None],
+                    keys[None],
+                    values[None],
+                    attn_mask=mask,
+                    scale=scale,
+                    enable_gqa=True,
+                )[0]
         out[rows] = attended.transpose(0, 1).to(q.dtype)
     return out
 
