@@ -163,14 +163,16 @@ def main(argv: list[str] | None = None) -> dict:
             try:
                 for doc in docs:
                     try:
-                        run = asyncio.run(play(peer, codec, [chats[doc]]))
+                        with MachineMonitor() as own:  # the load varies on a shared machine
+                            run = asyncio.run(play(peer, codec, [chats[doc]]))
                     except Exception as exc:  # e.g. out of memory at 128K: record it, go on
                         results[peer_name][str(doc)] = {"error": f"{type(exc).__name__}: {exc}"}
                         print(f"{peer_name:26s} {doc:7d} tokens: failed: {exc}", flush=True)
                         continue
                     summary = summarize(run.records)
                     results[peer_name][str(doc)] = {
-                        "answers_digest": run.answers_digest, "summary": summary, "turns": run.records,
+                        "answers_digest": run.answers_digest, "machine": own.report(),
+                        "summary": summary, "turns": run.records,
                     }
                     print(f"{peer_name:26s} {doc:7d} tokens: first TTFT "
                           f"{summary['first_question_ttft_s']:8.3f} s, follow-ups p50 "

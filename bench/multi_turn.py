@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> dict:
             peer = PEERS[peer_name](ctx)
             what = peer.description
             try:
-                run = asyncio.run(play(peer, codec, conversations))
+                with MachineMonitor() as own:  # per peer: the load varies on a shared machine
+                    run = asyncio.run(play(peer, codec, conversations))
             except Exception as exc:  # e.g. out of memory: record it, run the other peers
                 errors[peer_name] = f"{type(exc).__name__}: {exc}"
                 print(f"{peer_name:26s} failed: {exc}", flush=True)
@@ -185,6 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
             results[peer_name] = {
                 "what": what,
                 "answers_digest": run.answers_digest,
+                "machine": own.report(),
                 "summary": summary,
                 "turns": run.records,
             }

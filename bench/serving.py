@@ -223,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name in servers:
             extra = {"ignore_eos": True} if name == "pagechat" else {}
             try:
-                with start_server(name, args, path, dtype, Path(tmp) / name) as server:
+                with MachineMonitor() as own, \
+                        start_server(name, args, path, dtype, Path(tmp) / name) as server:
                     model = model_id(server.url)
                     # Warm-up (first-call setup, caches, graphs) with a prompt no level uses.
                     asyncio.run(run_level(server.url, model, prompts[-1:], 1, 4, extra, timeout))
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
                 results[name] = {"error": str(exc)[-2000:]}
                 print(f"{name}: {exc}", flush=True)
                 continue
-            results[name] = {"what": _WHAT[name], "model_id": model, "levels": levels}
+            results[name] = {"what": _WHAT[name], "model_id": model, "levels": levels,
+                             "machine": own.report()}
 
     payload = {
         "shape": shape,
