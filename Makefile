@@ -37,7 +37,9 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.installed
-	$(PY) -m bench.throughput --help >/dev/null
+	$(PY) -m bench.throughput
+	$(PY) -m bench.multi_turn
+	$(PY) -m bench.long_doc
 
 clean:
 	rm -rf $(VENV) .pytest_cache
