@@ -67,11 +67,15 @@ def store_kv_cache_torch(
     slot_mapping: torch.Tensor,
 ) -> None:
     """Write k/v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at flat slots."""
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep]
     num_kv_heads, head_dim = k_cache.shape[-2:]
-    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k[keep].to(k_cache.dtype))
-    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v[keep].to(v_cache.dtype))
+    slots = slot_mapping
+    # Slot -1 (nothing to store) only comes from padded CUDA-graph batches; on the CPU path the
+    # check is a 1-element host read, and skipping the mask saves three nonzero() per layer.
+    if slot_mapping.device.type != "cpu" or int(slot_mapping.min()) < 0:
+        keep = slot_mapping >= 0
+        slots, k, v = slot_mapping[keep], k[keep], v[keep]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def gather_sequence_kv(
@@ -104,19 +108,22 @@ def paged_attention_torch(
     starts = [0]
     for query_len in meta.query_lens_cpu:
         starts.append(starts[-1] + query_len)
-    # Decodes of equal context length share one batched gather and matmul: each sequence
-    # still sums over exactly its own keys, so results match a solo run bit for bit.
+    # Decodes of equal context length share one gather and one sdpa call. sdpa's fused CPU
+    # kernel computes every (sequence, head) on its own, so a decode gives the same bits alone
+    # or in a group of any size; a lone decode takes the same path.
     decodes_by_len: dict[int, list[int]] = {}
     for s, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if query_len == 1 and seq_len > 1:
             decodes_by_len.setdefault(seq_len, []).append(s)
     for seq_len, seqs in decodes_by_len.items():
-        if len(seqs) > 1:
+        if len(seqs) == 1:
+            rows = slice(starts[seqs[0]], starts[seqs[0]] + 1)
+            tables = meta.block_tables[seqs[0] : seqs[0] + 1]
+        else:
             rows = torch.tensor([starts[s] for s in seqs], device=q.device)
-            out[rows] = _decode_group(
-                q[rows], k_cache, v_cache, meta.block_tables[rows.new_tensor(seqs)], seq_len, scale
-            )
-    batched = {s for seqs in decodes_by_len.values() if len(seqs) > 1 for s in seqs}
+            tables = meta.block_tables[torch.tensor(seqs, device=q.device)]
+        out[rows] = _decode_group(q[rows], k_cache, v_cache, tables, seq_len, scale)
+    batched = {s for seqs in decodes_by_len.values() for s in seqs}
     for s, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if query_len == 0 or s in batched:
             continue
@@ -139,27 +146,21 @@ def paged_attention_torch(
             values = (
                 gather_sequence_kv(v_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
             )
-            if query_len == 1:
-                # A decode: the plain math path, whose sums do not depend on batch mates.
-                attended = F.scaled_dot_product_attention(
-                    queries, keys, values, scale=scale, enable_gqa=True
-                )
-            else:
-                # A chunk after a cached prefix: bottom-right aligned causal mask, as an additive
-                # float mask on 4-D inputs so sdpa takes its fused CPU kernel (the math path
-                # would materialise [H, chunk, seq_len] scores).
-                visible = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device)
-                visible = visible.tril(seq_len - query_len)
-                mask = torch.zeros(query_len, seq_len, device=q.device)
-                mask.masked_fill_(~visible, float("-inf"))
-                attended = F.scaled_dot_product_attention(
-                    queries[None],
-                    keys[None],
-                    values[None],
-                    attn_mask=mask,
-                    scale=scale,
-                    enable_gqa=True,
-                )[0]
+            # A chunk after a cached prefix: bottom-right aligned causal mask, as an additive
+            # float mask on 4-D inputs so sdpa takes its fused CPU kernel (the math path
+            # would materialise [H, chunk, seq_len] scores).
+            visible = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device)
+            visible = visible.tril(seq_len - query_len)
+            mask = torch.zeros(query_len, seq_len, device=q.device)
+            mask.masked_fill_(~visible, float("-inf"))
+            attended = F.scaled_dot_product_attention(
+                queries[None],
+                keys[None],
+                values[None],
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=True,
+            )[0]
         out[rows] = attended.transpose(0, 1).to(q.dtype)
     return out
 
@@ -172,18 +173,22 @@ def _decode_group(
     seq_len: int,
     scale: float,
 ) -> torch.Tensor:
-    """Attention of one query token per sequence for sequences that all hold seq_len keys."""
+    """Attention of one query token per sequence for sequences that all hold seq_len keys.
+
+    The gathered blocks are viewed as [S, Hkv, L, D] without a copy: sdpa's fused kernel reads
+    strided keys, and its GQA mode lets each KV head serve its query heads as they are.
+    """
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_blocks = (seq_len + block_size - 1) // block_size
     tables = block_tables[:, :num_blocks].long()
     shape = (num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
-    keys = k_cache[tables].reshape(shape)[:, :seq_len].float()
-    values = v_cache[tables].reshape(shape)[:, :seq_len].float()
-    queries = q.float().reshape(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.matmul(queries, keys.permute(0, 2, 3, 1)) * scale  # [S, Hkv, G, L]
-    out = torch.matmul(torch.softmax(scores, dim=-1), values.transpose(1, 2))  # [S, Hkv, G, D]
-    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+    keys = k_cache[tables].view(shape)[:, :seq_len].float().transpose(1, 2)
+    values = v_cache[tables].view(shape)[:, :seq_len].float().transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.float()[:, :, None], keys, values, scale=scale, enable_gqa=True
+    )  # [S, H, 1, D]
+    return out[:, :, 0].to(q.dtype)
 
 
 class TorchAttentionBackend:

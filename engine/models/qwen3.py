@@ -15,13 +15,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.layers.activation import silu_and_mul
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 from engine.layers.embedding import VocabEmbedding
-from engine.layers.linear import Linear, MergedLinear, copy_checked
+from engine.layers.linear import Linear, MergedLinear, copy_checked, linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
 from engine.model_config import ModelConfig
@@ -161,7 +160,7 @@ class Qwen3ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states [N, hidden] -> float32 logits [N, vocab]."""
         weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return linear(hidden, weight).float()
 
     def bind_kv_cache(self, k_caches: list[torch.Tensor], v_caches: list[torch.Tensor]) -> None:
         """Give each layer its K and V cache, [num_blocks, block_size, num_kv_heads, head_dim]."""
