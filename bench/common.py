@@ -12,6 +12,12 @@ import subprocess
 import time
 from pathlib import Path
 
+from engine.cpu_malloc import keep_freed_memory
+
+# The engine tunes glibc's allocator on CPU (engine/cpu_malloc.py); applying it before any peer
+# runs gives every peer in a benchmark process the same allocator, recorded in each result.
+ALLOCATOR = "glibc, freed memory kept (mmap off, trim above 2 GiB)" if keep_freed_memory() else "default"
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CACHE_DIR = Path(os.environ.get("PAGECHAT_BENCH_CACHE", Path.home() / ".cache" / "pagechat"))
 
@@ -59,6 +65,7 @@ def write_result(name: str, payload: dict, device: str, out_dir: Path | None = N
         "commit": git_commit(),
         "device": device_description(device),
         "torch": torch.__version__,
+        "allocator": ALLOCATOR,
         **payload,
     }
     out_dir = out_dir or RESULTS_DIR

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from engine.config import EngineConfig
+from engine.cpu_malloc import keep_freed_memory
 from engine.layers.attention import AttentionMetadata, get_attention_backend
 from engine.model_config import ModelConfig
 from engine.models.loader import load_model, resolve_dtype
@@ -53,6 +54,8 @@ class ModelRunner:
         self.device = torch.device(config.resolved_device())
         self.dtype = resolve_dtype(config.dtype, model_config, str(self.device))
         self.block_size = config.block_size
+        if self.device.type == "cpu":
+            keep_freed_memory()
         backend_name = config.resolved_attention_backend()
         self.attention_backend = get_attention_backend(backend_name)
         torch.manual_seed(config.seed)

@@ -84,8 +84,8 @@ def gather_sequence_kv(
     """The first seq_len cached vectors of one sequence, [seq_len, Hkv, D]."""
     block_size = cache.shape[1]
     num_blocks = (seq_len + block_size - 1) // block_size
-    blocks = cache[block_table_row[:num_blocks].long()]
-    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+    blocks = torch.index_select(cache, 0, block_table_row[:num_blocks])
+    return blocks.view(-1, *cache.shape[2:])[:seq_len]
 
 
 def paged_attention_torch(
@@ -108,21 +108,20 @@ def paged_attention_torch(
     starts = [0]
     for query_len in meta.query_lens_cpu:
         starts.append(starts[-1] + query_len)
-    # Decodes of equal context length share one gather and one sdpa call. sdpa's fused CPU
-    # kernel computes every (sequence, head) on its own, so a decode gives the same bits alone
-    # or in a group of any size; a lone decode takes the same path.
+    # Decodes of equal context length share one gather; each then takes sdpa's fused kernel on
+    # its own (one call per sequence keeps its bits independent of its batch mates).
     decodes_by_len: dict[int, list[int]] = {}
     for s, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if query_len == 1 and seq_len > 1:
             decodes_by_len.setdefault(seq_len, []).append(s)
     for seq_len, seqs in decodes_by_len.items():
         if len(seqs) == 1:
-            rows = slice(starts[seqs[0]], starts[seqs[0]] + 1)
             tables = meta.block_tables[seqs[0] : seqs[0] + 1]
         else:
-            rows = torch.tensor([starts[s] for s in seqs], device=q.device)
             tables = meta.block_tables[torch.tensor(seqs, device=q.device)]
-        out[rows] = _decode_group(q[rows], k_cache, v_cache, tables, seq_len, scale)
+        attended = _decode_group(q, [starts[s] for s in seqs], k_cache, v_cache, tables, seq_len, scale)
+        for s, row in zip(seqs, attended):
+            out[starts[s]] = row
     batched = {s for seqs in decodes_by_len.values() for s in seqs}
     for s, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if query_len == 0 or s in batched:
@@ -139,56 +138,86 @@ def paged_attention_torch(
                 queries[None], keys, values, is_causal=True, scale=scale, enable_gqa=True
             )[0]
         else:
-            # Keys from the cache (the cached prefix is visible to every query).
-            keys = (
-                gather_sequence_kv(k_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+            # A chunk after a cached prefix: every query sees the whole prefix, then its own
+            # chunk causally. Two fused-kernel calls merged by log-sum-exp skip the masked half
+            # of the chunk-by-chunk scores that one masked call would compute.
+            prefix = seq_len - query_len
+            keys = gather_sequence_kv(k_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+            values = gather_sequence_kv(v_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+            attended = _prefix_then_causal_attention(
+                queries, keys[:, :prefix], values[:, :prefix], keys[:, prefix:], values[:, prefix:], scale
             )
-            values = (
-                gather_sequence_kv(v_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
-            )
-            # A chunk after a cached prefix: bottom-right aligned causal mask, as an additive
-            # float mask on 4-D inputs so sdpa takes its fused CPU kernel (the math path
-            # would materialise [H, chunk, seq_len] scores).
-            visible = torch.ones(query_len, seq_len, dtype=torch.bool, device=q.device)
-            visible = visible.tril(seq_len - query_len)
-            mask = torch.zeros(query_len, seq_len, device=q.device)
-            mask.masked_fill_(~visible, float("-inf"))
-            attended = F.scaled_dot_product_attention(
-                queries[None],
-                keys[None],
-                values[None],
-                attn_mask=mask,
-                scale=scale,
-                enable_gqa=True,
-            )[0]
         out[rows] = attended.transpose(0, 1).to(q.dtype)
     return out
 
 
+_flash_attention_cpu = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _prefix_then_causal_attention(
+    q: torch.Tensor,
+    prefix_k: torch.Tensor,
+    prefix_v: torch.Tensor,
+    chunk_k: torch.Tensor,
+    chunk_v: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """q [H, T, D] over [Hkv, P, D] keys (all visible) then [Hkv, T, D] keys (causal)."""
+    if prefix_k.shape[1] == 0:
+        return F.scaled_dot_product_attention(
+            q[None], chunk_k[None], chunk_v[None], is_causal=True, scale=scale, enable_gqa=True
+        )[0]
+    if _flash_attention_cpu is None or q.device.type != "cpu":
+        keys, values = torch.cat((prefix_k, chunk_k), 1), torch.cat((prefix_v, chunk_v), 1)
+        num_queries, num_keys = q.shape[1], keys.shape[1]
+        visible = torch.ones(num_queries, num_keys, dtype=torch.bool, device=q.device)
+        mask = torch.zeros(num_queries, num_keys, device=q.device)
+        mask.masked_fill_(~visible.tril(num_keys - num_queries), float("-inf"))
+        return F.scaled_dot_product_attention(
+            q[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=True
+        )[0]
+    out_prefix, lse_prefix = _flash_attention_cpu(q[None], prefix_k[None], prefix_v[None], scale=scale)
+    out_chunk, lse_chunk = _flash_attention_cpu(
+        q[None], chunk_k[None], chunk_v[None], is_causal=True, scale=scale
+    )
+    top = torch.maximum(lse_prefix, lse_chunk)
+    w_prefix = torch.exp(lse_prefix - top)[..., None]
+    w_chunk = torch.exp(lse_chunk - top)[..., None]
+    return ((out_prefix * w_prefix + out_chunk * w_chunk) / (w_prefix + w_chunk))[0]
+
+
 def _decode_group(
     q: torch.Tensor,
+    rows: list[int],
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,
     seq_len: int,
     scale: float,
-) -> torch.Tensor:
-    """Attention of one query token per sequence for sequences that all hold seq_len keys.
+) -> list[torch.Tensor]:
+    """Attention of the query rows `rows` (one per sequence), all holding seq_len keys.
 
-    The gathered blocks are viewed as [S, Hkv, L, D] without a copy: sdpa's fused kernel reads
-    strided keys, and its GQA mode lets each KV head serve its query heads as they are.
+    One gather for the group, viewed as [S, Hkv, L, D] without a copy: sdpa's fused kernel
+    reads strided keys, and its GQA mode serves each KV head's query heads in place.
     """
-    num_seqs, num_heads, head_dim = q.shape
-    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_seqs = len(rows)
+    block_size, num_kv_heads, head_dim = k_cache.shape[1:]
     num_blocks = (seq_len + block_size - 1) // block_size
-    tables = block_tables[:, :num_blocks].long()
+    index = block_tables[:, :num_blocks].flatten()
     shape = (num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
-    keys = k_cache[tables].view(shape)[:, :seq_len].float().transpose(1, 2)
-    values = v_cache[tables].view(shape)[:, :seq_len].float().transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q.float()[:, :, None], keys, values, scale=scale, enable_gqa=True
-    )  # [S, H, 1, D]
-    return out[:, :, 0].to(q.dtype)
+    keys = torch.index_select(k_cache, 0, index).view(shape)[:, :seq_len].transpose(1, 2)
+    values = torch.index_select(v_cache, 0, index).view(shape)[:, :seq_len].transpose(1, 2)
+    results = []
+    for i, row in enumerate(rows):
+        attended = F.scaled_dot_product_attention(
+            q[row : row + 1, :, None].float(),
+            keys[i : i + 1].float(),
+            values[i : i + 1].float(),
+            scale=scale,
+            enable_gqa=True,
+        )  # [1, H, 1, D]
+        results.append(attended[0, :, 0].to(q.dtype))
+    return results
 
 
 class TorchAttentionBackend:
