@@ -25,7 +25,10 @@ from dataclasses import asdict, dataclass
 import torch
 import triton
 
+from engine.kernels.activation import plan_silu_and_mul
 from engine.kernels.launch import KernelLaunch
+from engine.kernels.rmsnorm import plan_rms_norm
+from engine.kernels.rotary import plan_qk_rotary
 from engine.kernels.store_kv import plan_store_kv_cache
 from engine.kernels.unified_attention import choose_launch_config, plan_paged_attention
 
@@ -182,6 +185,46 @@ def _attention_launches(
     return [(label, launch) for launch in launches]
 
 
+def _fused_op_launches(
+    label: str,
+    *,
+    dtype: torch.dtype,
+    num_tokens: int,
+    hidden: int,
+    intermediate: int,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> list[tuple[str, KernelLaunch]]:
+    """The fused layer ops of one model shape, laid out as the Qwen3 forward calls them."""
+    x = torch.empty(num_tokens, hidden, dtype=dtype)
+    weight = torch.empty(hidden, dtype=dtype)
+    launches = [(f"{label} rmsnorm", launch) for launch in plan_rms_norm(x, weight, 1e-6, x)]
+    launches += [
+        (f"{label} add+rmsnorm", launch)
+        for launch in plan_rms_norm(x, weight, 1e-6, torch.empty_like(x), x, x)
+    ]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.empty(num_tokens, q_size + 2 * kv_size, dtype=dtype)
+    q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q = q.reshape(num_tokens, num_heads, head_dim)
+    k = k.reshape(num_tokens, num_kv_heads, head_dim)
+    cos, sin = torch.empty(num_tokens, 1, head_dim, dtype=torch.float32).chunk(2, dim=-1)
+    norm_weight = torch.empty(head_dim, dtype=dtype)
+    q_out, k_out = torch.empty(q.shape, dtype=dtype), torch.empty(k.shape, dtype=dtype)
+    launches += [
+        (f"{label} q/k norm+rotary", launch)
+        for launch in plan_qk_rotary(q, k, cos, sin, q_out, k_out, norm_weight, norm_weight)
+    ]
+    launches += [
+        (f"{label} rotary", launch) for launch in plan_qk_rotary(q, k, cos, sin, q_out, k_out)
+    ]
+    gate_up = torch.empty(num_tokens, 2 * intermediate, dtype=dtype)
+    act = torch.empty(num_tokens, intermediate, dtype=dtype)
+    launches += [(f"{label} silu_and_mul", launch) for launch in plan_silu_and_mul(gate_up, act)]
+    return launches
+
+
 def standard_launches() -> list[tuple[str, KernelLaunch]]:
     """Launches the engine makes: Qwen3-4B shapes in bf16, plus fp16/fp32 and other head dims."""
     qwen3_4b = dict(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
@@ -228,6 +271,36 @@ def standard_launches() -> list[tuple[str, KernelLaunch]]:
     launches += [
         ("qwen3-4b bf16 store", launch) for launch in plan_store_kv_cache(k, k, cache, cache, slots)
     ]
+    launches += _fused_op_launches(
+        "qwen3-4b bf16",
+        dtype=torch.bfloat16,
+        num_tokens=64,
+        hidden=2560,
+        intermediate=9728,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+    )
+    launches += _fused_op_launches(
+        "qwen3-0.6b fp16",
+        dtype=torch.float16,
+        num_tokens=64,
+        hidden=1024,
+        intermediate=3072,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+    )
+    launches += _fused_op_launches(
+        "fp32 head_dim 64 hidden 8192",
+        dtype=torch.float32,
+        num_tokens=7,
+        hidden=8192,
+        intermediate=1000,
+        num_heads=12,
+        num_kv_heads=3,
+        head_dim=64,
+    )
     return launches
 
 

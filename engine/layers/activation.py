@@ -13,6 +13,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def silu_and_mul_fused(x: torch.Tensor) -> torch.Tensor:
+    """`silu_and_mul` as one Triton launch (CUDA + triton backend; the model decides)."""
+    from engine.kernels import silu_and_mul as silu_and_mul_kernel
+
+    return silu_and_mul_kernel(x)
+
+
 class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)

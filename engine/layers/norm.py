@@ -24,5 +24,20 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(dtype)
 
+    def forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The same norm as one Triton launch (CUDA + triton backend; the model decides)."""
+        from engine.kernels import rms_norm
+
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_forward_fused(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) as one Triton launch, the residual updated in
+        place: what a pre-norm decoder layer does between its blocks, in one pass."""
+        from engine.kernels import fused_add_rms_norm
+
+        return fused_add_rms_norm(x, residual, self.weight, self.eps, residual_out=residual)
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -141,6 +141,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
+def apply_rotary_qk_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`apply_rotary` on q and k, after Qwen3's per-head RMSNorm when weights are given, as one
+    Triton launch (CUDA + triton backend; the model decides). q/k may be strided views."""
+    from engine.kernels import qk_norm_rotary
+
+    return qk_norm_rotary(q, k, cos, sin, q_norm_weight, k_norm_weight, eps)
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin cache [max_positions, head_dim] in float32; one lookup per forward pass."""
 
