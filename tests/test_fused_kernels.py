@@ -1,10 +1,10 @@
 """Fused Triton kernels (RMSNorm, residual add + RMSNorm, q/k norm + rotary, SiLU-and-mul) against
-the torch ops they replace (engine.layers).
+the torch ops they replace (engine.layers), and the Qwen3 forward that dispatches to them.
 
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py), in fp32 and fp16 (the
 interpreter's bf16 arithmetic is wrong); every planned launch is checked against the GPU
-compiler's rules. `gpu` tests repeat the comparison in bf16 at Qwen3-4B shapes and capture the
-kernels in a CUDA graph.
+compiler's rules. `gpu` tests repeat the comparison in bf16 at Qwen3-4B shapes, run the model
+forward with and without the fused ops, and capture the kernels in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -18,8 +18,16 @@ import engine.kernels.rmsnorm as norm_kernels
 import engine.kernels.rotary as rotary_kernels
 from engine.kernels import fused_add_rms_norm, qk_norm_rotary, rms_norm, silu_and_mul
 from engine.layers.activation import silu_and_mul as silu_and_mul_torch
+from engine.layers.attention import (
+    AttentionMetadata,
+    TorchAttentionBackend,
+    TritonAttentionBackend,
+)
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.model_config import ModelConfig
+from engine.models.loader import load_model
+from engine.models.qwen3 import Qwen3ForCausalLM
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float16]
@@ -267,6 +275,84 @@ def test_rejects_inconsistent_inputs():
         silu_and_mul(torch.randn(4, 63))
 
 
+# ---------------------------------------------------------------- the model's dispatch
+
+
+def _single_step_meta(query_lens: list[int], block_size: int, device: str) -> AttentionMetadata:
+    """Prefill of fresh sequences, each in its own run of blocks (block tables 0.., n..)."""
+    tables, slots, starts, next_block = [], [], [0], 0
+    for n in query_lens:
+        blocks = -(-n // block_size)
+        tables.append(list(range(next_block, next_block + blocks)))
+        slots += [next_block * block_size + i for i in range(n)]
+        next_block += blocks
+        starts.append(starts[-1] + n)
+    width = max(len(t) for t in tables)
+    tables = [t + [0] * (width - len(t)) for t in tables]
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(query_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        max_query_len=max(query_lens),
+        max_seq_len=max(query_lens),
+        query_lens_cpu=list(query_lens),
+        seq_lens_cpu=list(query_lens),
+    )
+
+
+@torch.inference_mode()
+def run_forward(model: Qwen3ForCausalLM, query_lens: list[int], fused: bool) -> torch.Tensor:
+    """One packed prefill step on fresh (zeroed) caches, with or without the fused ops."""
+    config, device = model.config, model.model.embed_tokens.weight.device
+    dtype = model.model.embed_tokens.weight.dtype
+    block_size, num_blocks = 16, sum(-(-n // 16) for n in query_lens)
+    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
+    layers = range(config.num_hidden_layers)
+    model.bind_kv_cache([caches[0].clone() for _ in layers], [caches[1].clone() for _ in layers])
+    model.model.fused_ops = fused
+    gen = torch.Generator().manual_seed(0)
+    total = sum(query_lens)
+    input_ids = torch.randint(0, config.vocab_size, (total,), generator=gen).to(device)
+    positions = torch.cat([torch.arange(n) for n in query_lens]).to(device)
+    return model(input_ids, positions, _single_step_meta(query_lens, block_size, device))
+
+
+def test_model_fused_forward_equals_torch_ops(tiny_checkpoint, launches):
+    """The Qwen3 forward through the fused kernels (interpreted on the CPU here) equals the
+    same model on torch ops: the wiring (residual chaining, q/k views, norms) is right."""
+    config = ModelConfig.from_dir(tiny_checkpoint)
+    model = load_model(tiny_checkpoint, config, "float32", "cpu", TritonAttentionBackend())
+    model.model.fused_devices = ("cuda", "cpu")
+    query_lens = [9, 3, 1]
+    expected = run_forward(model, query_lens, fused=False)
+    assert not launches
+    actual = run_forward(model, query_lens, fused=True)
+    kernels = {launch.name for launch in launches}
+    assert kernels == {"_rms_norm_kernel", "_qk_rotary_kernel", "_silu_and_mul_kernel"}
+    # Per layer: input norm, q/k rotary, post-attention norm, SiLU; then the final norm.
+    assert len(launches) == 4 * config.num_hidden_layers + 1
+    assert_close(actual, expected, 1e-4)
+
+
+def test_fused_ops_only_with_triton_backend_on_cuda(tiny_checkpoint, monkeypatch):
+    """The CPU path keeps the torch ops: the triton backend alone does not switch them on."""
+    log: list = []
+    spy = _spy(log)
+    monkeypatch.setattr(norm_kernels, "plan_rms_norm", spy(norm_kernels.plan_rms_norm))
+    monkeypatch.setattr(rotary_kernels, "plan_qk_rotary", spy(rotary_kernels.plan_qk_rotary))
+    monkeypatch.setattr(act_kernels, "plan_silu_and_mul", spy(act_kernels.plan_silu_and_mul))
+    config = ModelConfig.from_dir(tiny_checkpoint)
+    triton_model = load_model(tiny_checkpoint, config, "float32", "cpu", TritonAttentionBackend())
+    torch_model = load_model(tiny_checkpoint, config, "float32", "cpu", TorchAttentionBackend())
+    assert triton_model.model.fused_ops and not torch_model.model.fused_ops
+    assert triton_model.model.fused_devices == ("cuda",)
+    hidden = run_forward(triton_model, [4, 2], fused=True)  # fused_ops on, but on the CPU
+    assert not log
+    assert_close(hidden, run_forward(torch_model, [4, 2], fused=False), 1e-4)
+
+
 # ---------------------------------------------------------------- on a real GPU
 
 BF16_ATOL = 1.6e-2  # one bf16 ulp at [2, 4): a float32-level difference may flip a rounding
@@ -343,3 +429,31 @@ def test_gpu_fused_kernels_are_cuda_graph_capturable():
         assert_close_bf16(outs["act"], silu_and_mul_torch(gate_up))
         assert_close_bf16(outs["q"], apply_rotary(q_norm(q), cos, sin))
         assert_close_bf16(outs["k"], apply_rotary(k_norm(k), cos, sin))
+
+
+@pytest.fixture(scope="module")
+def qwen3_like_bf16(tmp_path_factory):
+    """Qwen3-0.6B's layout (16 / 8 heads of 128, hidden 1024) with 2 layers, bf16 on CUDA."""
+    from engine.tiny import write_checkpoint
+
+    path = write_checkpoint(
+        tmp_path_factory.mktemp("qwen3-fused"), shape="qwen3-0.6b", seed=0, num_hidden_layers=2
+    )
+    config = ModelConfig.from_dir(path)
+    return load_model(path, config, "bfloat16", "cuda", TritonAttentionBackend())
+
+
+@pytest.mark.gpu
+def test_gpu_model_fused_forward_equals_torch_ops(qwen3_like_bf16):
+    """CUDA + triton backend: the forward with the fused ops against the same model on torch ops
+    (triton attention both times), bf16, a packed batch of prefills."""
+    model = qwen3_like_bf16
+    query_lens = [300, 17, 1, 64]
+    expected = run_forward(model, query_lens, fused=False)
+    actual = run_forward(model, query_lens, fused=True)
+    diff = (actual.float() - expected.float()).abs()
+    scale = expected.float().abs().max().item()
+    assert diff.max().item() <= 2e-2 * scale, (diff.max().item(), scale)
+    assert diff.mean().item() <= 2e-3 * expected.float().abs().mean().item() + 1e-3
+    cosine = torch.nn.functional.cosine_similarity(actual.float(), expected.float(), dim=-1)
+    assert cosine.min().item() > 0.999

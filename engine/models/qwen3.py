@@ -8,6 +8,11 @@ code path. The forward never reads device values on the host, so CUDA graphs can
 
 Projections are fused (q/k/v in one matmul, gate/up in one matmul); `load_weights` takes
 Hugging Face tensor names and copies each tensor into its slice of the fused parameter.
+
+With the triton attention backend on CUDA the elementwise work runs as fused Triton kernels
+(engine/kernels): residual add + RMSNorm, q/k RMSNorm + rotary, SiLU-and-mul. Same operations
+in the same order, a few launches instead of dozens per layer. Everywhere else (the CPU path)
+the plain torch ops below run unchanged.
 """
 
 from __future__ import annotations
@@ -17,12 +22,12 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from engine.layers.activation import silu_and_mul
+from engine.layers.activation import silu_and_mul, silu_and_mul_fused
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 from engine.layers.embedding import VocabEmbedding
 from engine.layers.linear import Linear, MergedLinear, copy_checked, linear
 from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, apply_rotary
+from engine.layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_qk_fused
 from engine.model_config import ModelConfig
 
 # Hugging Face projection name -> (fused module name, shard index inside it).
@@ -63,16 +68,28 @@ class Qwen3Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         meta: AttentionMetadata,
+        fused: bool = False,
     ) -> torch.Tensor:
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("no KV cache bound: call Qwen3ForCausalLM.bind_kv_cache first")
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
+        if fused:
+            q, k = apply_rotary_qk_fused(
+                q.reshape(num_tokens, self.num_heads, self.head_dim),
+                k.reshape(num_tokens, self.num_kv_heads, self.head_dim),
+                cos,
+                sin,
+                self.q_norm.weight,
+                self.k_norm.weight,
+                self.q_norm.eps,  # q_norm and k_norm share rms_norm_eps
+            )
+        else:
+            q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
+            q = apply_rotary(q, cos, sin)
+            k = apply_rotary(k, cos, sin)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
@@ -86,8 +103,9 @@ class Qwen3MLP(nn.Module):
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size])
         self.down_proj = Linear(size, config.hidden_size)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        act = silu_and_mul_fused if fused else silu_and_mul
+        return self.down_proj(act(self.gate_up_proj(x)))
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -110,10 +128,36 @@ class Qwen3DecoderLayer(nn.Module):
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
+    def forward_fused(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` on the Triton kernels, vLLM style: each residual add happens inside the next
+        norm. Takes and returns (block output, residual); the sum of the two is `forward`'s
+        result, and the first layer gets residual None. The residual is updated in place."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm.forward_fused(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_forward_fused(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, meta, fused=True)
+        hidden, residual = self.post_attention_layernorm.add_forward_fused(hidden, residual)
+        return self.mlp(hidden, fused=True), residual
+
 
 class Qwen3Model(nn.Module):
+    # Device types on which the fused Triton kernels run compiled. Tests add "cpu" to run them
+    # in Triton's interpreter; the engine never does (the CPU path stays on torch ops).
+    fused_devices: tuple[str, ...] = ("cuda",)
+
     def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
+        # The fused kernels go with the Triton attention kernels: same toolchain, same devices.
+        self.fused_ops = backend.name == "triton"
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             Qwen3DecoderLayer(config, backend) for _ in range(config.num_hidden_layers)
@@ -131,6 +175,13 @@ class Qwen3Model(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions)  # once per step, shared by all layers
+        if self.fused_ops and hidden.device.type in self.fused_devices:
+            residual: torch.Tensor | None = None
+            for layer in self.layers:
+                hidden, residual = layer.forward_fused(hidden, residual, cos, sin, meta)
+            if residual is None:
+                return self.norm.forward_fused(hidden)
+            return self.norm.add_forward_fused(hidden, residual)[0]
         for layer in self.layers:
             hidden = layer(hidden, cos, sin, meta)
         return self.norm(hidden)
