@@ -1,10 +1,11 @@
 """Triton RMSNorm over the last dimension, alone or fused with the residual add before it.
 
 The decoder's pre-norm blocks compute `residual = x + residual` and then `norm(residual)`; as
-torch ops that is three passes over the activations (add, statistics, scale) and two temporary
-tensors. Here one program per token row loads the row once, writes the new residual and the
-normed row, and keeps Hugging Face's order of operations (engine/layers/norm.py): sum in the
-input dtype, float32 statistics, cast to the input dtype, then multiply by the weight.
+torch ops that is about eight kernels (add, upcast, square, mean, eps, rsqrt, scale, cast,
+weight), each with a temporary tensor. Here one program per token row reads the row once, writes
+the new residual and the normed row, and keeps Hugging Face's order of operations
+(engine/layers/norm.py): the add rounded to the input dtype, float32 statistics, cast to the
+input dtype, then the weight multiply rounded to the output dtype.
 """
 
 from __future__ import annotations
