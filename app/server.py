@@ -119,7 +119,8 @@ def create_app(settings: AppSettings | None = None, engine_config=None) -> FastA
     from app.uploads import accept_empty_uploads, apply_upload_limit
 
     accept_empty_uploads()
-    apply_upload_limit(app, settings.max_upload_mb)  # before CORS: a 413 keeps its CORS headers
+    # Before CORS: a 413 keeps its CORS headers.
+    apply_upload_limit(app, settings.max_upload_mb, settings.max_request_mb)
     apply_cors(app, parse_origins(settings.cors_allow_origins))
     _serve_offline_page()
     mount_chainlit(app, target=str(APP_DIR / "chat.py"), path="/")

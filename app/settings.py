@@ -24,6 +24,7 @@ class AppSettings(BaseSettings):
     engine_api_key: str | None = Field(None, description="bearer key for engine_url")
     served_model_name: str | None = Field(None, description="model id shown by /v1/models")
     max_upload_mb: int = Field(50, ge=1)
+    max_request_mb: int = Field(16, ge=1, description="largest /v1 request body (413 beyond)")
     max_queued_requests: int = Field(256, ge=1, description="API answers 503 beyond this")
     cors_allow_origins: str = Field("", description="comma-separated origins; empty = closed")
 

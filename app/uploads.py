@@ -1,5 +1,7 @@
 """Uploads: the size limit enforced before the body is read, and empty files accepted.
 
+The same guard caps the JSON bodies of the OpenAI-compatible API (ApiBodyLimit).
+
 Chainlit reads a whole upload into memory before checking its size, so PAGECHAT_MAX_UPLOAD_MB
 is enforced here from the request's length (or its bytes as they arrive), answering 413.
 Chainlit also fails a 0-byte upload with an internal error (500); it is stored instead, so the
@@ -31,8 +33,19 @@ class UploadLimit:
         self.limit = max_bytes + MULTIPART_OVERHEAD_BYTES
         self.path = path
 
+    def applies_to(self, path: str) -> bool:
+        return path == self.path
+
+    def refusal(self) -> bytes:
+        mb = self.max_bytes / (1024 * 1024)
+        return json.dumps({"detail": f"File size too large: the upload limit is {mb:g} MB"}).encode()
+
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != self.path:
+        if (
+            scope["type"] != "http"
+            or scope.get("method") != "POST"
+            or not self.applies_to(scope.get("path", ""))
+        ):
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
@@ -69,8 +82,7 @@ class UploadLimit:
             await self._refuse(send)
 
     async def _refuse(self, send) -> None:
-        mb = self.max_bytes / (1024 * 1024)
-        body = json.dumps({"detail": f"File size too large: the upload limit is {mb:g} MB"}).encode()
+        body = self.refusal()
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close"),
@@ -78,8 +90,29 @@ class UploadLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def apply_upload_limit(app: FastAPI, max_upload_mb: int) -> None:
+class ApiBodyLimit(UploadLimit):
+    """The same guard for the JSON bodies of /v1 (PAGECHAT_MAX_REQUEST_MB), answered in
+    OpenAI's error shape: a client cannot make the server buffer an unbounded request."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        super().__init__(app, max_bytes, path="/v1/")
+        self.limit = max_bytes
+
+    def applies_to(self, path: str) -> bool:
+        return path.startswith(self.path)
+
+    def refusal(self) -> bytes:
+        mb = self.max_bytes / (1024 * 1024)
+        return json.dumps({"error": {
+            "message": f"Request body too large: the limit is {mb:g} MB (PAGECHAT_MAX_REQUEST_MB)",
+            "type": "invalid_request_error", "param": None, "code": "request_too_large",
+        }}).encode()
+
+
+def apply_upload_limit(app: FastAPI, max_upload_mb: int, max_request_mb: int | None = None) -> None:
     app.add_middleware(UploadLimit, max_bytes=max_upload_mb * 1024 * 1024)
+    if max_request_mb is not None:
+        app.add_middleware(ApiBodyLimit, max_bytes=max_request_mb * 1024 * 1024)
 
 
 def accept_empty_uploads() -> None:

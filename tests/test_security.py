@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import sqlite3
 import stat
 import time
@@ -51,6 +52,7 @@ class Guarded:
             "PAGECHAT_AUTH_USERS": ",".join(f"{u}:{p}" for u, p in USERS.items()),
             "PAGECHAT_API_KEYS": API_KEY,
             "PAGECHAT_MAX_UPLOAD_MB": "1",
+            "PAGECHAT_MAX_REQUEST_MB": "1",
             "TMPDIR": str(self.tmp_dir),
         }
         if cors:
@@ -561,3 +563,66 @@ async def test_crash_mid_answer_loses_no_finished_chat(guarded):
         assert "access-control-allow-origin" not in response.headers
     handshake = server.url + "/ws/socket.io/?EIO=4&transport=polling"
     assert httpx.get(handshake, headers={"Origin": ALLOWED_ORIGIN}).status_code == 400
+
+
+async def test_api_bodies_over_the_request_limit_get_413_in_openai_shape():
+    """/v1 JSON bodies are capped (PAGECHAT_MAX_REQUEST_MB): by Content-Length at once, and
+    counted as they arrive when sent without one; other routes are not touched."""
+    from app.uploads import ApiBodyLimit
+
+    read = []
+
+    async def app(scope, receive, send):
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RuntimeError("client went away")
+            read.append(len(message.get("body", b"")))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"answered"})
+
+    async def call(total: int, path: str, declared: bool) -> tuple[int, bytes]:
+        chunk = 256 * 1024
+        sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
+        messages = [{"type": "http.request", "body": b"x" * n, "more_body": i < len(sizes) - 1}
+                    for i, n in enumerate(sizes)]
+        sent = []
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        headers = [(b"content-length", str(total).encode())] if declared else []
+        scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+        await ApiBodyLimit(app, max_bytes=1024 * 1024)(scope, receive, send)
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    limit = 1024 * 1024
+    for declared in (True, False):
+        read.clear()
+        assert await call(limit, "/v1/chat/completions", declared) == (200, b"answered")
+        read.clear()
+        status, body = await call(limit + 1, "/v1/chat/completions", declared)
+        assert status == 413
+        error = json.loads(body)["error"]
+        assert error["code"] == "request_too_large" and "1 MB" in error["message"]
+        assert sum(read) <= limit  # never read past the limit
+    assert await call(4 * limit, "/project/file", True) == (200, b"answered")
+
+
+def test_live_server_refuses_an_oversized_api_body(guarded):
+    url = f"{guarded.server.url}/v1/chat/completions"
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    huge = {"model": "x", "messages": [{"role": "user", "content": "z" * (2 * 1024 * 1024)}]}
+    response = httpx.post(url, json=huge, headers=headers, timeout=30)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    models = httpx.get(f"{guarded.server.url}/v1/models", headers=headers, timeout=30).json()
+    fine = {"model": models["data"][0]["id"], "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2}
+    answer = httpx.post(url, json=fine, headers=headers, timeout=60)
+    assert answer.status_code == 200, answer.text
