@@ -345,47 +345,60 @@ async def test_upload_limit_is_enforced_by_the_server(guarded):
         await client.close()
 
 
-async def test_upload_limit_counts_a_body_sent_without_its_length():
-    """Chunked uploads carry no Content-Length: the body is cut off at the limit (413)."""
-    from app.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimit
+class BodyReadingApp:
+    """An ASGI app that reads the whole body (like a multipart or JSON parser), then answers 200;
+    `read` records the chunk sizes it got."""
 
-    read = []
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.read: list[int] = []
 
-    async def app(scope, receive, send):  # reads the whole body, like a multipart parser
+    async def __call__(self, scope, receive, send):
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise RuntimeError("client went away")
-            read.append(len(message.get("body", b"")))
+            self.read.append(len(message.get("body", b"")))
             if not message.get("more_body"):
                 break
         await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"stored"})
+        await send({"type": "http.response.body", "body": self.answer})
 
-    async def call(total: int, path: str = "/project/file") -> tuple[int, bytes]:
-        chunk = 64 * 1024
-        sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
-        messages = [{"type": "http.request", "body": b"x" * n, "more_body": i < len(sizes) - 1}
-                    for i, n in enumerate(sizes)]
-        sent = []
 
-        async def receive():
-            return messages.pop(0) if messages else {"type": "http.disconnect"}
+async def post_through(guard, total: int, path: str, declared: bool = False,
+                       chunk: int = 64 * 1024) -> tuple[int, bytes]:
+    """POST `total` bytes in chunks through an ASGI guard; (status, body) of its answer."""
+    sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
+    messages = [{"type": "http.request", "body": b"x" * n, "more_body": i < len(sizes) - 1}
+                for i, n in enumerate(sizes)]
+    sent = []
 
-        async def send(message):
-            sent.append(message)
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
 
-        scope = {"type": "http", "method": "POST", "path": path, "headers": []}
-        await UploadLimit(app, max_bytes=1024 * 1024)(scope, receive, send)
-        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+    async def send(message):
+        sent.append(message)
 
+    headers = [(b"content-length", str(total).encode())] if declared else []
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
+    await guard(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+async def test_upload_limit_counts_a_body_sent_without_its_length():
+    """Chunked uploads carry no Content-Length: the body is cut off at the limit (413)."""
+    from app.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimit
+
+    app = BodyReadingApp(b"stored")
+    guard = UploadLimit(app, max_bytes=1024 * 1024)
     limit = 1024 * 1024 + MULTIPART_OVERHEAD_BYTES
-    assert await call(limit) == (200, b"stored")
-    read.clear()
-    status, body = await call(limit + 1)
+    assert await post_through(guard, limit, "/project/file") == (200, b"stored")
+    app.read.clear()
+    status, body = await post_through(guard, limit + 1, "/project/file")
     assert status == 413 and b"the upload limit is 1 MB" in body
-    assert sum(read) <= limit + 64 * 1024  # stopped reading at the limit
-    assert await call(limit + 1, path="/v1/completions") == (200, b"stored")  # other routes: untouched
+    assert sum(app.read) <= limit + 64 * 1024  # stopped reading at the limit
+    # other routes: untouched
+    assert await post_through(guard, limit + 1, "/v1/completions") == (200, b"stored")
 
 
 def zip_bomb_docx(unpacked_mb: int) -> bytes:
@@ -570,48 +583,20 @@ async def test_api_bodies_over_the_request_limit_get_413_in_openai_shape():
     counted as they arrive when sent without one; other routes are not touched."""
     from app.uploads import ApiBodyLimit
 
-    read = []
-
-    async def app(scope, receive, send):
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise RuntimeError("client went away")
-            read.append(len(message.get("body", b"")))
-            if not message.get("more_body"):
-                break
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"answered"})
-
-    async def call(total: int, path: str, declared: bool) -> tuple[int, bytes]:
-        chunk = 256 * 1024
-        sizes = [chunk] * (total // chunk) + ([total % chunk] if total % chunk else [])
-        messages = [{"type": "http.request", "body": b"x" * n, "more_body": i < len(sizes) - 1}
-                    for i, n in enumerate(sizes)]
-        sent = []
-
-        async def receive():
-            return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-        async def send(message):
-            sent.append(message)
-
-        headers = [(b"content-length", str(total).encode())] if declared else []
-        scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
-        await ApiBodyLimit(app, max_bytes=1024 * 1024)(scope, receive, send)
-        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
-
+    app = BodyReadingApp(b"answered")
+    guard = ApiBodyLimit(app, max_bytes=1024 * 1024)
     limit = 1024 * 1024
+    path = "/v1/chat/completions"
     for declared in (True, False):
-        read.clear()
-        assert await call(limit, "/v1/chat/completions", declared) == (200, b"answered")
-        read.clear()
-        status, body = await call(limit + 1, "/v1/chat/completions", declared)
+        app.read.clear()
+        assert await post_through(guard, limit, path, declared, 256 * 1024) == (200, b"answered")
+        app.read.clear()
+        status, body = await post_through(guard, limit + 1, path, declared, 256 * 1024)
         assert status == 413
         error = json.loads(body)["error"]
         assert error["code"] == "request_too_large" and "1 MB" in error["message"]
-        assert sum(read) <= limit  # never read past the limit
-    assert await call(4 * limit, "/project/file", True) == (200, b"answered")
+        assert sum(app.read) <= limit  # never read past the limit
+    assert await post_through(guard, 4 * limit, "/project/file", True) == (200, b"answered")
 
 
 def test_live_server_refuses_an_oversized_api_body(guarded):
