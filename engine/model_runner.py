@@ -197,6 +197,7 @@ class ModelRunner:
             max_seq_len=max(seq_lens),
             query_lens_cpu=query_lens,
             seq_lens_cpu=seq_lens,
+            all_slots_stored=True,  # the runner stores every token it runs
         )
         return BatchInputs(
             input_ids=to_device(flat_ids, torch.int64),

@@ -32,6 +32,9 @@ class AttentionMetadata:
     # Host copies, so the torch backend and the runner never sync the device to read them.
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # True when no slot is -1 (known on the host when the batch is built): the torch store
+    # then skips the mask. Padded CUDA-graph batches and hand-built ones keep the default.
+    all_slots_stored: bool = False
 
     @property
     def num_seqs(self) -> int:
@@ -65,13 +68,14 @@ def store_kv_cache_torch(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    all_slots_stored: bool = False,
 ) -> None:
-    """Write k/v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at flat slots."""
+    """Write k/v [T, Hkv, D] into caches [num_blocks, block_size, Hkv, D] at flat slots.
+
+    Slots of -1 are skipped; `all_slots_stored` says there are none, saving the mask."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
     slots = slot_mapping
-    # Slot -1 (nothing to store) only comes from padded CUDA-graph batches; on the CPU path the
-    # check is a 1-element host read, and skipping the mask saves three nonzero() per layer.
-    if slot_mapping.device.type != "cpu" or int(slot_mapping.min()) < 0:
+    if not all_slots_stored:
         keep = slot_mapping >= 0
         slots, k, v = slot_mapping[keep], k[keep], v[keep]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
@@ -115,10 +119,7 @@ def paged_attention_torch(
         if query_len == 1 and seq_len > 1:
             decodes_by_len.setdefault(seq_len, []).append(s)
     for seq_len, seqs in decodes_by_len.items():
-        if len(seqs) == 1:
-            tables = meta.block_tables[seqs[0] : seqs[0] + 1]
-        else:
-            tables = meta.block_tables[torch.tensor(seqs, device=q.device)]
+        tables = meta.block_tables[torch.tensor(seqs, device=q.device)]
         attended = _decode_group(q, [starts[s] for s in seqs], k_cache, v_cache, tables, seq_len, scale)
         for s, row in zip(seqs, attended):
             out[starts[s]] = row
@@ -226,7 +227,7 @@ class TorchAttentionBackend:
     name = "torch"
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
-        store_kv_cache_torch(k, v, k_cache, v_cache, meta.slot_mapping)
+        store_kv_cache_torch(k, v, k_cache, v_cache, meta.slot_mapping, meta.all_slots_stored)
         return paged_attention_torch(q, k_cache, v_cache, meta, scale, new_k=k, new_v=v)
 
 
