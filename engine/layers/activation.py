@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -18,8 +17,3 @@ def silu_and_mul_fused(x: torch.Tensor) -> torch.Tensor:
     from engine.kernels import silu_and_mul as silu_and_mul_kernel
 
     return silu_and_mul_kernel(x)
-
-
-class SiluAndMul(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return silu_and_mul(x)
