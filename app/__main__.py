@@ -6,7 +6,7 @@ import argparse
 import logging
 import os
 
-from app.server import REPO_ROOT
+from app.serving.server import REPO_ROOT
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import uvicorn
 
-    from app.server import create_app
+    from app.serving.server import create_app
 
     app = create_app(settings.model_copy(update={"host": args.host, "port": args.port}))
     print(f"pagechat: http://{args.host}:{args.port}", flush=True)

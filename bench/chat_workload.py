@@ -2,7 +2,7 @@
 
 The prompt of turn n+1 is the prompt of turn n, plus the ids the model generated (closed by
 `<|im_end|>`), plus the new user turn `\\n<|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n`
-(app.history.ChatCodec and build_prompt). Old turns are never re-tokenized, so a peer with a
+(app.chat.token_history.ChatCodec and build_prompt). Old turns are never re-tokenized, so a peer with a
 prefix cache can reuse everything but the new turn. Message contents are random token ids
 below 10,000 (ordinary BPE tokens), so lengths are exact and no text is needed.
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from app.history import ChatCodec
+from app.chat.token_history import ChatCodec
 
 
 @dataclass

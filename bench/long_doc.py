@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
             "system_len": args.system_len, "seed": args.seed,
             "recompute_max_doc": recompute_max,
             "prompt_building": "system + user(document + question) + assistant; each follow-up "
-                               "appends the answer + <|im_end|> + a new user turn (app.history)",
+                               "appends the answer + <|im_end|> + a new user turn (app.chat.token_history)",
             "sampling": "greedy, exactly answer_len tokens (EOS ignored)",
             "ttft": "from submission to the first token, one request at a time",
         },

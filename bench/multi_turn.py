@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> dict:
             "conversations": n, "turns": args.turns, "system_len": system_len,
             "user_len": list(user_len), "answer_len": list(answer_len), "seed": args.seed,
             "prompt_building": "previous prompt + generated ids + <|im_end|> + new user turn "
-                               "(app.history.ChatCodec)",
+                               "(app.chat.token_history.ChatCodec)",
             "sampling": "greedy, exactly answer_len tokens (EOS ignored)",
             "ttft": "from submission to the first token, on the client's clock",
         },

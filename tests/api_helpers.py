@@ -182,7 +182,7 @@ def api_server(checkpoint, **engine_overrides):
     One sequence at a time (max_num_seqs=1) so tests can make a request wait behind another;
     a small KV pool. Chainlit is not mounted: its lifespan would end the test process.
     """
-    from app.openai_api import router
+    from app.api.routes import router
     from app.settings import AppSettings
     from engine import AsyncLLM, EngineConfig
 

@@ -294,7 +294,7 @@ async def test_chats_survive_a_restart(servers, tokenizer):
     """Kept last in this module: it restarts the module's server on the same data dir."""
     import json
 
-    from app.history import ChatCodec, Conversation
+    from app.chat.token_history import ChatCodec, Conversation
 
     client = await _client(servers.current)
     file_id = await client.upload("memo.txt", b"Remember: the code word is heron.", "text/plain")

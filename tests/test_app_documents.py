@@ -7,8 +7,8 @@ import zipfile
 
 import pytest
 
-from app import documents
-from app.documents import DocumentError, extract_bytes, extract_file_async
+from app.documents import extraction as documents
+from app.documents.extraction import DocumentError, extract_bytes, extract_file_async
 from tests.app_helpers import encrypt_pdf, make_docx, make_pdf
 
 MB = 1024 * 1024

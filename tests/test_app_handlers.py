@@ -9,7 +9,7 @@ from unittest.mock import AsyncMock, Mock
 
 import pytest
 
-from app.runtime import Runtime, set_runtime
+from app.serving.runtime import Runtime, set_runtime
 from app.settings import AppSettings
 
 
@@ -49,7 +49,7 @@ def _outputs(mock) -> list[dict]:
 
 
 async def test_page_says_the_model_is_loading_then_ready(emitter, engine, tmp_path):
-    from app.chat_session import ChatSession
+    from app.chat.session import ChatSession
 
     runtime = Runtime(settings=AppSettings(data_dir=tmp_path, demo=True), model_name="tiny-qwen3")
     runtime.bind_loop(asyncio.get_running_loop())
@@ -77,8 +77,8 @@ async def test_page_says_the_model_is_loading_then_ready(emitter, engine, tmp_pa
 async def test_reading_a_document_shows_prefill_progress(emitter, engine, tmp_path, monkeypatch):
     import chainlit as cl
 
-    from app import chat_session
-    from app.chat_session import ChatSession
+    from app.chat import session as chat_session
+    from app.chat.session import ChatSession
 
     monkeypatch.setattr(chat_session, "PROGRESS_INTERVAL_S", 0.0)  # every chunk, not every 0.5 s
     runtime = Runtime(settings=AppSettings(data_dir=tmp_path), model_name="tiny")
@@ -107,8 +107,8 @@ async def test_reading_a_document_shows_prefill_progress(emitter, engine, tmp_pa
 async def test_a_model_that_fails_to_load_is_explained(emitter, tmp_path):
     from types import SimpleNamespace
 
-    from app.chat_session import ChatSession
-    from app.server import _load_engine
+    from app.chat.session import ChatSession
+    from app.serving.server import _load_engine
     from engine import EngineConfig
 
     runtime = Runtime(settings=AppSettings(data_dir=tmp_path), model_name="missing",

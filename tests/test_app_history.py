@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from app.history import (
+from app.chat.token_history import (
     ChatCodec,
     ContextOverflow,
     Conversation,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import uuid
 
-from app.persistence import PagechatDataLayer, expected_columns, prepare_database
+from app.storage.data_layer import PagechatDataLayer, expected_columns, prepare_database
 
 
 def _columns(db, table):

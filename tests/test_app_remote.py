@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from app.remote_chat import Transcript, estimate_tokens, user_content
-from app.runtime import Runtime, set_runtime
+from app.chat.message_history import Transcript, estimate_tokens, user_content
+from app.serving.runtime import Runtime, set_runtime
 from app.settings import AppSettings
 from engine import EngineConfig
 from tests.api_helpers import UPSTREAM_MODEL, LiveServer, UpstreamLog, fake_upstream
@@ -25,7 +25,7 @@ def upstream():
 
 
 async def remote_runtime(upstream, tmp_path) -> Runtime:
-    from app.server import _load_engine
+    from app.serving.server import _load_engine
 
     settings = AppSettings(data_dir=tmp_path, engine_url=upstream.url)
     runtime = Runtime(settings=settings, model_name=UPSTREAM_MODEL,
@@ -41,7 +41,7 @@ async def remote_runtime(upstream, tmp_path) -> Runtime:
 async def test_follow_up_sends_the_whole_history_as_messages(emitter, upstream, tmp_path):  # noqa: F811
     import chainlit as cl
 
-    from app.chat_session import ChatSession
+    from app.chat.session import ChatSession
 
     upstream.log.bodies.clear()
     runtime = await remote_runtime(upstream, tmp_path)
@@ -72,7 +72,7 @@ async def test_follow_up_sends_the_whole_history_as_messages(emitter, upstream, 
 async def test_upstream_refusal_is_shown_and_the_chat_goes_on(emitter, upstream, tmp_path):  # noqa: F811
     import chainlit as cl
 
-    from app.chat_session import ChatSession
+    from app.chat.session import ChatSession
 
     runtime = await remote_runtime(upstream, tmp_path)
     chat = ChatSession(runtime, "en-US")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from app import retrieval
-from app.streaming import Coalescer, close_open_fence
+from app.chat.streaming import Coalescer, close_open_fence
+from app.documents import retrieval
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def test_close_open_fence():
 
 
 def test_upload_config_accepts_every_supported_extension():
-    from app.documents import SUPPORTED_EXTENSIONS
+    from app.documents.extraction import SUPPORTED_EXTENSIONS
 
     config = tomllib.loads((ROOT / ".chainlit" / "config.toml").read_text())
     upload = config["features"]["spontaneous_file_upload"]
@@ -96,7 +96,7 @@ def test_translations_have_the_same_keys_and_placeholders():
 
 @pytest.mark.parametrize(("language", "expected"), [("zh-CN", "演示模式"), ("zh-TW", "演示模式"), ("en-US", "Demo mode"), ("de-DE", "Demo mode"), (None, "Demo mode")])
 def test_app_texts_follow_the_browser_language(language, expected):
-    from app.i18n import t
+    from app.chat.i18n import t
 
     assert expected in t("demo_notice", language)
     assert "1,234" in t("doc_read", language, name="a.txt", tokens=1234)
@@ -105,7 +105,7 @@ def test_app_texts_follow_the_browser_language(language, expected):
 def test_offline_page_has_no_external_fetches():
     import chainlit
 
-    from app.server import strip_external_links
+    from app.serving.server import strip_external_links
 
     html = (Path(chainlit.__file__).parent / "frontend" / "dist" / "index.html").read_text()
     assert "fonts.googleapis.com" in html and "cdn.jsdelivr.net" in html  # what Chainlit ships

@@ -7,8 +7,8 @@ import stat
 
 import pytest
 
-from app.auth import PasswordUsers, ensure_auth_secret, parse_users
-from app.storage import LocalStorageClient, UnsafeKey, safe_key
+from app.serving.auth import PasswordUsers, ensure_auth_secret, parse_users
+from app.storage.files import LocalStorageClient, UnsafeKey, safe_key
 
 
 @pytest.mark.parametrize(

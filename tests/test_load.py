@@ -35,11 +35,11 @@ def test_load_api_and_chat_clients_together(tmp_path):
 def test_an_ended_chat_leaves_no_copy_of_its_messages(tmp_path):
     """Chainlit's `chat_contexts` would keep every message of every session forever (a pasted
     document per session adds up); ending a chat drops it. Run in its own interpreter: loading
-    app/chat.py registers Chainlit callbacks process-wide."""
+    app/chat/handlers.py registers Chainlit callbacks process-wide."""
     script = textwrap.dedent(f"""
         import asyncio, uuid
         from unittest.mock import Mock
-        from app.runtime import Runtime, set_runtime
+        from app.serving.runtime import Runtime, set_runtime
         from app.settings import AppSettings
         set_runtime(Runtime(settings=AppSettings(data_dir={str(tmp_path)!r})))
         from chainlit.chat_context import chat_context, chat_contexts
@@ -47,7 +47,7 @@ def test_an_ended_chat_leaves_no_copy_of_its_messages(tmp_path):
         from chainlit.emitter import BaseChainlitEmitter
         from chainlit.message import Message
         from chainlit.session import WebsocketSession
-        from app import chat
+        from app.chat import handlers as chat
 
         async def main():
             session = Mock(spec=WebsocketSession)

@@ -12,7 +12,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.metrics import METRICS, track
+from app.serving.metrics import METRICS, track
 from engine import SamplingParams
 from tests.api_helpers import api_server
 

@@ -9,8 +9,8 @@ import openai
 import pytest
 from fastapi import FastAPI
 
-from app.openai_api import router
-from app.remote_engine import RemoteEngine, UpstreamError, api_root
+from app.api.routes import router
+from app.serving.remote_engine import RemoteEngine, UpstreamError, api_root
 from app.settings import AppSettings
 from engine.sampling_params import SamplingParams
 from tests.api_helpers import (

@@ -139,7 +139,7 @@ def compare_digest_calls(monkeypatch):
 def test_api_key_check_is_constant_time(compare_digest_calls):
     """Every configured key is compared with hmac.compare_digest, never ==, also after a match:
     the time taken tells neither how much of a guess was right nor which key it was near."""
-    from app.auth_keys import key_is_valid
+    from app.api.keys import key_is_valid
 
     keys = [NoEquality(k) for k in ("sk-first-aaaaaaaa", "sk-second-bbbbbbb", "sk-third-cccccccc")]
     for token, valid in [("sk-first-aaaaaaaa", True), ("sk-third-cccccccc", True),
@@ -155,7 +155,7 @@ async def test_the_api_checks_keys_through_the_constant_time_check(monkeypatch):
 
     from fastapi.security import HTTPAuthorizationCredentials
 
-    from app import openai_api
+    from app.api import routes as openai_api
     from app.settings import AppSettings
 
     seen = []
@@ -169,7 +169,7 @@ async def test_the_api_checks_keys_through_the_constant_time_check(monkeypatch):
 
 
 def test_password_check_is_constant_time(compare_digest_calls):
-    from app.auth import PasswordUsers
+    from app.serving.auth import PasswordUsers
 
     users = PasswordUsers({"alice": "correct horse"})
     for name, password, ok in [("alice", "correct horse", True), ("alice", "wrong", False),
@@ -387,7 +387,7 @@ async def post_through(guard, total: int, path: str, declared: bool = False,
 
 async def test_upload_limit_counts_a_body_sent_without_its_length():
     """Chunked uploads carry no Content-Length: the body is cut off at the limit (413)."""
-    from app.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimit
+    from app.documents.uploads import MULTIPART_OVERHEAD_BYTES, UploadLimit
 
     app = BodyReadingApp(b"stored")
     guard = UploadLimit(app, max_bytes=1024 * 1024)
@@ -581,7 +581,7 @@ async def test_crash_mid_answer_loses_no_finished_chat(guarded):
 async def test_api_bodies_over_the_request_limit_get_413_in_openai_shape():
     """/v1 JSON bodies are capped (PAGECHAT_MAX_REQUEST_MB): by Content-Length at once, and
     counted as they arrive when sent without one; other routes are not touched."""
-    from app.uploads import ApiBodyLimit
+    from app.documents.uploads import ApiBodyLimit
 
     app = BodyReadingApp(b"answered")
     guard = ApiBodyLimit(app, max_bytes=1024 * 1024)

@@ -5,7 +5,7 @@ writes but the table lacks loses data silently. `prepare_database` creates the t
 compares them with the fields Chainlit writes (StepDict, ElementDict) and adds what is missing.
 SQLite runs in WAL mode with a busy timeout: Chainlit writes from fire-and-forget tasks.
 
-The token history of each chat (app.history.Conversation) lives in a table of our own,
+The token history of each chat (app.chat.token_history.Conversation) lives in a table of our own,
 `pagechat_histories`, keyed by thread id: resuming a chat restores the exact prompt ids.
 """
 

@@ -23,9 +23,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app import metrics
-from app.auth_keys import key_is_valid
-from app.openai_protocol import (
+from app.api.keys import key_is_valid
+from app.api.protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
@@ -41,6 +40,7 @@ from app.openai_protocol import (
     SamplingRequest,
     Usage,
 )
+from app.serving import metrics
 from app.settings import AppSettings
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams

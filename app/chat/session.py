@@ -1,8 +1,8 @@
 """One browser chat: its token history, its settings, and the answer being generated.
 
-app/chat.py registers the Chainlit callbacks and forwards each to a `ChatSession` kept in
-`cl.user_session`. The token bookkeeping lives in app.history, document reading in
-app.documents; this module is the glue with Chainlit's messages, steps and settings.
+app/chat/handlers.py registers the Chainlit callbacks and forwards each to a `ChatSession` kept in
+`cl.user_session`. The token bookkeeping lives in app.chat.token_history, document reading in
+app.documents.extraction; this module is the glue with Chainlit's messages, steps and settings.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ from typing import Any
 import chainlit as cl
 from chainlit.utils import utc_now
 
-from app import chat_options
-from app.documents import DocumentError, extract_file_async
-from app.history import ContextOverflow, Conversation, NewDocument, Piece, Plan
-from app.i18n import t
-from app.remote_chat import Transcript, user_content
-from app.runtime import Runtime, get_runtime
-from app.streaming import Coalescer, answer_stats, close_open_fence
+from app.chat import options as chat_options
+from app.chat.i18n import t
+from app.chat.message_history import Transcript, user_content
+from app.chat.streaming import Coalescer, answer_stats, close_open_fence
+from app.chat.token_history import ContextOverflow, Conversation, NewDocument, Piece, Plan
+from app.documents.extraction import DocumentError, extract_file_async
+from app.serving.runtime import Runtime, get_runtime
 
 logger = logging.getLogger("pagechat.chat")
 

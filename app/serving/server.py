@@ -21,7 +21,7 @@ from app.settings import AppSettings
 
 logger = logging.getLogger("pagechat")
 
-APP_DIR = Path(__file__).resolve().parent
+APP_DIR = Path(__file__).resolve().parents[1]
 REPO_ROOT = APP_DIR.parent
 # A pasted message above python-engineio's default 1 MB drops the websocket; let such text
 # reach the app, which answers with a clear message (or fits it) instead.
@@ -37,10 +37,10 @@ def create_app(settings: AppSettings | None = None, engine_config=None) -> FastA
     settings = settings or AppSettings()
     os.environ.setdefault("CHAINLIT_APP_ROOT", str(REPO_ROOT))  # before chainlit is imported
 
-    from app.auth import ensure_auth_secret
-    from app.persistence import PagechatDataLayer
-    from app.runtime import Runtime, set_runtime
-    from app.storage import LocalStorageClient, files_router
+    from app.serving.auth import ensure_auth_secret
+    from app.serving.runtime import Runtime, set_runtime
+    from app.storage.data_layer import PagechatDataLayer
+    from app.storage.files import LocalStorageClient, files_router
     from engine.config import EngineConfig
 
     engine_config = engine_config or EngineConfig()
@@ -61,7 +61,7 @@ def create_app(settings: AppSettings | None = None, engine_config=None) -> FastA
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from app.persistence import prepare_database
+        from app.storage.data_layer import prepare_database
 
         runtime.bind_loop(asyncio.get_running_loop())
         await prepare_database(settings.sqlalchemy_url())
@@ -106,7 +106,7 @@ def create_app(settings: AppSettings | None = None, engine_config=None) -> FastA
         return {"engine": "loading", "model": runtime.model_name}
 
     # ---- OpenAI-compatible API: app.include_router(...) for /v1 goes here ----
-    from app.openai_api import router as openai_router
+    from app.api.routes import router as openai_router
 
     app.include_router(openai_router)  # /v1/*, /health, /metrics
 
@@ -115,15 +115,15 @@ def create_app(settings: AppSettings | None = None, engine_config=None) -> FastA
 
     sio.eio.max_http_buffer_size = MAX_SOCKET_MESSAGE_BYTES
     _apply_upload_limit(settings.max_upload_mb)
-    from app.cors import apply_cors, parse_origins
-    from app.uploads import accept_empty_uploads, apply_upload_limit
+    from app.documents.uploads import accept_empty_uploads, apply_upload_limit
+    from app.serving.cors import apply_cors, parse_origins
 
     accept_empty_uploads()
     # Before CORS: a 413 keeps its CORS headers.
     apply_upload_limit(app, settings.max_upload_mb, settings.max_request_mb)
     apply_cors(app, parse_origins(settings.cors_allow_origins))
     _serve_offline_page()
-    mount_chainlit(app, target=str(APP_DIR / "chat.py"), path="/")
+    mount_chainlit(app, target=str(APP_DIR / "chat" / "handlers.py"), path="/")
     return app
 
 
@@ -154,7 +154,7 @@ REMOTE_DEFAULT_MAX_MODEL_LEN = 32768
 
 async def _connect_remote_engine(runtime):
     """PAGECHAT_ENGINE_URL: an OpenAI-compatible server (vLLM, SGLang) does the generating."""
-    from app.remote_engine import RemoteEngine
+    from app.serving.remote_engine import RemoteEngine
 
     engine = RemoteEngine.from_settings(runtime.settings, model=runtime.engine_config.model)
     logger.info("using the engine server at %s", engine.base_url)

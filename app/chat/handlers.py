@@ -1,4 +1,4 @@
-"""The Chainlit callbacks (loaded by mount_chainlit). Each forwards to app.chat_session.
+"""The Chainlit callbacks (loaded by mount_chainlit). Each forwards to app.chat.session.
 
 Auth: with PAGECHAT_AUTH_USERS set, a login form checks those users; otherwise one local user
 is logged in through a header-auth callback (no form), which is what Chainlit needs to show
@@ -11,9 +11,9 @@ import chainlit as cl
 from chainlit.chat_context import chat_contexts
 from chainlit.types import ThreadDict
 
-from app import chat_session
-from app.auth import LOCAL_USER, PasswordUsers, parse_users
-from app.runtime import get_runtime
+from app.chat import session as chat_session
+from app.serving.auth import LOCAL_USER, PasswordUsers, parse_users
+from app.serving.runtime import get_runtime
 
 _runtime = get_runtime()
 _users = PasswordUsers(parse_users(_runtime.settings.auth_users))

@@ -17,7 +17,7 @@ LANGUAGES = ("en-US", "zh-CN")
 
 def app_root() -> Path:
     """Where chainlit.md, .chainlit/ and public/ live (CHAINLIT_APP_ROOT, else the repo root)."""
-    return Path(os.environ.get("CHAINLIT_APP_ROOT") or Path(__file__).resolve().parent.parent)
+    return Path(os.environ.get("CHAINLIT_APP_ROOT") or Path(__file__).resolve().parents[2])
 
 
 def pick_language(language: str | None) -> str:

@@ -1,6 +1,6 @@
 """The process-wide state the Chainlit handlers need: settings, engine, data layer, storage.
 
-`create_app` fills it in before Chainlit loads app/chat.py; the engine arrives later, when the
+`create_app` fills it in before Chainlit loads app/chat/handlers.py; the engine arrives later, when the
 FastAPI lifespan has loaded it in a worker thread (`ready` is set then, also on failure).
 """
 
@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 from app.settings import AppSettings
 
 if TYPE_CHECKING:
-    from app.history import ChatCodec
-    from app.persistence import PagechatDataLayer
-    from app.storage import LocalStorageClient
+    from app.chat.token_history import ChatCodec
+    from app.storage.data_layer import PagechatDataLayer
+    from app.storage.files import LocalStorageClient
     from engine.config import EngineConfig
 
 
@@ -40,7 +40,7 @@ class Runtime:
             self._ready.set()
 
     def set_engine(self, engine: Any) -> None:
-        from app.history import ChatCodec
+        from app.chat.token_history import ChatCodec
 
         # A remote engine has no tokenizer: the chat then keeps its history as messages.
         self.codec = ChatCodec(engine.tokenizer) if engine.tokenizer is not None else None
@@ -74,5 +74,5 @@ def set_runtime(runtime: Runtime) -> None:
 
 def get_runtime() -> Runtime:
     if _runtime is None:
-        raise RuntimeError("the app runtime is not set up: start the server with app.server.create_app")
+        raise RuntimeError("the app runtime is not set up: start the server with app.serving.server.create_app")
     return _runtime

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.i18n import t
+from app.chat.i18n import t
 from engine.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 2048

@@ -8,7 +8,7 @@ re-tokenized: re-tokenized text can differ from what was generated and would mis
 Documents enter inside the user's turn, before the question, so later questions share their
 prefix. When the chat outgrows the context, the oldest turns are dropped but their documents
 are carried into the first remaining turn while they fit; a new document too large for the
-context is cut down to the passages most relevant to the question (`app.retrieval`).
+context is cut down to the passages most relevant to the question (`app.documents.retrieval`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from app import retrieval
+from app.documents import retrieval
 
 # Chat-format control tokens typed by a user must stay text, never become control tokens.
 _CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
