@@ -10,6 +10,7 @@ import json
 import os
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 DEFAULT_LANGUAGE = "en-US"
 LANGUAGES = ("en-US", "zh-CN")
@@ -34,7 +35,7 @@ def _texts(language: str) -> dict[str, str]:
     return data["pagechat"]
 
 
-def t(key: str, language: str | None = None, **params) -> str:
+def t(key: str, language: str | None = None, **params: Any) -> str:
     """The text `key` in the user's language, formatted with `params`."""
     lang = pick_language(language)
     texts = _texts(lang)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.chat.i18n import t
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from chainlit.input_widget import InputWidget
 
 DEFAULT_MAX_TOKENS = 2048
 DEMO_MAX_TOKENS = 200  # the demo's random text: long answers show nothing more
@@ -35,7 +38,7 @@ def merged_options(saved: dict | None, defaults: dict[str, Any]) -> dict[str, An
     return options
 
 
-def widgets(options: dict[str, Any], max_model_len: int, language: str | None):
+def widgets(options: dict[str, Any], max_model_len: int, language: str | None) -> list[InputWidget]:
     """Chainlit input widgets showing `options`."""
     from chainlit.input_widget import NumberInput, Slider, TextInput
 

@@ -14,6 +14,7 @@ import zipfile
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 PDF_EXTENSIONS = {".pdf"}
 DOCX_EXTENSIONS = {".docx"}
@@ -43,7 +44,7 @@ MAX_TEXT_CHARS = 20_000_000
 class DocumentError(ValueError):
     """A document that cannot be read. `code` names the message, `params` fill it in."""
 
-    def __init__(self, code: str, message: str, **params) -> None:
+    def __init__(self, code: str, message: str, **params: Any) -> None:
         super().__init__(message)
         self.code = code
         self.params = params
@@ -208,7 +209,7 @@ class _TextExtractor(HTMLParser):
         self.skip_depth = 0
         self.title: str | None = None
 
-    def handle_starttag(self, tag, attrs):
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in _SKIP_TAGS:
             self.skip_depth += 1
         elif tag in _BLOCK_TAGS:
@@ -216,17 +217,17 @@ class _TextExtractor(HTMLParser):
         elif tag in ("td", "th"):
             self.parts.append(" | ")
 
-    def handle_startendtag(self, tag, attrs):
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if tag in _BLOCK_TAGS:
             self.parts.append("\n")
 
-    def handle_endtag(self, tag):
+    def handle_endtag(self, tag: str) -> None:
         if tag in _SKIP_TAGS:
             self.skip_depth = max(0, self.skip_depth - 1)
         elif tag in _BLOCK_TAGS:
             self.parts.append("\n")
 
-    def handle_data(self, data):
+    def handle_data(self, data: str) -> None:
         if not self.skip_depth:
             self.parts.append(data)
 

@@ -15,6 +15,7 @@ import json
 import logging
 import typing
 from datetime import UTC, datetime
+from typing import Any
 
 from chainlit.data.sql_alchemy import SQLAlchemyDataLayer
 from chainlit.data.storage_clients.base import BaseStorageClient
@@ -82,7 +83,7 @@ def expected_columns() -> dict[str, dict[str, str]]:
     return out
 
 
-def _sql_type(hint) -> str:
+def _sql_type(hint: Any) -> str:
     args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
     base = typing.get_origin(args[0]) or args[0]
     if base is bool:
@@ -102,7 +103,7 @@ def _is_sqlite(url: str) -> bool:
 
 def _sqlite_pragmas(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "connect")
-    def _on_connect(dbapi_connection, _record):  # noqa: ANN001
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=NORMAL")
@@ -201,7 +202,7 @@ class PagechatDataLayer(SQLAlchemyDataLayer):
             ).first()
         return row[0] if row else None
 
-    async def delete_thread(self, thread_id: str):
+    async def delete_thread(self, thread_id: str) -> None:
         await super().delete_thread(thread_id)
         async with self.engine.begin() as conn:
             await conn.execute(

@@ -125,7 +125,7 @@ def files_router(storage: LocalStorageClient, owner_of: Callable[[str], Awaitabl
     router = APIRouter()
 
     @router.get(FILES_ROUTE + "/{object_key:path}")
-    async def read_file(object_key: str, user=Depends(get_current_user)):  # noqa: B008
+    async def read_file(object_key: str, user: Any = Depends(get_current_user)) -> FileResponse:  # noqa: B008
         if user is None:
             raise HTTPException(status_code=401, detail="Unauthorized")
         if await owner_of(object_key) != user.identifier:
