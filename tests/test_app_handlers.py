@@ -101,12 +101,10 @@ async def test_reading_a_document_shows_prefill_progress(emitter, engine, tmp_pa
     assert steps[-1]["end"] and "(100%)" in steps[-1]["output"]
     answer = [s for s in _outputs(emitter.send_step) if s["type"] == "assistant_message"][-1]
     assert "prompt tokens" in answer["output"]
-    assert len(chat.conversation.turns) == 1 and chat.conversation.turns[0].documents
+    assert len(chat.history.conversation.turns) == 1 and chat.history.conversation.turns[0].documents
 
 
 async def test_a_model_that_fails_to_load_is_explained(emitter, tmp_path):
-    from types import SimpleNamespace
-
     from app.chat.session import ChatSession
     from app.serving.server import _load_engine
     from engine import EngineConfig
@@ -115,10 +113,8 @@ async def test_a_model_that_fails_to_load_is_explained(emitter, tmp_path):
                       engine_config=EngineConfig(model=str(tmp_path / "no-such-model")))
     runtime.bind_loop(asyncio.get_running_loop())
     set_runtime(runtime)
-    app = SimpleNamespace(state=SimpleNamespace(engine=None, engine_error=None))
-    await _load_engine(app, runtime)  # what the lifespan runs in the background
-    assert app.state.engine is None and "no-such-model" in app.state.engine_error
-    assert runtime.engine_error == app.state.engine_error
+    await _load_engine(runtime)  # what the lifespan runs in the background
+    assert runtime.engine is None and "no-such-model" in (runtime.engine_error or "")
 
     chat = ChatSession(runtime, "en-US")
     await chat.start()

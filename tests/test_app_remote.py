@@ -4,7 +4,6 @@ upstream (a fake one on 127.0.0.1), with the same streaming, stats and stop beha
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 
@@ -32,9 +31,8 @@ async def remote_runtime(upstream, tmp_path) -> Runtime:
                       engine_config=EngineConfig(model=UPSTREAM_MODEL))
     runtime.bind_loop(asyncio.get_running_loop())
     set_runtime(runtime)
-    app = SimpleNamespace(state=SimpleNamespace(engine=None, engine_error=None))
-    await _load_engine(app, runtime)
-    assert app.state.engine is runtime.engine and runtime.codec is None
+    await _load_engine(runtime)
+    assert runtime.engine is not None and runtime.codec is None
     return runtime
 
 
@@ -64,8 +62,8 @@ async def test_follow_up_sends_the_whole_history_as_messages(emitter, upstream, 
     answers = [s for s in _outputs(emitter.send_step) if s["type"] == "assistant_message"]
     assert answers[-1]["output"].startswith("gamma")
     assert "prompt tokens" in answers[-1]["output"]
-    restored = Transcript.from_dict(chat.transcript.to_dict())
-    assert restored == chat.transcript and len(restored.turns) == 2
+    restored = Transcript.from_dict(chat.history.transcript.to_dict())
+    assert restored == chat.history.transcript and len(restored.turns) == 2
     await runtime.engine.aclose()
 
 
@@ -79,9 +77,9 @@ async def test_upstream_refusal_is_shown_and_the_chat_goes_on(emitter, upstream,
     chat.options = {"system_prompt": "", "temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_tokens": 16}
     await chat.answer(cl.Message(content="bad"))
     assert "prompt is bad" in _outputs(emitter.send_step)[-1]["output"]
-    assert chat.transcript.turns == []
+    assert chat.history.transcript.turns == []
     await chat.answer(cl.Message(content="fine"))
-    assert len(chat.transcript.turns) == 1
+    assert len(chat.history.transcript.turns) == 1
     await runtime.engine.aclose()
 
 

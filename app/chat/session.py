@@ -1,8 +1,10 @@
-"""One browser chat: its token history, its settings, and the answer being generated.
+"""One browser chat: its history, its settings, and the answer being generated.
 
 app/chat/handlers.py registers the Chainlit callbacks and forwards each to a `ChatSession` kept in
-`cl.user_session`. The token bookkeeping lives in app.chat.token_history, document reading in
-app.documents.extraction; this module is the glue with Chainlit's messages, steps and settings.
+`cl.user_session`. What the engine sees of the chat is a `ChatHistory` (app.chat.history: token
+ids for the in-process engine, messages for a remote one, chosen once when the engine is known);
+document reading lives in app.documents.extraction, the reading step in app.chat.progress. This
+module is the glue with Chainlit's messages, steps and settings.
 """
 
 from __future__ import annotations
@@ -12,18 +14,32 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import chainlit as cl
 from chainlit.utils import utc_now
 
 from app.chat import options as chat_options
+from app.chat.history import (
+    ChatHistory,
+    ContextOverflow,
+    NewDocument,
+    PreparedTurn,
+    TurnSummary,
+    new_history,
+)
 from app.chat.i18n import t
-from app.chat.message_history import Transcript, user_content
-from app.chat.streaming import Coalescer, answer_stats, close_open_fence
-from app.chat.token_history import ContextOverflow, Conversation, NewDocument, Piece, Plan
-from app.documents.extraction import DocumentError, extract_file_async
+from app.chat.progress import ReadingProgress
+from app.chat.streaming import AnswerCollector, Coalescer, answer_stats, close_open_fence
+from app.documents.extraction import Document, DocumentError, extract_file_async
+from app.serving.metrics import track
 from app.serving.runtime import Runtime, get_runtime
+
+if TYPE_CHECKING:
+    from engine.client import EngineClient
+    from engine.outputs import RequestOutput
+    from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger("pagechat.chat")
 
@@ -57,19 +73,50 @@ class ChatSession:
     def __init__(self, runtime: Runtime, language: str) -> None:
         self.runtime = runtime
         self.language = language
-        self.conversation = Conversation()
-        self.transcript = Transcript()  # the history as messages, when the engine is remote
+        # Its kind depends on the engine (`new_history`), chosen once the engine is known.
+        self._history: ChatHistory | None = None
+        self._saved: dict[str, Any] | None = None  # a resumed chat's stored row, until then
+        self._expects_history = False  # the resumed chat has messages: its history must be found
         self.options: dict[str, Any] | None = None
         self.request_id: str | None = None
-        self.doc_lines: list[str] = []
 
-    def t(self, key: str, **params) -> str:
+    def t(self, key: str, **params: Any) -> str:
         return t(key, self.language, **params)
 
     async def say(self, text: str) -> cl.Message:
         message = cl.Message(content=text)
         await message.send()
         return message
+
+    @property
+    def history(self) -> ChatHistory:
+        """The chat as the engine sees it; only once the engine is loaded."""
+        if self._history is None:
+            self._open_history()
+        assert self._history is not None
+        return self._history
+
+    def _open_history(self) -> bool:
+        """Choose the history's kind from the engine and restore a resumed chat's; False when
+        a resumed chat's history is missing or unreadable (it starts empty then)."""
+        engine = self._engine()
+        history = new_history(engine.tokenizer)
+        saved, self._saved = self._saved, None
+        restored = False
+        if saved is not None:
+            try:
+                history.restore(saved)
+                restored = True
+            except (KeyError, TypeError, ValueError):
+                logger.exception("unreadable history (or one of another engine's kind) for this chat")
+        self._history = history
+        return not self._expects_history or (restored and len(history) > 0)
+
+    def _engine(self) -> EngineClient:
+        engine = self.runtime.engine
+        if engine is None:
+            raise RuntimeError("the chat needs the engine, which is not loaded")
+        return engine
 
     # ---- lifecycle -----------------------------------------------------------------------
 
@@ -102,8 +149,8 @@ class ChatSession:
             return f"> {self.t('demo_notice')}\n\n{ready}"
         return ready
 
-    async def resume(self, thread: dict) -> None:
-        """A chat from the history: restore its token ids and settings."""
+    async def resume(self, thread: Mapping[str, Any]) -> None:
+        """A chat from the history: restore its history (token ids or messages) and settings."""
         rt = self.runtime
         saved = None
         if rt.data_layer is not None:
@@ -111,27 +158,27 @@ class ChatSession:
                 saved = await rt.data_layer.load_history(thread["id"])
             except Exception:
                 logger.exception("could not load the history of thread %s", thread.get("id"))
-        if saved:
-            try:
-                self.conversation = Conversation.from_dict(saved["conversation"])
-                self.transcript = Transcript.from_dict(saved.get("transcript") or {})
-                self.options = saved.get("options")
-            except (KeyError, TypeError, ValueError):
-                logger.exception("unreadable history for thread %s", thread.get("id"))
-                saved = None
-        if not saved and any(s.get("type") == "user_message" for s in thread.get("steps") or []):
-            await self.say(self.t("history_lost"))
+        if isinstance(saved, dict):
+            self._saved = saved
+            options = saved.get("options")
+            self.options = options if isinstance(options, dict) else None
+        self._expects_history = any(s.get("type") == "user_message" for s in thread.get("steps") or [])
         if rt.engine is not None:
-            await self.send_settings()
+            await self._restore()
         else:  # do not hold up the restored messages while the model loads
-            asyncio.create_task(self._settings_when_ready())
+            asyncio.create_task(self._restore_when_ready())
 
-    async def _settings_when_ready(self) -> None:
+    async def _restore_when_ready(self) -> None:
         if await self.runtime.wait_ready():
-            await self.send_settings()
+            await self._restore()
+
+    async def _restore(self) -> None:
+        if self._history is None and not self._open_history():
+            await self.say(self.t("history_lost"))
+        await self.send_settings()
 
     async def send_settings(self) -> None:
-        engine = self.runtime.engine
+        engine = self._engine()
         defaults = chat_options.default_options(
             engine.generation_defaults, engine.max_model_len, self.runtime.settings.demo
         )
@@ -149,6 +196,14 @@ class ChatSession:
         )
         self.options = chat_options.merged_options({**(self.options or {}), **values}, defaults)
 
+    def _options(self) -> dict[str, Any]:
+        """The chat's settings; the panel's (or the defaults) when none were chosen yet."""
+        if self.options is None:
+            self.update_options(cl.context.session.chat_settings or {})
+        if self.options is None:
+            raise RuntimeError("the chat's settings need the engine, which is not loaded")
+        return self.options
+
     async def abort(self) -> None:
         """Stop the answer in flight: its KV blocks are freed at once."""
         request_id, engine = self.request_id, self.runtime.engine
@@ -161,44 +216,38 @@ class ChatSession:
         rt = self.runtime
         if not await self._engine_ready():
             return
-        engine, codec = rt.engine, rt.codec
-        if self.options is None:
-            self.update_options(cl.context.session.chat_settings or {})
+        engine, history, options = self._engine(), self.history, self._options()
         question = (message.content or "").strip()
-        reused = self._follow_edit(message.id)
+        # An edited message re-runs its turn (what followed is forgotten) with its documents.
+        edited = history.documents_of(message.id)
         files = [el for el in (message.elements or []) if getattr(el, "path", None)]
-        if not question and not files and not reused:
+        if not question and not files and not edited:
             await self.say(self.t("empty_message"))
             return
         documents = await self._read_documents(files)
-        if not question and not documents and not reused:
+        if not question and not documents and not edited:
             return  # every file failed; each got its message
-        if codec is None:  # a remote engine: the history travels as messages
-            await self._answer_remote(question, documents)
-            return
-        self.conversation.set_system_prompt(self.options["system_prompt"], codec)
-        max_tokens = chat_options.requested_max_tokens(self.options, engine.max_model_len)
+        history.set_system_prompt(options["system_prompt"])
+        max_tokens = chat_options.requested_max_tokens(options, engine.max_model_len)
         try:
-            plan = await asyncio.to_thread(
-                self.conversation.prepare, codec, question or self.t("default_question"),
-                [NewDocument(d.name, d.text) for d in documents], engine.max_model_len,
-                max_tokens, reused,
+            turn = await asyncio.to_thread(
+                history.prepare, question or self.t("default_question"),
+                [NewDocument(d.name, d.text) for d in documents], message.id, engine.max_model_len,
+                max_tokens,
             )
         except ContextOverflow as exc:
             await self.say(self.t("message_too_long", **exc.params))
             return
-        plan.turn.message_id = message.id
-        plan.turn.question = question
-        notes = self._plan_notes(plan)
+        summary = turn.summary
+        notes = self._plan_notes(summary, engine.max_model_len)
         if notes:
             await self.say("\n\n".join(notes))
         try:
-            params = chat_options.sampling_params(self.options, engine.generation_defaults, plan.max_tokens)
+            params = chat_options.sampling_params(options, engine.generation_defaults, summary.max_tokens)
         except ValueError as exc:
             await self.say(self.t("request_refused", error=str(exc)))
             return
-        self.doc_lines = self._document_lines(plan, documents)
-        await self._generate(plan, params)
+        await self._stream_answer(turn, params, self._reading(summary, documents))
         if not question and documents and rt.data_layer is not None:
             with contextlib.suppress(Exception):  # name the chat after its files
                 await rt.data_layer.update_thread(
@@ -216,14 +265,7 @@ class ChatSession:
             return False
         return True
 
-    def _follow_edit(self, message_id: str) -> list[Piece]:
-        """An edited message re-runs its turn: forget it and what followed, keep its files."""
-        for index, turn in enumerate(self.conversation.turns):
-            if turn.message_id and turn.message_id == message_id:
-                return self.conversation.truncate(index).documents
-        return []
-
-    async def _read_documents(self, files: list) -> list:
+    async def _read_documents(self, files: list[Any]) -> list[Document]:
         max_bytes = self.runtime.settings.max_upload_mb * 1024 * 1024
         documents = []
         for element in files:
@@ -237,89 +279,63 @@ class ChatSession:
                 await self.say(self.t("doc_error_other", name=name, error=type(exc).__name__))
         return documents
 
-    def _plan_notes(self, plan: Plan) -> list[str]:
+    def _plan_notes(self, summary: TurnSummary, max_model_len: int) -> list[str]:
         notes = [
             self.t(
-                "excerpt", name=e.name, full_tokens=e.full_tokens, room=plan.document_room,
+                "excerpt", name=e.name, full_tokens=e.full_tokens, room=summary.document_room,
                 kept=e.passages_kept, total=e.passages_total, kept_tokens=e.kept_tokens,
             )
-            for e in plan.excerpts
+            for e in summary.excerpts
         ]
-        if plan.dropped_turns:
-            notes.append(
-                self.t("trimmed", max_model_len=self.runtime.engine.max_model_len, count=plan.dropped_turns)
-            )
-        if plan.dropped_documents:
-            notes.append(self.t("docs_dropped", names=", ".join(plan.dropped_documents)))
+        if summary.dropped_turns:
+            notes.append(self.t("trimmed", max_model_len=max_model_len, count=summary.dropped_turns))
+        if summary.dropped_documents:
+            notes.append(self.t("docs_dropped", names=", ".join(summary.dropped_documents)))
         return notes
 
-    def _document_lines(self, plan: Plan, documents: list) -> list[str]:
+    def _reading(self, summary: TurnSummary, documents: Sequence[Document]) -> ReadingProgress:
+        """The reading step of this prompt, from its numbers (none: a size not known here)."""
+        if summary.prompt_tokens is None:
+            return ReadingProgress.hidden(self.language)
         pages = {d.name: d.pages for d in documents}
         lines = []
-        for piece in plan.turn.documents:
-            if piece.name in pages and pages[piece.name]:
-                lines.append(self.t("doc_read_pages", name=piece.name, pages=pages[piece.name], tokens=len(piece.ids)))
+        for doc in summary.documents:
+            if pages.get(doc.name):
+                lines.append(self.t("doc_read_pages", name=doc.name, pages=pages[doc.name], tokens=doc.tokens))
             else:
-                lines.append(self.t("doc_read", name=piece.name, tokens=len(piece.ids)))
-        return lines
+                lines.append(self.t("doc_read", name=doc.name, tokens=doc.tokens))
+        return ReadingProgress(
+            self.language, summary.prompt_tokens, summary.prompt_tokens - summary.reused_tokens,
+            [doc.name for doc in summary.documents], lines, PROGRESS_MIN_TOKENS, PROGRESS_INTERVAL_S,
+        )
 
     # ---- generation ----------------------------------------------------------------------
 
-    async def _generate(self, plan: Plan, params) -> None:
-        engine = self.runtime.engine
-        request_id = uuid.uuid4().hex
-
-        def record(last, reason) -> None:
-            generated = list(last.token_ids) if last is not None else []
-            self.conversation.commit(plan, generated, reason, self.runtime.codec)
-
-        stream = engine.generate(plan.prompt_ids, params, request_id=request_id)
-        await self._stream_answer(stream, request_id, _Reading(self, plan), record)
-
-    async def _answer_remote(self, question: str, documents: list) -> None:
-        engine = self.runtime.engine
-        content = user_content(
-            question or self.t("default_question"), [(d.name, d.text) for d in documents]
-        )
-        self.transcript.system_prompt = self.options["system_prompt"]
-        max_tokens = chat_options.requested_max_tokens(self.options, engine.max_model_len)
-        messages, dropped = self.transcript.messages(content, engine.max_model_len, max_tokens)
-        if dropped:
-            await self.say(self.t("trimmed", max_model_len=engine.max_model_len, count=dropped))
-        try:
-            params = chat_options.sampling_params(self.options, engine.generation_defaults, max_tokens)
-        except ValueError as exc:
-            await self.say(self.t("request_refused", error=str(exc)))
-            return
-        request_id = uuid.uuid4().hex
-
-        def record(last, reason) -> None:
-            self.transcript.commit(content, last.text if last is not None else "")
-
-        stream = engine.chat(messages, params, request_id=request_id)
-        await self._stream_answer(stream, request_id, None, record)
-
-    async def _stream_answer(self, stream, request_id: str, reading, record) -> None:
+    async def _stream_answer(self, turn: PreparedTurn, params: SamplingParams, reading: ReadingProgress) -> None:
         """Stream deltas into a coalesced message; stop, errors and refusals end it cleanly.
 
-        `record(last_output, finish_reason)` keeps the (possibly partial) answer in the history.
+        The turn is committed with its (possibly partial) answer, except on an error or a
+        refusal: the history then stays as it was.
         """
-        engine = self.runtime.engine
+        engine = self._engine()
+        request_id = uuid.uuid4().hex
         self.request_id = request_id
-        reading = reading or _Reading(self, None)
+        collected = AnswerCollector()
         answer: cl.Message | None = None
         coalescer: Coalescer | None = None
-        last = None
+        last: RequestOutput | None = None
         try:
             await reading.open_if_needed()
-            async with contextlib.aclosing(stream):
+            # track(): the chat's requests count in /metrics (latencies, finished requests).
+            async with contextlib.aclosing(track(turn.stream(engine, params, request_id), "chat")) as stream:
                 async for out in stream:
                     last = out
+                    collected.add(out)
                     if out.first_token_time is None and not out.finished:
-                        await reading.progress(out)
+                        await reading.progress(out.num_computed_prompt_tokens)
                         continue
-                    await reading.close(out)
-                    if answer is None:  # dated now: a streamed message gets no date of its own
+                    await reading.close(out.num_cached_tokens, _seconds_to_first_token(out))
+                    if coalescer is None:  # dated now: a streamed message gets no date of its own
                         answer = cl.Message(content="", created_at=utc_now())
                         coalescer = Coalescer(answer.stream_token)
                     if out.delta_text:
@@ -327,19 +343,27 @@ class ChatSession:
         except asyncio.CancelledError:  # the stop button
             with contextlib.suppress(Exception):
                 await engine.abort(request_id)
-            await reading.close(last)
-            await self._finish(record, answer, coalescer, last, stopped=True)
+            await reading.close(last.num_cached_tokens if last else 0, _seconds_to_first_token(last))
+            await self._finish(turn, collected, answer, coalescer, last, stopped=True)
             raise
         except ValueError as exc:  # refused before the first output (numbers in the text)
-            await reading.close(None)
+            await reading.close(0, None)
             await self.say(self.t("request_refused", error=str(exc)))
             return
         finally:
             if self.request_id == request_id:
                 self.request_id = None
-        await self._finish(record, answer, coalescer, last, stopped=False)
+        await self._finish(turn, collected, answer, coalescer, last, stopped=False)
 
-    async def _finish(self, record, answer, coalescer, last, stopped: bool) -> None:
+    async def _finish(
+        self,
+        turn: PreparedTurn,
+        collected: AnswerCollector,
+        answer: cl.Message | None,
+        coalescer: Coalescer | None,
+        last: RequestOutput | None,
+        stopped: bool,
+    ) -> None:
         """Show the stats line, keep the (possibly partial) answer in the history, save it."""
         if last is not None and last.finish_reason == "error":
             if answer is not None:
@@ -355,10 +379,10 @@ class ChatSession:
             answer.content = close_open_fence(answer.content) + "\n\n*" + self._stats_line(last, stopped) + "*"
         await answer.send()  # ends the stream and stores the message (update() would not date it)
         reason = "abort" if stopped else (last.finish_reason if last is not None else None)
-        record(last, reason)
+        turn.commit(collected.answer(reason))
         await self.save()
 
-    def _stats_line(self, out, stopped: bool) -> str:
+    def _stats_line(self, out: RequestOutput, stopped: bool) -> str:
         stats = answer_stats(out, time.monotonic())
         line = self.t(
             "stats", prompt=stats.prompt_tokens, cached=stats.cached_tokens,
@@ -373,76 +397,16 @@ class ChatSession:
     async def save(self) -> None:
         rt = self.runtime
         thread_id = cl.context.session.thread_id
-        if rt.data_layer is None or not thread_id:
+        if rt.data_layer is None or not thread_id or self._history is None:
             return
         try:
-            await rt.data_layer.save_history(
-                thread_id,
-                {
-                    "conversation": self.conversation.to_dict(),
-                    "transcript": self.transcript.to_dict(),
-                    "options": self.options,
-                },
-            )
+            # {"conversation": ...} (token ids) or {"transcript": ...} (messages), and the settings
+            await rt.data_layer.save_history(thread_id, {**self._history.to_dict(), "options": self.options})
         except Exception:  # the chat goes on; the log says why it will not resume exactly
             logger.exception("could not save the history of thread %s", thread_id)
 
 
-class _Reading:
-    """The "Reading N tokens" step: documents read and prefill progress of a long prompt."""
-
-    def __init__(self, chat: ChatSession, plan: Plan | None) -> None:
-        """With no plan (a remote engine: no token counts) the step stays closed."""
-        self.chat = chat
-        self.total = len(plan.prompt_ids) if plan else 0
-        self.to_compute = self.total - plan.reused_tokens if plan else 0
-        documents = plan.turn.documents if plan else []
-        self.wanted = bool(documents) or self.to_compute >= PROGRESS_MIN_TOKENS
-        names = [piece.name for piece in documents]
-        self.what = ", ".join(names) if names else chat.t("reading_chat")
-        self.step: cl.Step | None = None
-        self.started = time.monotonic()
-        self.last_update = 0.0
-        self.closed = False
-
-    async def open_if_needed(self) -> None:
-        if not self.wanted:
-            return
-        parent = cl.context.current_step  # the on_message run: the step shows above the answer
-        self.step = cl.Step(
-            name=self.chat.t("reading", what=self.what, tokens=self.to_compute), type="tool",
-            parent_id=parent.id if parent else None, show_input=False,
-        )
-        self.step.start = utc_now()
-        self.step.output = self._text(None)
-        await self.step.send()
-
-    def _text(self, done: int | None) -> str:
-        lines = list(self.chat.doc_lines)
-        if done is not None:
-            percent = round(100 * done / self.total) if self.total else 100
-            lines.append(self.chat.t("reading_progress", done=done, total=self.total, percent=percent))
-        return "\n\n".join(lines)
-
-    async def progress(self, out) -> None:
-        if self.step is None or self.closed:
-            return
-        now = time.monotonic()
-        if now - self.last_update < PROGRESS_INTERVAL_S:
-            return
-        self.last_update = now
-        self.step.output = self._text(out.num_computed_prompt_tokens)
-        await self.step.update()
-
-    async def close(self, out) -> None:
-        if self.step is None or self.closed:
-            return
-        self.closed = True
-        seconds = time.monotonic() - self.started
-        if out is not None and out.first_token_time is not None and out.arrival_time:
-            seconds = out.first_token_time - out.arrival_time
-        computed = self.total - (out.num_cached_tokens if out is not None else 0)
-        self.step.name = self.chat.t("reading_done", what=self.what, tokens=computed, seconds=seconds)
-        self.step.output = self._text(self.total)
-        self.step.end = utc_now()
-        await self.step.update()
+def _seconds_to_first_token(out: RequestOutput | None) -> float | None:
+    if out is not None and out.first_token_time is not None and out.arrival_time:
+        return out.first_token_time - out.arrival_time
+    return None

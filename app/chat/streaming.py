@@ -1,7 +1,10 @@
-"""Streaming helpers: batch engine deltas into few websocket events, and the stats line.
+"""Streaming helpers: batch engine deltas into few websocket events, collect the answer, and
+the stats line.
 
 Chainlit sends one websocket event per `stream_token` call and the browser re-renders the
 whole message on each, so per-token calls leave the page minutes behind on long answers.
+Streamed outputs carry only what each step added (`delta_token_ids`, `delta_text`); the whole
+answer is in the final output only, so a stopped answer is what its deltas add up to.
 """
 
 from __future__ import annotations
@@ -9,6 +12,12 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from app.chat.history import Answer
+
+if TYPE_CHECKING:
+    from engine.outputs import RequestOutput
 
 FLUSH_INTERVAL_S = 0.04
 
@@ -27,7 +36,6 @@ class Coalescer:
         self.clock = clock
         self.buffer: list[str] = []
         self.last_flush = float("-inf")
-        self.emits = 0
 
     async def add(self, text: str) -> None:
         if text:
@@ -41,7 +49,6 @@ class Coalescer:
         text = "".join(self.buffer)
         self.buffer.clear()
         self.last_flush = self.clock()
-        self.emits += 1
         await self.emit(text)
 
 
@@ -60,7 +67,31 @@ class AnswerStats:
         return (self.generated_tokens - 1) / self.decode_s
 
 
-def answer_stats(out, now: float) -> AnswerStats:
+class AnswerCollector:
+    """Adds up a request's streamed outputs into the `Answer` the history keeps."""
+
+    def __init__(self) -> None:
+        self.token_ids: list[int] = []
+        self.pieces: list[str] = []
+        self.final: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids += out.delta_token_ids
+        if out.delta_text:
+            self.pieces.append(out.delta_text)
+        if out.finished:
+            self.final = out
+
+    def answer(self, finish_reason: str | None) -> Answer:
+        """The whole answer: the final output's, or (stopped before it) the deltas so far."""
+        final = self.final
+        if final is not None:
+            # A remote engine's final output has text but no token ids: its deltas had none either.
+            return Answer(list(final.token_ids) or self.token_ids, final.text or "".join(self.pieces), finish_reason)
+        return Answer(list(self.token_ids), "".join(self.pieces), finish_reason)
+
+
+def answer_stats(out: RequestOutput, now: float) -> AnswerStats:
     """Stats of a finished (or stopped) request from its last RequestOutput."""
     first = out.first_token_time
     ttft = first - out.arrival_time if first is not None and out.arrival_time else None
@@ -68,8 +99,7 @@ def answer_stats(out, now: float) -> AnswerStats:
     return AnswerStats(
         prompt_tokens=out.num_prompt_tokens,
         cached_tokens=out.num_cached_tokens,
-        # A remote engine's outputs carry text and usage counts, not token ids.
-        generated_tokens=getattr(out, "completion_tokens", 0) or len(out.token_ids),
+        generated_tokens=out.num_generated_tokens,  # known on every output, not only the final one
         ttft_s=ttft,
         decode_s=decode,
     )

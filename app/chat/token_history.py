@@ -9,16 +9,38 @@ Documents enter inside the user's turn, before the question, so later questions 
 prefix. When the chat outgrows the context, the oldest turns are dropped but their documents
 are carried into the first remaining turn while they fit; a new document too large for the
 context is cut down to the passages most relevant to the question (`app.documents.retrieval`).
+
+`Conversation` is the data (and what is stored, under "conversation"); `TokenHistory` is the
+`app.chat.history.ChatHistory` a chat session holds when the engine has a tokenizer.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Protocol
 
+from app.chat.history import (
+    Answer,
+    ContextOverflow,
+    DocumentRead,
+    Excerpt,
+    NewDocument,
+    TurnSummary,
+    document_block,
+)
 from app.documents import retrieval
+
+if TYPE_CHECKING:
+    from engine.client import EngineClient
+    from engine.outputs import RequestOutput
+    from engine.sampling_params import SamplingParams
+
+__all__ = [  # the shared pieces live in app.chat.history; tests and bench import them from here
+    "ChatCodec", "ContextOverflow", "Conversation", "Excerpt", "NewDocument", "Piece", "Plan",
+    "TokenHistory", "Turn", "document_block",
+]
 
 # Chat-format control tokens typed by a user must stay text, never become control tokens.
 _CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
@@ -32,15 +54,6 @@ class TokenizerLike(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
-
-
-class ContextOverflow(ValueError):
-    """The new message cannot fit the context even alone; `params` carry the numbers."""
-
-    def __init__(self, code: str, message: str, **params) -> None:
-        super().__init__(message)
-        self.code = code
-        self.params = params
 
 
 class ChatCodec:
@@ -87,12 +100,6 @@ class ChatCodec:
             ids[-1] = self.im_end  # <|endoftext|>: its KV was never computed, replacing is free
             return ids
         return ids + [self.im_end]
-
-
-def document_block(name: str, body: str, note: str = "") -> str:
-    safe = re.sub(r'["<>\n\r]', "_", name)[:200]
-    extra = f' note="{note}"' if note else ""
-    return f'<document name="{safe}"{extra}>\n{body.strip()}\n</document>'
 
 
 @dataclass
@@ -145,23 +152,6 @@ class Turn:
 
 
 @dataclass
-class NewDocument:
-    name: str
-    text: str
-
-
-@dataclass
-class Excerpt:
-    """A document cut down to passages because it did not fit."""
-
-    name: str
-    full_tokens: int
-    kept_tokens: int
-    passages_kept: int
-    passages_total: int
-
-
-@dataclass
 class Plan:
     """The next request's prompt, and the history window it implies once the turn is kept."""
 
@@ -174,7 +164,6 @@ class Plan:
     dropped_turns: int = 0
     dropped_documents: list[str] = field(default_factory=list)
     excerpts: list[Excerpt] = field(default_factory=list)
-    new_document_tokens: int = 0
     reused_tokens: int = 0  # leading prompt ids identical to the previous request's ids
     document_room: int = 0  # tokens the new documents could take
 
@@ -188,6 +177,10 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
     first_turn: int = 0  # turns before this one no longer enter the prompt
     carried: list[Piece] = field(default_factory=list)  # their documents that still do
+
+    def copy(self) -> Conversation:
+        """A copy whose turn lists can change without changing this one (the turns are shared)."""
+        return replace(self, system_ids=list(self.system_ids), turns=list(self.turns), carried=list(self.carried))
 
     def set_system_prompt(self, prompt: str, codec: ChatCodec) -> None:
         if prompt.strip() != self.system_prompt:
@@ -267,7 +260,6 @@ class Conversation:
             dropped_turns=dropped_turns,
             dropped_documents=dropped_docs,
             excerpts=excerpts,
-            new_document_tokens=sum(len(p.ids) for p in doc_pieces),
             reused_tokens=reused_tokens,
             document_room=max(0, room),
         )
@@ -332,6 +324,86 @@ class Conversation:
             first_turn=int(data.get("first_turn", 0)),
             carried=[Piece.from_dict(p) for p in data.get("carried", [])],
         )
+
+
+STORAGE_KEY = "conversation"  # a stored chat row keeps its Conversation under this key
+
+
+@dataclass
+class TokenTurn:
+    """A prepared turn of a TokenHistory: its plan, and the conversation the plan extends."""
+
+    history: TokenHistory
+    base: Conversation  # the history's conversation, cut before an edited turn
+    plan: Plan
+    summary: TurnSummary
+
+    def stream(
+        self, engine: EngineClient, params: SamplingParams, request_id: str
+    ) -> AsyncGenerator[RequestOutput, None]:
+        return engine.generate(self.plan.prompt_ids, params, request_id=request_id)
+
+    def commit(self, answer: Answer) -> None:
+        self.base.commit(self.plan, answer.token_ids, answer.finish_reason, self.history.codec)
+        self.history.conversation = self.base
+
+
+class TokenHistory:
+    """`ChatHistory` as token ids (a `Conversation`), for the in-process engine."""
+
+    def __init__(self, codec: ChatCodec, conversation: Conversation | None = None) -> None:
+        self.codec = codec
+        self.conversation = conversation if conversation is not None else Conversation()
+
+    def __len__(self) -> int:
+        return len(self.conversation.turns)
+
+    def set_system_prompt(self, prompt: str) -> None:
+        self.conversation.set_system_prompt(prompt, self.codec)
+
+    def _turn_of(self, message_id: str) -> int | None:
+        for index, turn in enumerate(self.conversation.turns):
+            if turn.message_id and turn.message_id == message_id:
+                return index
+        return None
+
+    def documents_of(self, message_id: str) -> list[str]:
+        index = self._turn_of(message_id)
+        return [] if index is None else [p.name for p in self.conversation.turns[index].documents]
+
+    def prepare(
+        self,
+        question: str,
+        documents: Sequence[NewDocument],
+        message_id: str,
+        max_model_len: int,
+        max_tokens: int,
+    ) -> TokenTurn:
+        base = self.conversation.copy()
+        index = self._turn_of(message_id)
+        reused = base.truncate(index).documents if index is not None else []
+        plan = base.prepare(self.codec, question, documents, max_model_len, max_tokens, reused)
+        plan.turn.message_id = message_id
+        summary = TurnSummary(
+            max_tokens=plan.max_tokens,
+            prompt_tokens=len(plan.prompt_ids),
+            reused_tokens=plan.reused_tokens,
+            documents=[DocumentRead(p.name, len(p.ids)) for p in plan.turn.documents],
+            excerpts=plan.excerpts,
+            document_room=plan.document_room,
+            dropped_turns=plan.dropped_turns,
+            dropped_documents=plan.dropped_documents,
+        )
+        return TokenTurn(self, base, plan, summary)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {STORAGE_KEY: self.conversation.to_dict()}
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        data = saved[STORAGE_KEY]
+        if not isinstance(data, dict):
+            raise TypeError(f"{STORAGE_KEY} is {type(data).__name__}, not a dict")
+        self.conversation = Conversation.from_dict(data)
 
 
 def _excerpt(

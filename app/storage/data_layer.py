@@ -5,8 +5,10 @@ writes but the table lacks loses data silently. `prepare_database` creates the t
 compares them with the fields Chainlit writes (StepDict, ElementDict) and adds what is missing.
 SQLite runs in WAL mode with a busy timeout: Chainlit writes from fire-and-forget tasks.
 
-The token history of each chat (app.chat.token_history.Conversation) lives in a table of our own,
-`pagechat_histories`, keyed by thread id: resuming a chat restores the exact prompt ids.
+The history each chat keeps for its engine (app.chat.history: {"conversation": token ids} for
+the in-process engine, {"transcript": messages} for a remote one, and {"options": settings})
+lives in a table of our own, `pagechat_histories`, keyed by thread id, as JSON: resuming a chat
+restores the exact prompt ids. Rows written before 2026-12 hold both keys; each kind reads its own.
 """
 
 from __future__ import annotations
