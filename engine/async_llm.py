@@ -12,12 +12,14 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
+from engine.client import ChatMessage, EngineClient
 from engine.config import EngineConfig
-from engine.llm_engine import EngineStats, LLMEngine
-from engine.outputs import RequestOutput
+from engine.llm_engine import LLMEngine
+from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -33,7 +35,10 @@ class _Stream:
 
 
 class AsyncLLM:
-    """Thread-backed async front end. Construct it off the event loop: it loads the weights."""
+    """Thread-backed async front end. Construct it off the event loop: it loads the weights.
+
+    Implements `engine.client.EngineClient`, the surface the app uses.
+    """
 
     def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
         config = config.model_copy(update=kwargs) if config else EngineConfig(**kwargs)
@@ -42,7 +47,7 @@ class AsyncLLM:
         self.tokenizer = self.engine.tokenizer
         self.model_config = self.engine.model_config
         self.max_model_len = self.engine.max_model_len
-        self.generation_defaults = dict(self.engine.generation_defaults)
+        self.generation_defaults: dict[str, Any] = dict(self.engine.generation_defaults)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -58,7 +63,7 @@ class AsyncLLM:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Stream deltas until the request finishes. Cancelling the consumer aborts the request.
 
         Raises ValueError before the first output when the request can never be served.
@@ -93,6 +98,25 @@ class AsyncLLM:
             if not finished:
                 self._commands.put(("abort", request_id))
 
+    async def chat(
+        self,
+        messages: list[ChatMessage],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncGenerator[RequestOutput, None]:
+        """`generate` for the prompt that the model's chat template makes of `messages`."""
+        size = sum(len(str(m.get("content") or "")) for m in messages)
+        if size > LONG_PROMPT_CHARS:
+            prompt = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)
+        else:
+            prompt = self.tokenizer.apply_chat_template(messages)
+        stream = self.generate(prompt, params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()
+
     async def abort(self, request_id: str) -> None:
         """Abort a request; its blocks are freed on the engine thread's next turn."""
         done = asyncio.get_running_loop().create_future()
@@ -102,6 +126,18 @@ class AsyncLLM:
     def stats(self) -> EngineStats:
         """The latest snapshot, refreshed by the engine thread after every step."""
         return self._stats
+
+    @property
+    def model_id(self) -> str:
+        return str(self.config.model)
+
+    async def health(self) -> bool:
+        """True while the engine thread runs."""
+        return not self._stopped.is_set() and self._thread.is_alive()
+
+    async def aclose(self) -> None:
+        """`shutdown` off the event loop (it joins the engine thread)."""
+        await asyncio.to_thread(self.shutdown)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         if self._stopped.is_set():
@@ -173,3 +209,6 @@ class AsyncLLM:
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+_: type[EngineClient] = AsyncLLM  # mypy checks that AsyncLLM implements the app's engine seam

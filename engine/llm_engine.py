@@ -20,7 +20,7 @@ from engine.layers.rotary import rope_max_positions
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner, StepResult
 from engine.models.loader import resolve_model_path
-from engine.outputs import RequestOutput
+from engine.outputs import EngineStats, RequestOutput
 from engine.sampler import SamplingRow, make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -41,31 +41,6 @@ def read_generation_defaults(model_path) -> dict:
         return {}
     data = json.loads(path.read_text())
     return {k: data[k] for k in SAMPLING_DEFAULT_KEYS if k in data}
-
-
-@dataclass
-class EngineStats:
-    """A snapshot for the UI, /metrics and benchmarks."""
-
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    block_size: int
-    prefix_cache_queries: int  # cacheable prompt tokens (full blocks) looked up at admission
-    prefix_cache_hits: int  # of those, tokens found in the cache
-    prompt_tokens_total: int
-    generation_tokens_total: int
-    requests_finished_total: int
-    generation_tokens_per_s: float  # over the last few seconds
-
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-
-    @property
-    def kv_cache_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
 @dataclass

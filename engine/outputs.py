@@ -1,4 +1,4 @@
-"""What the engine hands back: whole results for LLM, deltas for AsyncLLM streams."""
+"""What the engine hands back: whole results for LLM, deltas for AsyncLLM streams, stats."""
 
 from __future__ import annotations
 
@@ -34,3 +34,28 @@ class RequestOutput:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of an engine's load and counters, for the UI, /metrics and benchmarks."""
+
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    block_size: int
+    prefix_cache_queries: int  # cacheable prompt tokens (full blocks) looked up at admission
+    prefix_cache_hits: int  # of those, tokens found in the cache
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    requests_finished_total: int
+    generation_tokens_per_s: float  # over the last few seconds
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    @property
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
