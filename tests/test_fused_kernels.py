@@ -23,11 +23,11 @@ from engine.layers.attention import (
     TorchAttentionBackend,
     TritonAttentionBackend,
 )
-from engine.layers.norm import RMSNorm
+from engine.layers.norm import Kernels, RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
 from engine.model_config import ModelConfig
 from engine.models.loader import load_model
-from engine.models.qwen3 import Qwen3ForCausalLM
+from engine.models.qwen3 import Qwen3ForCausalLM, default_kernels
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3}
 DTYPES = [torch.float32, torch.float16]
@@ -93,8 +93,10 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, atol: float) -> N
     assert err <= atol, f"max abs error {err:.3g} > {atol:.3g} ({actual.dtype})"
 
 
-def make_norm(hidden: int, dtype: torch.dtype, seed: int, device: str = "cpu") -> RMSNorm:
-    norm = RMSNorm(hidden, eps=1e-6)
+def make_norm(
+    hidden: int, dtype: torch.dtype, seed: int, device: str = "cpu", kernels: Kernels = "torch"
+) -> RMSNorm:
+    norm = RMSNorm(hidden, eps=1e-6, kernels=kernels)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         norm.weight.copy_(1.0 + 0.2 * torch.randn(hidden, generator=gen))
@@ -147,13 +149,14 @@ def test_residual_variant_in_place_and_strided_rows(launches):
     x = buffer[:, 8:104]  # row stride 200
     residual = randn(5, 96, dtype=torch.float32, seed=2)
     expected_residual = x + residual
-    out, new_residual = norm.add_forward_fused(x, residual)
+    fused = make_norm(96, torch.float32, 0, kernels="triton")  # same weight
+    out, new_residual = fused(x, residual)
     assert new_residual is residual
     assert torch.equal(residual, expected_residual)
     assert_close(out, norm(expected_residual), ATOL[torch.float32])
-    # norm.forward_fused over [..., N]: the layer's own entry point, 3-D input.
+    # The Triton-built layer over [..., N]: the layer's own entry point, 3-D input.
     x3 = randn(3, 4, 96, dtype=torch.float32, seed=3)
-    assert_close(norm.forward_fused(x3), norm(x3), ATOL[torch.float32])
+    assert_close(fused(x3), norm(x3), ATOL[torch.float32])
 
 
 def test_rms_norm_weight_dtype_promotes_like_torch(launches):
@@ -301,9 +304,27 @@ def _single_step_meta(query_lens: list[int], block_size: int, device: str) -> At
     )
 
 
+def build_model(
+    path, dtype: torch.dtype, device: str, backend, kernels: Kernels
+) -> Qwen3ForCausalLM:
+    """`load_model`, with the layers' kernels chosen explicitly ("torch" or "triton")."""
+    from engine.models.loader import find_weight_files, iter_weights
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen3ForCausalLM(ModelConfig.from_dir(path), backend, kernels=kernels)
+    finally:
+        torch.set_default_dtype(previous)
+    model.load_weights(iter_weights(find_weight_files(path)))
+    return model.eval()
+
+
 @torch.inference_mode()
-def run_forward(model: Qwen3ForCausalLM, query_lens: list[int], fused: bool) -> torch.Tensor:
-    """One packed prefill step on fresh (zeroed) caches, with or without the fused ops."""
+def run_forward(model: Qwen3ForCausalLM, query_lens: list[int]) -> torch.Tensor:
+    """One packed prefill step on fresh (zeroed) caches, on the kernels the model was built
+    with."""
     config, device = model.config, model.model.embed_tokens.weight.device
     dtype = model.model.embed_tokens.weight.dtype
     block_size, num_blocks = 16, sum(-(-n // 16) for n in query_lens)
@@ -311,7 +332,6 @@ def run_forward(model: Qwen3ForCausalLM, query_lens: list[int], fused: bool) -> 
     caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(2)]
     layers = range(config.num_hidden_layers)
     model.bind_kv_cache([caches[0].clone() for _ in layers], [caches[1].clone() for _ in layers])
-    model.model.fused_ops = fused
     gen = torch.Generator().manual_seed(0)
     total = sum(query_lens)
     input_ids = torch.randint(0, config.vocab_size, (total,), generator=gen).to(device)
@@ -324,11 +344,11 @@ def test_model_fused_forward_equals_torch_ops(tiny_checkpoint, launches):
     same model on torch ops: the wiring (residual chaining, q/k views, norms) is right."""
     config = ModelConfig.from_dir(tiny_checkpoint)
     model = load_model(tiny_checkpoint, config, "float32", "cpu", TritonAttentionBackend())
-    model.model.fused_devices = ("cuda", "cpu")
+    fused = build_model(tiny_checkpoint, torch.float32, "cpu", TritonAttentionBackend(), "triton")
     query_lens = [9, 3, 1]
-    expected = run_forward(model, query_lens, fused=False)
+    expected = run_forward(model, query_lens)
     assert not launches
-    actual = run_forward(model, query_lens, fused=True)
+    actual = run_forward(fused, query_lens)
     kernels = {launch.name for launch in launches}
     assert kernels == {"_rms_norm_kernel", "_qk_rotary_kernel", "_silu_and_mul_kernel"}
     # Per layer: input norm, q/k rotary, post-attention norm, SiLU; then the final norm.
@@ -346,11 +366,14 @@ def test_fused_ops_only_with_triton_backend_on_cuda(tiny_checkpoint, monkeypatch
     config = ModelConfig.from_dir(tiny_checkpoint)
     triton_model = load_model(tiny_checkpoint, config, "float32", "cpu", TritonAttentionBackend())
     torch_model = load_model(tiny_checkpoint, config, "float32", "cpu", TorchAttentionBackend())
-    assert triton_model.model.fused_ops and not torch_model.model.fused_ops
-    assert triton_model.model.fused_devices == ("cuda",)
-    hidden = run_forward(triton_model, [4, 2], fused=True)  # fused_ops on, but on the CPU
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert default_kernels(TritonAttentionBackend(), cuda) == "triton"
+    assert default_kernels(TritonAttentionBackend(), cpu) == "torch"
+    assert default_kernels(TorchAttentionBackend(), cuda) == "torch"
+    assert triton_model.kernels == "torch" and torch_model.kernels == "torch"
+    hidden = run_forward(triton_model, [4, 2])  # the triton backend, but on the CPU
     assert not log
-    assert_close(hidden, run_forward(torch_model, [4, 2], fused=False), 1e-4)
+    assert_close(hidden, run_forward(torch_model, [4, 2]), 1e-4)
 
 
 # ---------------------------------------------------------------- on a real GPU
@@ -434,26 +457,29 @@ def test_gpu_fused_kernels_are_cuda_graph_capturable():
 
 @pytest.fixture(scope="module")
 def qwen3_like_bf16(tmp_path_factory):
-    """Qwen3-0.6B's layout (16 / 8 heads of 128, hidden 1024) with 2 layers, bf16 on CUDA."""
+    """Qwen3-0.6B's layout (16 / 8 heads of 128, hidden 1024) with 2 layers, bf16 on CUDA: the
+    model as loaded (fused kernels) and a twin built on torch ops."""
     from engine.tiny import write_checkpoint
 
     path = write_checkpoint(
         tmp_path_factory.mktemp("qwen3-fused"), shape="qwen3-0.6b", seed=0, num_hidden_layers=2
     )
     config = ModelConfig.from_dir(path)
-    return load_model(path, config, "bfloat16", "cuda", TritonAttentionBackend())
+    fused = load_model(path, config, "bfloat16", "cuda", TritonAttentionBackend())
+    plain = build_model(path, torch.bfloat16, "cuda", TritonAttentionBackend(), "torch")
+    return fused, plain
 
 
 @pytest.mark.gpu
 def test_gpu_model_fused_forward_equals_torch_ops(qwen3_like_bf16, launches):
     """CUDA + triton backend: the forward with the fused ops against the same model on torch ops
     (triton attention both times), bf16, a packed batch of prefills."""
-    model = qwen3_like_bf16
-    assert model.model.fused_devices == ("cuda",)
+    model, plain = qwen3_like_bf16
+    assert model.kernels == "triton" and plain.kernels == "torch"
     query_lens = [300, 17, 1, 64]
-    expected = run_forward(model, query_lens, fused=False)
+    expected = run_forward(plain, query_lens)
     assert not launches
-    actual = run_forward(model, query_lens, fused=True)
+    actual = run_forward(model, query_lens)
     assert len(launches) == 4 * model.config.num_hidden_layers + 1
     diff = (actual.float() - expected.float()).abs()
     scale = expected.float().abs().max().item()

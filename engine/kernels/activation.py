@@ -18,7 +18,7 @@ MAX_BLOCK = 1024
 
 
 @triton.jit
-def _silu_and_mul_kernel(
+def _silu_and_mul_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations
     x_ptr,
     out_ptr,
     stride_x,

@@ -21,7 +21,7 @@ MAX_HIDDEN = 65536
 
 
 @triton.jit
-def _rms_norm_kernel(
+def _rms_norm_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations
     x_ptr,
     residual_ptr,
     out_ptr,

@@ -22,7 +22,7 @@ TILE_ELEMENTS = 1024
 
 
 @triton.jit
-def _norm_rotate_heads(
+def _norm_rotate_heads(  # type: ignore[no-untyped-def]  # Triton reads annotations
     x_ptr,
     out_ptr,
     weight_ptr,
@@ -68,7 +68,7 @@ def _norm_rotate_heads(
 
 
 @triton.jit
-def _qk_rotary_kernel(
+def _qk_rotary_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations
     q_ptr,
     k_ptr,
     q_out_ptr,

@@ -1,19 +1,36 @@
-"""SwiGLU activation on a fused gate/up projection."""
+"""SwiGLU activation on a fused gate/up projection: silu(gate) * up."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from engine.layers.norm import Kernels, check_kernels
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x = [gate | up] along the last dim -> silu(gate) * up (half the width)."""
+    """x = [gate | up] along the last dim -> silu(gate) * up (half the width), in torch ops."""
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
 
-def silu_and_mul_fused(x: torch.Tensor) -> torch.Tensor:
-    """`silu_and_mul` as one Triton launch (CUDA + triton backend; the model decides)."""
-    from engine.kernels import silu_and_mul as silu_and_mul_kernel
+class SiluAndMul(nn.Module):
+    """`silu_and_mul` on the kernels chosen when built: torch ops, or one Triton launch."""
 
-    return silu_and_mul_kernel(x)
+    def __init__(self, kernels: Kernels = "torch") -> None:
+        super().__init__()
+        self.kernels = check_kernels(kernels)
+        self._fn: Callable[[torch.Tensor], torch.Tensor] = silu_and_mul
+        if kernels == "triton":
+            from engine.kernels import silu_and_mul as silu_and_mul_kernel
+
+            self._fn = silu_and_mul_kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fn(x)
+
+    def extra_repr(self) -> str:
+        return f"kernels={self.kernels}"

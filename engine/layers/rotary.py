@@ -7,15 +7,21 @@ back, so positions deep in a 256K context keep their precision in bf16 models.
 Supported rope types: default, linear, yarn, llama3. The types whose frequencies change with
 the current sequence length (dynamic, longrope) are rejected: keys already in the paged cache
 were rotated with the old frequencies and would silently disagree with new queries.
+
+`QKNormRotary` is Qwen3's step before attention (per-head q/k RMSNorm, then rotary) on the
+kernels chosen when it is built: these torch ops, or one Triton launch (engine/kernels/rotary.py).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+from engine.layers.norm import Kernels, check_kernels, rms_norm
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
@@ -141,24 +147,66 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
 
 
-def apply_rotary_qk_fused(
+def qk_norm_rotary(
     q: torch.Tensor,
     k: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    q_norm_weight: torch.Tensor | None = None,
-    k_norm_weight: torch.Tensor | None = None,
-    eps: float = 1e-6,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`apply_rotary` on q and k, after Qwen3's per-head RMSNorm when weights are given, as one
-    Triton launch (CUDA + triton backend; the model decides). q/k may be strided views."""
-    from engine.kernels import qk_norm_rotary
+    """Qwen3's per-head RMSNorm of q [T, Hq, D] and k [T, Hkv, D], then `apply_rotary`, in
+    torch ops."""
+    q = apply_rotary(rms_norm(q, q_norm_weight, eps), cos, sin)
+    k = apply_rotary(rms_norm(k, k_norm_weight, eps), cos, sin)
+    return q, k
 
-    return qk_norm_rotary(q, k, cos, sin, q_norm_weight, k_norm_weight, eps)
+
+QKNormRotaryFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
+    tuple[torch.Tensor, torch.Tensor],
+]
+
+
+class QKNormRotary(nn.Module):
+    """The attention's step between the QKV projection and attention: q/k RMSNorm per head,
+    then rotary, on the kernels chosen when built (torch ops, or one Triton launch for q and k,
+    which reads q and k as strided views of the fused QKV output).
+
+    It holds no weights: the norms' weights stay `q_norm` / `k_norm` of the attention layer,
+    where the checkpoint's names put them, and are passed in. q and k norms share one eps
+    (Qwen3's rms_norm_eps)."""
+
+    def __init__(self, kernels: Kernels = "torch") -> None:
+        super().__init__()
+        self.kernels = check_kernels(kernels)
+        self._fn: QKNormRotaryFn = qk_norm_rotary
+        if kernels == "triton":
+            from engine.kernels import qk_norm_rotary as qk_norm_rotary_kernel
+
+            self._fn = qk_norm_rotary_kernel
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        q_norm_weight: torch.Tensor,
+        k_norm_weight: torch.Tensor,
+        eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._fn(q, k, cos, sin, q_norm_weight, k_norm_weight, eps)
+
+    def extra_repr(self) -> str:
+        return f"kernels={self.kernels}"
 
 
 class RotaryEmbedding(nn.Module):
     """cos/sin cache [max_positions, head_dim] in float32; one lookup per forward pass."""
+
+    cos_sin_cache: torch.Tensor
 
     def __init__(
         self,

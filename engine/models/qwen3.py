@@ -1,4 +1,4 @@
-"""Qwen3 dense decoder in plain torch ops, attending through the paged KV cache.
+"""Qwen3 dense decoder, attending through the paged KV cache.
 
 Tokens of all sequences in a step are packed into one [T, hidden] batch: every op except
 attention is a single batched call, and attention goes through the engine's backend, which
@@ -6,28 +6,35 @@ first stores the new K/V into the paged cache and then attends over each sequenc
 (`engine.layers.attention`). Prefill chunks, prefills with a cached prefix and decodes are one
 code path. The forward never reads device values on the host, so CUDA graphs can capture it.
 
+One decoder forward, carrying the residual stream as vLLM and nano-vllm do: each layer takes and
+returns (hidden, residual), and every residual add happens inside the next RMSNorm
+(`norm(x, residual)` -> `(norm(x + residual), x + residual)`). The sum is the textbook pre-norm
+block, `x + attn(norm(x))` then `x + mlp(norm(x))`, with the same operations in the same order.
+
+The elementwise layers (RMSNorm, q/k norm + rotary, SiLU-and-mul) run on the kernels the model
+is built with: the fused Triton kernels of engine/kernels with the triton attention backend on
+CUDA (a few launches instead of dozens per layer), plain torch ops everywhere else (the CPU
+path). `Qwen3ForCausalLM(..., kernels=...)` overrides the choice, e.g. to run the Triton
+kernels on CPU tensors in Triton's interpreter in tests.
+
 Projections are fused (q/k/v in one matmul, gate/up in one matmul); `load_weights` takes
 Hugging Face tensor names and copies each tensor into its slice of the fused parameter.
-
-With the triton attention backend on CUDA the elementwise work runs as fused Triton kernels
-(engine/kernels): residual add + RMSNorm, q/k RMSNorm + rotary, SiLU-and-mul. Same operations
-in the same order, a few launches instead of dozens per layer. Everywhere else (the CPU path)
-the plain torch ops below run unchanged.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import cast
 
 import torch
 from torch import nn
 
-from engine.layers.activation import silu_and_mul, silu_and_mul_fused
+from engine.layers.activation import SiluAndMul
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 from engine.layers.embedding import VocabEmbedding
 from engine.layers.linear import Linear, MergedLinear, copy_checked, linear
-from engine.layers.norm import RMSNorm
-from engine.layers.rotary import RotaryEmbedding, apply_rotary, apply_rotary_qk_fused
+from engine.layers.norm import Kernels, RMSNorm, check_kernels
+from engine.layers.rotary import QKNormRotary, RotaryEmbedding
 from engine.model_config import ModelConfig
 
 # Hugging Face projection name -> (fused module name, shard index inside it).
@@ -40,10 +47,16 @@ PACKED_MODULES: dict[str, tuple[str, int]] = {
 }
 
 
+def default_kernels(backend: AttentionBackend, device: torch.device) -> Kernels:
+    """The fused Triton layer kernels go with the Triton attention kernels on CUDA: same
+    toolchain, same devices. Elsewhere (the CPU path) the layers run plain torch ops."""
+    return "triton" if backend.name == "triton" and device.type == "cuda" else "torch"
+
+
 class Qwen3Attention(nn.Module):
     """Fused QKV -> per-head q/k RMSNorm -> RoPE -> paged attention (GQA) -> o_proj."""
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, kernels: Kernels) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
@@ -55,8 +68,10 @@ class Qwen3Attention(nn.Module):
             bias=config.attention_bias,
         )
         self.o_proj = Linear(config.q_size, config.hidden_size, bias=config.attention_bias)
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        # Their weights, under the checkpoint's names; the norm itself runs in qk_norm_rotary.
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, kernels)
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, kernels)
+        self.qk_norm_rotary = QKNormRotary(kernels)
         self.backend = backend
         # This layer's slice of the paged cache, [num_blocks, block_size, Hkv, D]; set by bind_kv_cache.
         self.k_cache: torch.Tensor | None = None
@@ -68,27 +83,20 @@ class Qwen3Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         meta: AttentionMetadata,
-        fused: bool = False,
     ) -> torch.Tensor:
         if self.k_cache is None or self.v_cache is None:
             raise RuntimeError("no KV cache bound: call Qwen3ForCausalLM.bind_kv_cache first")
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        if fused:
-            q, k = apply_rotary_qk_fused(
-                q.reshape(num_tokens, self.num_heads, self.head_dim),
-                k.reshape(num_tokens, self.num_kv_heads, self.head_dim),
-                cos,
-                sin,
-                self.q_norm.weight,
-                self.k_norm.weight,
-                self.q_norm.eps,  # q_norm and k_norm share rms_norm_eps
-            )
-        else:
-            q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
-            k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
-            q = apply_rotary(q, cos, sin)
-            k = apply_rotary(k, cos, sin)
+        q, k = self.qk_norm_rotary(
+            q.reshape(num_tokens, self.num_heads, self.head_dim),
+            k.reshape(num_tokens, self.num_kv_heads, self.head_dim),
+            cos,
+            sin,
+            self.q_norm.weight,
+            self.k_norm.weight,
+            self.q_norm.eps,  # q_norm and k_norm share rms_norm_eps
+        )
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
@@ -97,38 +105,33 @@ class Qwen3Attention(nn.Module):
 class Qwen3MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)) with gate and up in one matmul."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, kernels: Kernels) -> None:
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size])
         self.down_proj = Linear(size, config.hidden_size)
+        self.act_fn = SiluAndMul(kernels)
 
-    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        act = silu_and_mul_fused if fused else silu_and_mul
-        return self.down_proj(act(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class Qwen3DecoderLayer(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)), in Hugging Face's order."""
+    """Pre-norm block, Hugging Face's order: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    Takes and returns (hidden, residual): the residual stream so far and the last block's
+    output, still to be added (by this layer's first norm, or the model's final norm). The
+    first layer gets residual None: the embedding output is the whole stream.
+    """
+
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, kernels: Kernels) -> None:
         super().__init__()
-        self.self_attn = Qwen3Attention(config, backend)
-        self.mlp = Qwen3MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Qwen3Attention(config, backend, kernels)
+        self.mlp = Qwen3MLP(config, kernels)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
 
     def forward(
-        self,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
-
-    def forward_fused(
         self,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
@@ -136,33 +139,24 @@ class Qwen3DecoderLayer(nn.Module):
         sin: torch.Tensor,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`forward` on the Triton kernels, vLLM style: each residual add happens inside the next
-        norm. Takes and returns (block output, residual); the sum of the two is `forward`'s
-        result, and the first layer gets residual None. The residual is updated in place."""
         if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm.forward_fused(hidden)
+            hidden, residual = self.input_layernorm(hidden), hidden
         else:
-            hidden, residual = self.input_layernorm.add_forward_fused(hidden, residual)
-        hidden = self.self_attn(hidden, cos, sin, meta, fused=True)
-        hidden, residual = self.post_attention_layernorm.add_forward_fused(hidden, residual)
-        return self.mlp(hidden, fused=True), residual
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos, sin, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class Qwen3Model(nn.Module):
-    # Device types on which the fused Triton kernels run compiled. Tests add "cpu" to run them
-    # in Triton's interpreter; the engine never does (the CPU path stays on torch ops).
-    fused_devices: tuple[str, ...] = ("cuda",)
-
-    def __init__(self, config: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: ModelConfig, backend: AttentionBackend, kernels: Kernels) -> None:
         super().__init__()
-        # The fused kernels go with the Triton attention kernels: same toolchain, same devices.
-        self.fused_ops = backend.name == "triton"
+        self.kernels = kernels
         self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            Qwen3DecoderLayer(config, backend) for _ in range(config.num_hidden_layers)
+            Qwen3DecoderLayer(config, backend, kernels) for _ in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
         self.rotary_emb = RotaryEmbedding(
             config.head_dim,
             config.rope_theta,
@@ -175,16 +169,12 @@ class Qwen3Model(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions)  # once per step, shared by all layers
-        if self.fused_ops and hidden.device.type in self.fused_devices:
-            residual: torch.Tensor | None = None
-            for layer in self.layers:
-                hidden, residual = layer.forward_fused(hidden, residual, cos, sin, meta)
-            if residual is None:
-                return self.norm.forward_fused(hidden)
-            return self.norm.add_forward_fused(hidden, residual)[0]
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            hidden = layer(hidden, cos, sin, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin, meta)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm(hidden, residual)[0]
 
 
 class Qwen3ForCausalLM(nn.Module):
@@ -194,10 +184,20 @@ class Qwen3ForCausalLM(nn.Module):
     through `engine.models.loader.load_model`, which fills them from a checkpoint.
     """
 
-    def __init__(self, config: ModelConfig, attention_backend: AttentionBackend) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        attention_backend: AttentionBackend,
+        kernels: Kernels | None = None,
+    ) -> None:
+        """`kernels`: "torch" or "triton" for the elementwise layers; None picks by the
+        attention backend and the device the model is built on (`default_kernels`)."""
         super().__init__()
         self.config = config
-        self.model = Qwen3Model(config, attention_backend)
+        if kernels is None:
+            kernels = default_kernels(attention_backend, torch.empty(0).device)
+        self.kernels = check_kernels(kernels)
+        self.model = Qwen3Model(config, attention_backend, self.kernels)
         self.lm_head = (
             None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         )
@@ -222,15 +222,16 @@ class Qwen3ForCausalLM(nn.Module):
                 f"got {len(k_caches)} and {len(v_caches)}"
             )
         heads_dim = (self.config.num_key_value_heads, self.config.head_dim)
-        for layer, k, v in zip(layers, k_caches, v_caches):
+        for module, k, v in zip(layers, k_caches, v_caches):
             for cache in (k, v):
                 if cache.dim() != 4 or tuple(cache.shape[2:]) != heads_dim:
                     raise ValueError(
                         f"KV cache must be [num_blocks, block_size, {heads_dim[0]}, "
                         f"{heads_dim[1]}], got {tuple(cache.shape)}"
                     )
-            layer.self_attn.k_cache = k
-            layer.self_attn.v_cache = v
+            attn = cast(Qwen3DecoderLayer, module).self_attn
+            attn.k_cache = k
+            attn.v_cache = v
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -246,7 +247,7 @@ class Qwen3ForCausalLM(nn.Module):
             for param_name, _ in module.named_parameters(recurse=False)
             for shard in range(getattr(module, "num_shards", 1))
         }
-        loaded: set[tuple[str, int, int]] = set()
+        loaded: set[tuple[str, str, int]] = set()
         for name, tensor in weights:
             if "rotary_emb." in name:
                 continue  # inverse frequencies some exporters save; recomputed from config
