@@ -1,5 +1,6 @@
 """Handlers in-process with a mocked Chainlit context (no browser, no socket) and the real
-engine on the tiny checkpoint: the loading notice, and prefill progress of a long document."""
+engine on the tiny checkpoint: the loading notice, prefill progress of a long document, the
+chat's requests in /metrics, a stopped answer kept, and resuming stored histories."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ async def emitter():
     session.thread_id = str(uuid.uuid4())
     session.user, session.user_env, session.chat_settings = None, {}, {}
     session.files, session.has_first_interaction, session.language = {}, True, "zh-CN"
+    session.chat_profile, session.client_type = None, "webapp"  # read by cl.user_session
     emitter = Mock(spec=BaseChainlitEmitter)
     for name in ("send_step", "update_step", "delete_step", "stream_start", "send_token", "emit",
                  "task_start", "task_end", "send_element"):
@@ -124,3 +126,154 @@ async def test_a_model_that_fails_to_load_is_explained(emitter, tmp_path):
 
     await chat.answer(cl.Message(content="Hello?"))
     assert "could not be loaded" in _outputs(emitter.send_step)[-1]["output"]
+
+
+def _metrics(text: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
+
+
+async def _scrape(runtime) -> dict[str, float]:
+    """GET /metrics of an app serving `runtime`, as Prometheus would."""
+    import httpx
+    from fastapi import FastAPI
+
+    from app.serving import metrics
+
+    app = FastAPI()
+    app.state.runtime = runtime
+    app.include_router(metrics.router)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://app") as http:
+        response = await http.get("/metrics")
+    assert response.status_code == 200
+    return _metrics(response.text)
+
+
+def _finished(samples: dict[str, float]) -> float:
+    return sum(v for k, v in samples.items() if k.startswith("pagechat_requests_finished_total{"))
+
+
+def _change(after: dict[str, float], before: dict[str, float], name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+async def test_a_chat_answer_counts_in_metrics(emitter, engine, tmp_path):
+    """The browser chat's requests are in /metrics like the API's: first token, end to end,
+    finished, and served by kind "chat"."""
+    import chainlit as cl
+
+    from app.chat import session as chat_session
+
+    runtime = Runtime(settings=AppSettings(data_dir=tmp_path), model_name="tiny")
+    runtime.bind_loop(asyncio.get_running_loop())
+    runtime.set_engine(engine)
+    set_runtime(runtime)
+    before = await _scrape(runtime)
+    chat = chat_session.new_session()  # what @cl.on_chat_start does
+    chat.options = {"system_prompt": "", "temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_tokens": 6}
+    await chat_session.current().answer(cl.Message(content="Hello there"))  # what @cl.on_message does
+    after = await _scrape(runtime)
+
+    answer = [s for s in _outputs(emitter.send_step) if s["type"] == "assistant_message"][-1]
+    assert "token" in answer["output"]  # the stats line (the session's language is zh-CN)
+    assert _change(after, before, "pagechat_time_to_first_token_seconds_count") == 1
+    assert _change(after, before, "pagechat_e2e_request_latency_seconds_count") == 1
+    assert _change(after, before, "pagechat_e2e_request_latency_seconds_sum") > 0
+    assert _finished(after) - _finished(before) == 1
+    reason = chat.history.conversation.turns[-1].finish_reason  # stop or length
+    assert _change(after, before, f'pagechat_requests_finished_total{{finish_reason="{reason}"}}') == 1
+    generated = len(chat.history.conversation.turns[-1].answer_ids) - 1  # without the closing <|im_end|>
+    if reason == "stop":
+        generated += 1  # the end-of-answer token was generated too
+    assert _change(after, before, "pagechat_inter_token_latency_seconds_count") == generated - 1
+    assert _change(after, before, 'pagechat_requests_served_total{kind="chat"}') == 1
+
+
+async def test_stop_keeps_the_answer_streamed_so_far(emitter, engine, tmp_path):
+    """Streamed outputs carry deltas only: a stopped answer is kept as what its deltas add up to,
+    and the request counts as aborted in /metrics."""
+    import chainlit as cl
+
+    from app.chat import session as chat_session
+
+    runtime = Runtime(settings=AppSettings(data_dir=tmp_path), model_name="tiny")
+    runtime.bind_loop(asyncio.get_running_loop())
+    runtime.set_engine(engine)
+    set_runtime(runtime)
+    before = await _scrape(runtime)
+    chat = chat_session.new_session()
+    chat.options = {"system_prompt": "", "temperature": 1.0, "top_p": 1.0, "top_k": 0, "max_tokens": 3000}
+    task = asyncio.create_task(chat.answer(cl.Message(content="Tell a long story.")))
+    for _ in range(500):
+        if len(emitter.send_token.call_args_list) >= 3:
+            break
+        await asyncio.sleep(0.01)
+    assert not task.done(), "the answer ended before it could be stopped"
+    task.cancel()  # what Chainlit does on the stop button
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    [turn] = chat.history.conversation.turns
+    assert turn.finish_reason == "abort"
+    [start] = [c.args[0] for c in emitter.stream_start.call_args_list]  # with the first chunk
+    streamed = start["output"] + "".join(c.kwargs["token"] for c in emitter.send_token.call_args_list)
+    kept = engine.tokenizer.decode(turn.answer_ids[:-1])
+    assert len(turn.answer_ids) - 1 >= 3 and kept.startswith(streamed)
+    assert turn.answer_ids[-1] == engine.tokenizer.im_end_id
+    answer = [s for s in _outputs(emitter.send_step) if s["type"] == "assistant_message"][-1]
+    assert answer["output"].startswith(streamed)
+    after = await _scrape(runtime)
+    assert _change(after, before, 'pagechat_requests_finished_total{finish_reason="abort"}') == 1
+
+
+class _Rows:
+    """A data layer holding stored history rows in memory."""
+
+    def __init__(self, rows: dict) -> None:
+        self.rows = rows
+
+    async def load_history(self, thread_id: str) -> dict | None:
+        return self.rows.get(thread_id)
+
+    async def save_history(self, thread_id: str, data: dict) -> None:
+        self.rows[thread_id] = data
+
+
+async def test_resume_restores_old_rows_and_says_when_the_history_is_lost(emitter, engine, tmp_path):
+    import chainlit as cl
+
+    from app.chat.session import ChatSession
+
+    runtime = Runtime(settings=AppSettings(data_dir=tmp_path), model_name="tiny")
+    runtime.bind_loop(asyncio.get_running_loop())
+    runtime.set_engine(engine)
+    set_runtime(runtime)
+    runtime.data_layer = _Rows({})
+    first = ChatSession(runtime, "en-US")
+    first.options = {"system_prompt": "", "temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_tokens": 4}
+    await first.answer(cl.Message(content="Remember heron."))
+    thread_id = cl.context.session.thread_id
+    row = runtime.data_layer.rows[thread_id]
+    assert set(row) == {"conversation", "options"}
+    # a row as saved before 2026-12: both kinds' keys
+    runtime.data_layer.rows["old"] = {**row, "transcript": {"system_prompt": "", "turns": []}}
+    runtime.data_layer.rows["remote"] = {"transcript": {"system_prompt": "", "turns": [
+        {"user": "hi", "assistant": "hello"}]}, "options": row["options"]}
+    steps = [{"type": "user_message"}]
+
+    resumed = ChatSession(runtime, "en-US")
+    await resumed.resume({"id": "old", "steps": steps})
+    assert resumed.history.to_dict() == first.history.to_dict()
+    assert resumed.options == first.options
+    assert not any("could not be restored" in s["output"] for s in _outputs(emitter.send_step))
+
+    lost = ChatSession(runtime, "en-US")
+    await lost.resume({"id": "remote", "steps": steps})  # saved with a remote engine: no token ids
+    assert "could not be restored" in _outputs(emitter.send_step)[-1]["output"]
+    assert len(lost.history) == 0
