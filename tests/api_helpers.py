@@ -183,6 +183,7 @@ def api_server(checkpoint, **engine_overrides):
     a small KV pool. Chainlit is not mounted: its lifespan would end the test process.
     """
     from app.api.routes import router
+    from app.serving.runtime import Runtime
     from app.settings import AppSettings
     from engine import AsyncLLM, EngineConfig
 
@@ -192,8 +193,7 @@ def api_server(checkpoint, **engine_overrides):
     engine = AsyncLLM(EngineConfig(**{**config, **engine_overrides}))
     app = FastAPI()
     app.include_router(router)
-    app.state.settings = AppSettings()
-    app.state.engine = engine
+    app.state.runtime = Runtime(settings=AppSettings(), engine=engine)
     try:
         with LiveServer(app) as live:
             live.app, live.engine = app, engine

@@ -105,7 +105,7 @@ def test_app_texts_follow_the_browser_language(language, expected):
 def test_offline_page_has_no_external_fetches():
     import chainlit
 
-    from app.serving.server import strip_external_links
+    from app.serving.chainlit_patches import strip_external_links
 
     html = (Path(chainlit.__file__).parent / "frontend" / "dist" / "index.html").read_text()
     assert "fonts.googleapis.com" in html and "cdn.jsdelivr.net" in html  # what Chainlit ships

@@ -31,9 +31,9 @@ def server(tiny_checkpoint):
 @pytest.fixture
 def settings(server):
     """Per-test app settings (restored afterwards)."""
-    before = server.app.state.settings
-    yield server.app.state
-    server.app.state.settings = before
+    before = server.app.state.runtime.settings
+    yield server.app.state.runtime
+    server.app.state.runtime.settings = before
 
 
 @pytest.fixture
@@ -271,15 +271,15 @@ def test_api_keys_are_required_when_set(server, settings, model):
 
 
 def test_loading_model_answers_503_and_health_follows(client, server, settings, model):
-    engine = server.app.state.engine
-    server.app.state.engine = None
+    engine = server.app.state.runtime.engine
+    server.app.state.runtime.engine = None
     try:
         assert httpx.get(server.url + "/health").status_code == 503
         with pytest.raises(openai.APIStatusError) as info:
             client.chat.completions.create(model=model, messages=MESSAGES)
         assert info.value.status_code == 503 and info.value.body["code"] == "model_not_ready"
     finally:
-        server.app.state.engine = engine
+        server.app.state.runtime.engine = engine
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
 
 

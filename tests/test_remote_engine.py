@@ -11,6 +11,7 @@ from fastapi import FastAPI
 
 from app.api.routes import router
 from app.serving.remote_engine import RemoteEngine, UpstreamError, api_root
+from app.serving.runtime import Runtime
 from app.settings import AppSettings
 from engine.sampling_params import SamplingParams
 from tests.api_helpers import (
@@ -64,7 +65,7 @@ async def test_chat_streams_deltas_and_forwards_messages_and_sampling(upstream, 
     final = outs[-1]
     assert final.finished and final.finish_reason == "stop" and final.delta_text == ""
     assert final.text == "hello there world " and final.request_id == "r1"
-    assert final.num_prompt_tokens == 13 and final.completion_tokens == 3
+    assert final.num_prompt_tokens == 13 and final.num_generated_tokens == 3
     assert final.num_cached_tokens == UPSTREAM_CACHED_TOKENS
     assert not any(o.finished for o in outs[:-1])
 
@@ -163,8 +164,7 @@ def remote_app(upstream):
     """The app's API with the remote engine behind it, as PAGECHAT_ENGINE_URL sets it up."""
     app = FastAPI()
     app.include_router(router)
-    app.state.settings = AppSettings(engine_url=upstream.url + "/v1", api_keys="")
-    app.state.engine = None
+    app.state.runtime = Runtime(settings=AppSettings(engine_url=upstream.url + "/v1", api_keys=""))
     with LiveServer(app) as server:
         server.app = app
         yield server
@@ -172,7 +172,8 @@ def remote_app(upstream):
 
 async def test_openai_client_through_the_app_to_the_upstream(remote_app, log):
     app = remote_app.app
-    app.state.engine = RemoteEngine.from_settings(app.state.settings)
+    runtime = app.state.runtime
+    runtime.engine = RemoteEngine.from_settings(runtime.settings)
     client = openai.AsyncOpenAI(base_url=remote_app.url + "/v1", api_key="unused", max_retries=0)
     try:
         models = await client.models.list()
@@ -211,5 +212,5 @@ async def test_openai_client_through_the_app_to_the_upstream(remote_app, log):
         assert info.value.status_code == 503
     finally:
         await client.close()
-        remote_app.call(app.state.engine.aclose())  # its connections belong to the server's loop
-        app.state.engine = None
+        remote_app.call(runtime.engine.aclose())  # its connections belong to the server's loop
+        runtime.engine = None

@@ -161,7 +161,7 @@ async def test_the_api_checks_keys_through_the_constant_time_check(monkeypatch):
     seen = []
     monkeypatch.setattr(openai_api, "key_is_valid", lambda token, keys: seen.append((token, keys)))
     request = Mock()
-    request.app.state.settings = AppSettings(api_keys="k1, k2")
+    request.app.state.runtime.settings = AppSettings(api_keys="k1, k2")
     with pytest.raises(openai_api.APIError) as err:
         await openai_api.require_api_key(
             request, HTTPAuthorizationCredentials(scheme="Bearer", credentials="k2"))
@@ -581,7 +581,7 @@ async def test_crash_mid_answer_loses_no_finished_chat(guarded):
 async def test_api_bodies_over_the_request_limit_get_413_in_openai_shape():
     """/v1 JSON bodies are capped (PAGECHAT_MAX_REQUEST_MB): by Content-Length at once, and
     counted as they arrive when sent without one; other routes are not touched."""
-    from app.documents.uploads import ApiBodyLimit
+    from app.api.body_limit import ApiBodyLimit
 
     app = BodyReadingApp(b"answered")
     guard = ApiBodyLimit(app, max_bytes=1024 * 1024)

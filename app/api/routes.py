@@ -1,8 +1,9 @@
 """OpenAI-compatible API on the app's own server: /v1/models, /v1/chat/completions, /v1/completions.
 
-The engine is `app.state.engine`: the in-process AsyncLLM (chat messages go through its
-tokenizer's chat template, prompts reach it as token ids) or a RemoteEngine (messages travel
-as they are to the upstream server). `router` also carries /health and /metrics; include it
+The engine is the Runtime's `EngineClient` (app.state.runtime.engine): the in-process AsyncLLM
+(chat messages go through its tokenizer's chat template, prompts reach it as token ids, so
+lengths are checked here) or a RemoteEngine, which has no tokenizer (messages travel as they
+are to the upstream server). `router` also carries /health and /metrics; include it
 before mounting Chainlit at "/", which would otherwise shadow these paths.
 """
 
@@ -12,9 +13,8 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -41,9 +41,16 @@ from app.api.protocol import (
     Usage,
 )
 from app.serving import metrics
+from app.serving.remote_engine import UpstreamError
+from app.serving.runtime import runtime_of
 from app.settings import AppSettings
+from engine.client import ChatMessage as EngineMessage
+from engine.client import EngineClient
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+
+Stream = AsyncGenerator[RequestOutput, None]
 
 # Prompts longer than this many characters are tokenized off the event loop.
 LONG_TEXT_CHARS = 20_000
@@ -112,13 +119,8 @@ class OpenAIRoute(APIRoute):
 # ---- app state ------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def _env_settings() -> AppSettings:
-    return AppSettings()
-
-
 def _settings(request: Request) -> AppSettings:
-    return getattr(request.app.state, "settings", None) or _env_settings()
+    return runtime_of(request).settings
 
 
 _bearer = HTTPBearer(auto_error=False)
@@ -137,10 +139,11 @@ async def require_api_key(
         )
 
 
-def _engine(request: Request) -> Any:
-    engine = getattr(request.app.state, "engine", None)
+def _engine(request: Request) -> EngineClient:
+    runtime = runtime_of(request)
+    engine = runtime.engine
     if engine is None:
-        error = getattr(request.app.state, "engine_error", None)
+        error = runtime.engine_error
         message = (
             f"The model failed to load: {error}"
             if error
@@ -152,29 +155,25 @@ def _engine(request: Request) -> Any:
     return engine
 
 
-def _is_remote(engine: Any) -> bool:
-    """A remote engine has no local tokenizer: chat messages go to it as messages."""
-    return getattr(engine, "tokenizer", None) is None
-
-
-async def _model_id(request: Request, engine: Any) -> str:
+async def _model_id(request: Request, engine: EngineClient) -> str:
     served = _settings(request).served_model_name
     if served:
         return served
-    if not _is_remote(engine):
-        return str(engine.config.model)
-    if engine.model is None and not await engine.start():
+    model_id = engine.model_id
+    if model_id is None and await engine.health():  # a remote engine reached at last
+        model_id = engine.model_id
+    if model_id is None:
         raise APIError(
             503,
-            f"The engine server {engine.base_url} is not reachable yet; retry shortly.",
+            "The engine server is not reachable yet; retry shortly.",
             type="server_error",
             code="model_not_ready",
             headers={"Retry-After": "5"},
         )
-    return engine.model
+    return model_id
 
 
-async def _check_model(request: Request, engine: Any, model: str) -> str:
+async def _check_model(request: Request, engine: EngineClient, model: str) -> str:
     model_id = await _model_id(request, engine)
     if model != model_id:
         raise APIError(
@@ -186,7 +185,7 @@ async def _check_model(request: Request, engine: Any, model: str) -> str:
     return model_id
 
 
-def _check_queue(request: Request, engine: Any) -> None:
+def _check_queue(request: Request, engine: EngineClient) -> None:
     limit = _settings(request).max_queued_requests
     waiting = engine.stats().num_waiting
     if waiting >= limit:
@@ -205,8 +204,7 @@ def _check_queue(request: Request, engine: Any) -> None:
 def _check_unsupported(body: SamplingRequest) -> None:
     if body.n != 1:
         raise APIError(400, f"Only n=1 is supported, got n={body.n}.", param="n")
-    logprobs = getattr(body, "logprobs", None)
-    if logprobs:
+    if isinstance(body, ChatCompletionRequest | CompletionRequest) and body.logprobs:
         raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
     if isinstance(body, ChatCompletionRequest):
         if body.tools:
@@ -224,7 +222,7 @@ def _check_unsupported(body: SamplingRequest) -> None:
             raise APIError(400, "Only best_of=1 is supported.", param="best_of")
 
 
-def _message_dicts(messages: list[ChatMessage]) -> list[dict]:
+def _message_dicts(messages: list[ChatMessage]) -> list[EngineMessage]:
     """OpenAI messages as the chat template wants them: content joined into one string."""
     out = []
     for i, message in enumerate(messages):
@@ -251,10 +249,10 @@ async def _off_loop_if_long(size: int, fn: Callable, *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args) if size > LONG_TEXT_CHARS else fn(*args)
 
 
-async def _chat_prompt_ids(engine: Any, messages: list[dict]) -> list[int]:
+async def _chat_prompt_ids(tokenizer: Tokenizer, messages: list[EngineMessage]) -> list[int]:
     size = sum(len(m["content"]) for m in messages)
     try:
-        return await _off_loop_if_long(size, engine.tokenizer.apply_chat_template, messages)
+        return await _off_loop_if_long(size, tokenizer.apply_chat_template, messages)
     except Exception as exc:  # the template refuses some message orders (raise_exception)
         raise APIError(
             400, f"The chat template could not render these messages: {exc}", param="messages"
@@ -282,21 +280,20 @@ def _check_length(n_prompt: int, max_tokens: int | None, max_model_len: int, wha
 
 
 def _sampling_params(
-    body: SamplingRequest, defaults: dict, max_tokens: int | None
+    body: SamplingRequest, defaults: dict[str, Any], max_tokens: int | None
 ) -> SamplingParams:
     """SamplingParams from the request; what it leaves out comes from the model's generation config."""
 
-    def pick(name: str, fallback: Any) -> Any:
-        value = getattr(body, name)
+    def pick(value: Any, name: str, fallback: Any) -> Any:
         return value if value is not None else defaults.get(name, fallback)
 
-    top_k = pick("top_k", -1)
+    top_k = pick(body.top_k, "top_k", -1)
     try:
         return SamplingParams(
-            temperature=pick("temperature", 1.0),
-            top_p=pick("top_p", 1.0),
+            temperature=pick(body.temperature, "temperature", 1.0),
+            top_p=pick(body.top_p, "top_p", 1.0),
             top_k=-1 if top_k == 0 else top_k,
-            min_p=pick("min_p", 0.0),
+            min_p=pick(body.min_p, "min_p", 0.0),
             max_tokens=max_tokens,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
             stop_token_ids=body.stop_token_ids,
@@ -304,7 +301,7 @@ def _sampling_params(
             seed=body.seed,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
-            repetition_penalty=pick("repetition_penalty", 1.0),
+            repetition_penalty=pick(body.repetition_penalty, "repetition_penalty", 1.0),
         )
     except ValueError as exc:
         text = str(exc)
@@ -317,12 +314,14 @@ def _sampling_params(
 
 
 def _requested_max_tokens(body: SamplingRequest) -> int | None:
-    return getattr(body, "max_completion_tokens", None) or body.max_tokens
+    if isinstance(body, ChatCompletionRequest) and body.max_completion_tokens:
+        return body.max_completion_tokens
+    return body.max_tokens
 
 
 def _engine_error(exc: Exception) -> APIError:
     """An exception from the engine (or the upstream server) as the matching API error."""
-    status = getattr(exc, "status", None)
+    status = exc.status if isinstance(exc, UpstreamError) else None
     if isinstance(exc, ValueError):
         return APIError(400, str(exc))
     if status in (429, 503):
@@ -348,7 +347,7 @@ class _Job:
     stream: bool
     include_usage: bool
     request_ids: list[str]
-    streams: list[AsyncIterator[RequestOutput]]
+    streams: list[Stream]
 
     def chunk(self, index: int, text: str, finish_reason: str | None, role: bool = False) -> dict:
         if self.kind == "chat":
@@ -399,8 +398,7 @@ def _usage(finals: list[RequestOutput | None]) -> Usage:
         if out is None:
             continue
         prompt += out.num_prompt_tokens
-        remote_count = getattr(out, "completion_tokens", None)
-        completion += remote_count if remote_count is not None else len(out.token_ids)
+        completion += out.num_generated_tokens
         cached += out.num_cached_tokens
     return Usage(
         prompt_tokens=prompt,
@@ -410,20 +408,18 @@ def _usage(finals: list[RequestOutput | None]) -> Usage:
     )
 
 
-async def _merge(
-    streams: list[AsyncIterator[RequestOutput]],
-) -> AsyncIterator[tuple[int, RequestOutput]]:
+async def _merge(streams: list[Stream]) -> AsyncGenerator[tuple[int, RequestOutput], None]:
     """Outputs of several streams as (index, output), in arrival order."""
     if len(streams) == 1:
         try:
             async for out in streams[0]:
                 yield 0, out
         finally:
-            await streams[0].aclose()  # type: ignore[attr-defined]
+            await streams[0].aclose()
         return
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+    async def pump(i: int, stream: Stream) -> None:
         try:
             async for out in stream:
                 queue.put_nowait((i, out))
@@ -456,7 +452,7 @@ class _DisconnectGuard:
     closes, so a client that leaves while its request is still queued is noticed too.
     """
 
-    def __init__(self, request: Request, engine: Any, request_ids: list[str]) -> None:
+    def __init__(self, request: Request, engine: EngineClient, request_ids: list[str]) -> None:
         self.request, self.engine, self.request_ids = request, engine, request_ids
         self.disconnected = False
         self.task = asyncio.create_task(self._watch())
@@ -476,9 +472,9 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-async def _respond(request: Request, engine: Any, job: _Job) -> Response:
+async def _respond(request: Request, engine: EngineClient, job: _Job) -> Response:
     guard = _DisconnectGuard(request, engine, job.request_ids)
-    outputs = _merge([metrics.track(s) for s in job.streams])
+    outputs = _merge([metrics.track(s, kind="api") for s in job.streams])
     try:
         # Wait for the first output before answering, so a refused request gets its real status.
         first = await anext(outputs, None)
@@ -500,7 +496,9 @@ async def _respond(request: Request, engine: Any, job: _Job) -> Response:
 
 
 async def _collect(
-    job: _Job, first: tuple[int, RequestOutput] | None, outputs: AsyncIterator
+    job: _Job,
+    first: tuple[int, RequestOutput] | None,
+    outputs: AsyncGenerator[tuple[int, RequestOutput], None],
 ) -> Response:
     n = len(job.streams)
     texts = [""] * n
@@ -517,10 +515,10 @@ async def _collect(
                 finals[i] = out
     except Exception as exc:
         raise _engine_error(exc) from exc
-    for out in finals:
-        if out is not None and out.finish_reason == "error":
-            raise APIError(500, f"The engine failed this request: {out.error}", type="server_error")
-    reasons = [out.finish_reason if out else "abort" for out in finals]
+    for final in finals:
+        if final is not None and final.finish_reason == "error":
+            raise APIError(500, f"The engine failed this request: {final.error}", type="server_error")
+    reasons = [final.finish_reason if final else "abort" for final in finals]
     usage = _usage(finals)
     if job.kind == "chat":
         body: Any = ChatCompletionResponse(
@@ -551,9 +549,9 @@ async def _collect(
 async def _stream_events(
     job: _Job,
     first: tuple[int, RequestOutput] | None,
-    outputs: AsyncIterator[tuple[int, RequestOutput]],
+    outputs: AsyncGenerator[tuple[int, RequestOutput], None],
     guard: _DisconnectGuard,
-) -> AsyncIterator[str]:
+) -> AsyncGenerator[str, None]:
     finals: list[RequestOutput | None] = [None] * len(job.streams)
     try:
         if job.kind == "chat":
@@ -611,13 +609,19 @@ async def list_models(request: Request) -> ModelList:
             ModelCard(
                 id=await _model_id(request, engine),
                 created=STARTED_AT,
-                max_model_len=getattr(engine, "max_model_len", None),
+                max_model_len=engine.max_model_len,
             )
         ]
     )
 
 
-def _job(kind: str, request_id: str, model: str, body: SamplingRequest, streams: list) -> _Job:
+def _job(
+    kind: str,
+    request_id: str,
+    model: str,
+    body: SamplingRequest,
+    streams: list[Callable[[str], Stream]],
+) -> _Job:
     ids = [request_id] if len(streams) == 1 else [f"{request_id}-{i}" for i in range(len(streams))]
     return _Job(
         kind=kind,
@@ -639,18 +643,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     messages = _message_dicts(body.messages)
     max_tokens = _requested_max_tokens(body)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    if _is_remote(engine):
-        params = _sampling_params(body, {}, max_tokens)
+    tokenizer = engine.tokenizer
+    if tokenizer is None:  # a remote engine: the messages go as they are
+        params = _sampling_params(body, engine.generation_defaults, max_tokens)
 
-        def start(rid: str) -> AsyncIterator[RequestOutput]:
+        def start(rid: str) -> Stream:
             return engine.chat(messages, params, request_id=rid)
     else:
-        ids = await _chat_prompt_ids(engine, messages)
+        ids = await _chat_prompt_ids(tokenizer, messages)
         _check_length(len(ids), max_tokens, engine.max_model_len, "messages")
         budget = max_tokens or engine.max_model_len - len(ids)
         params = _sampling_params(body, engine.generation_defaults, budget)
 
-        def start(rid: str) -> AsyncIterator[RequestOutput]:
+        def start(rid: str) -> Stream:
             return engine.generate(ids, params, request_id=rid)
 
     _check_queue(request, engine)
@@ -676,13 +681,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     max_tokens = _requested_max_tokens(body)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     starts = []
+    tokenizer = engine.tokenizer
     for prompt in prompts:
-        if _is_remote(engine):
-            params = _sampling_params(body, {}, max_tokens)
+        if tokenizer is None:  # a remote engine: text or token ids go as they are
+            params = _sampling_params(body, engine.generation_defaults, max_tokens)
             prompt_input: str | list[int] = prompt
         else:
             if isinstance(prompt, str):
-                prompt_input = await _off_loop_if_long(len(prompt), engine.tokenizer.encode, prompt)
+                prompt_input = await _off_loop_if_long(len(prompt), tokenizer.encode, prompt)
             else:
                 prompt_input = prompt
             if not prompt_input:
@@ -696,8 +702,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 
 def _bind(
-    engine: Any, prompt: str | list[int], params: SamplingParams
-) -> Callable[[str], AsyncIterator]:
+    engine: EngineClient, prompt: str | list[int], params: SamplingParams
+) -> Callable[[str], Stream]:
     return lambda rid: engine.generate(prompt, params, request_id=rid)
 
 

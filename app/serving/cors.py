@@ -4,17 +4,22 @@ Chainlit answers every Origin with `Access-Control-Allow-Origin: <that origin>` 
 (its config.toml default is `allow_origins = ["*"]`), and its socket.io server checks no Origin
 at all. Any web page the user opens could then read their chats with their cookie (the local
 user's cookie is handed out without a login). Here the server is closed to other origins
-unless PAGECHAT_CORS_ALLOW_ORIGINS names them: one CORS middleware on the whole app,
-Chainlit's own set to allow nothing, the websocket limited to the page's own host.
+unless PAGECHAT_CORS_ALLOW_ORIGINS names them: one CORS middleware on the whole app (here),
+Chainlit's own set to allow nothing and the websocket limited to the page's own host and those
+origins (`restrict_origins` in app/serving/chainlit_patches.py).
 """
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import urlsplit
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 SOCKET_PATH = "/ws/socket.io"  # Chainlit's socket.io, mounted at "/"
+
 
 def parse_origins(spec: str) -> list[str]:
     """'https://a.example, http://b:3000' -> ['https://a.example', 'http://b:3000']."""
@@ -23,22 +28,6 @@ def parse_origins(spec: str) -> list[str]:
 
 def apply_cors(app: FastAPI, origins: list[str]) -> None:
     """Allow cross-origin requests from `origins` only (none when empty), UI and API alike."""
-    from chainlit.config import config
-    from chainlit.server import app as chainlit_app
-    from chainlit.server import sio
-    from starlette.middleware.cors import CORSMiddleware
-
-    config.project.allow_origins = []
-    for middleware in chainlit_app.user_middleware:
-        if middleware.cls is CORSMiddleware:
-            middleware.kwargs["allow_origins"] = []
-    chainlit_app.middleware_stack = None  # rebuilt with the new options on the next request
-    allowed = frozenset(origins)
-
-    def socket_origin_allowed(origin: str, environ: dict) -> bool:
-        return origin in allowed or _same_host(origin, environ)
-
-    sio.eio.cors_allowed_origins = socket_origin_allowed  # it writes its own CORS headers
     if origins:
         app.add_middleware(CORSExceptSocket, socket_path=SOCKET_PATH, allow_origins=list(origins))
 
@@ -47,22 +36,20 @@ class CORSExceptSocket:
     """Starlette's CORS middleware for every path but socket.io's (which answers CORS itself:
     both would send the header twice, and browsers refuse a doubled Allow-Origin)."""
 
-    def __init__(self, app, socket_path: str, allow_origins: list[str]) -> None:
-        from starlette.middleware.cors import CORSMiddleware
-
+    def __init__(self, app: ASGIApp, socket_path: str, allow_origins: list[str]) -> None:
         self.app = app
         self.socket_path = socket_path
         self.cors = CORSMiddleware(app, allow_origins=allow_origins, allow_credentials=True,
                                    allow_methods=["*"], allow_headers=["*"])
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"].startswith(self.socket_path):
             await self.app(scope, receive, send)
         else:
             await self.cors(scope, receive, send)
 
 
-def _same_host(origin: str, environ: dict) -> bool:
+def same_host(origin: str, environ: dict[str, Any]) -> bool:
     """The page that opens the websocket was served by this server (its Host, or the proxy's)."""
     netloc = urlsplit(origin).netloc.lower()
     hosts = {environ.get("HTTP_HOST", "").lower()}

@@ -1,15 +1,17 @@
 """Prometheus metrics: engine gauges read at scrape time, latency histograms fed by request streams.
 
 One process serves one engine, so there is one `METRICS` instance with its own registry (not
-prometheus-client's global one). The OpenAI API and the chat UI both wrap their engine streams
-with `track(...)` so time-to-first-token, inter-token and end-to-end latency cover every request.
+prometheus-client's global one). Every stream of engine outputs is wrapped with
+`track(outputs, kind=...)`: the OpenAI API's (kind "api", in app/api/routes.py) and the chat
+UI's (kind "chat", in the chat session), so time-to-first-token, inter-token and end-to-end
+latency cover every request, and `pagechat_requests_served_total{kind}` says where they came from.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from collections.abc import AsyncGenerator, Iterable
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -22,7 +24,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from app.serving.runtime import runtime_of
+from engine.client import EngineClient
 from engine.outputs import RequestOutput
+
+StreamKind = Literal["chat", "api"]
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -33,7 +39,7 @@ class _EngineCollector:
     """Reads the engine's stats snapshot when /metrics is scraped (no polling thread)."""
 
     def __init__(self) -> None:
-        self.engine: Any = None
+        self.engine: EngineClient | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -127,27 +133,33 @@ class Metrics:
             ["finish_reason"],
             registry=self.registry,
         )
+        self.requests_served = Counter(
+            "pagechat_requests_served",
+            "Requests that produced output, by where they came from (chat UI or API)",
+            ["kind"],
+            registry=self.registry,
+        )
 
-    def recorder(self) -> RequestRecorder:
-        return RequestRecorder(self)
+    def recorder(self, kind: StreamKind = "chat") -> RequestRecorder:
+        return RequestRecorder(self, kind)
 
-    async def track(self, outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    async def track(
+        self, outputs: AsyncGenerator[RequestOutput, None], kind: StreamKind = "chat"
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Pass a request's outputs through unchanged, recording its latencies on the way.
 
-        Closing this iterator closes `outputs` too, so an engine stream ends (and aborts) at once.
+        Closing this generator closes `outputs` too, so an engine stream ends (and aborts) at once.
         """
-        recorder = self.recorder()
+        recorder = self.recorder(kind)
         try:
             async for out in outputs:
                 recorder.observe(out)
                 yield out
         finally:
             recorder.close()
-            aclose = getattr(outputs, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await outputs.aclose()
 
-    def render(self, engine: Any) -> bytes:
+    def render(self, engine: EngineClient | None) -> bytes:
         """The exposition text, with engine gauges read from `engine.stats()` now."""
         self._engine.engine = engine
         try:
@@ -162,8 +174,9 @@ class RequestRecorder:
     Times are taken as the consumer sees the outputs, which is what a user waits for.
     """
 
-    def __init__(self, metrics: Metrics, start: float | None = None) -> None:
+    def __init__(self, metrics: Metrics, kind: StreamKind = "chat", start: float | None = None) -> None:
         self.metrics = metrics
+        self.kind = kind
         self.start = time.monotonic() if start is None else start
         self.last_token_time: float | None = None
         self.seen = False
@@ -172,6 +185,8 @@ class RequestRecorder:
     def observe(self, out: RequestOutput) -> None:
         if self.done:
             return
+        if not self.seen:
+            self.metrics.requests_served.labels(self.kind).inc()
         self.seen = True
         now = time.monotonic()
         # Remote outputs carry text but no token ids; count a text delta as one token.
@@ -203,9 +218,16 @@ class RequestRecorder:
 METRICS = Metrics()
 
 
-def track(outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
-    """`async for out in track(engine.generate(...))`: the one call the chat UI needs."""
-    return METRICS.track(outputs)
+def track(
+    outputs: AsyncGenerator[RequestOutput, None], kind: StreamKind = "chat"
+) -> AsyncGenerator[RequestOutput, None]:
+    """Record one request's stream in /metrics: `async for out in track(engine.chat(...))`.
+
+    `outputs` is any stream of RequestOutput from an `EngineClient` (`generate` or `chat`);
+    `kind` says who asked ("chat": the browser chat, "api": /v1). The outputs pass through
+    unchanged; closing the returned generator closes `outputs` (which aborts the request).
+    """
+    return METRICS.track(outputs, kind)
 
 
 router = APIRouter()
@@ -213,20 +235,18 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    engine = getattr(request.app.state, "engine", None)
-    return Response(METRICS.render(engine), media_type=CONTENT_TYPE_LATEST)
+    return Response(METRICS.render(runtime_of(request).engine), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/health", tags=["ops"])
 async def health(request: Request) -> JSONResponse:
     """200 once the model is loaded (and a remote engine answers), 503 before."""
-    state = request.app.state
-    engine = getattr(state, "engine", None)
+    runtime = runtime_of(request)
+    engine = runtime.engine
     if engine is None:
-        error = getattr(state, "engine_error", None)
-        body = {"status": "error", "error": str(error)} if error else {"status": "loading"}
+        error = runtime.engine_error
+        body = {"status": "error", "error": error} if error else {"status": "loading"}
         return JSONResponse(body, status_code=503)
-    check = getattr(engine, "health", None)
-    if check is not None and not await check():
+    if not await engine.health():
         return JSONResponse({"status": "engine unreachable"}, status_code=503)
     return JSONResponse({"status": "ok"})

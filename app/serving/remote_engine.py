@@ -1,4 +1,4 @@
-"""`RemoteEngine`: an external OpenAI-compatible server (vLLM, SGLang) behind AsyncLLM's surface.
+"""`RemoteEngine`: an external OpenAI-compatible server (vLLM, SGLang) as an `EngineClient`.
 
 PAGECHAT_ENGINE_URL points the app at a deployment that outgrew one GPU. The chat history
 then travels as messages (`chat(...)`), since the upstream applies its own chat template; the
@@ -16,18 +16,16 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 
 from app.settings import AppSettings
-from engine.outputs import RequestOutput
+from engine.client import ChatMessage, EngineClient
+from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
-
-if TYPE_CHECKING:
-    from engine.llm_engine import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +40,11 @@ class UpstreamError(RuntimeError):
 
 @dataclass
 class RemoteRequestOutput(RequestOutput):
-    """A RequestOutput parsed from an upstream stream: text only, token counts from `usage`."""
+    """A RequestOutput parsed from an upstream stream: text only (no token ids), the prompt's
+    token count from `usage`. `num_generated_tokens` counts text deltas until the final
+    output, which has the upstream's `usage.completion_tokens`."""
 
     prompt_tokens: int = 0
-    completion_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -105,7 +104,7 @@ class _Progress:
         self.text = ""
         self.chunks = 0
         self.finish_reason: str | None = None
-        self.usage: dict | None = None
+        self.usage: dict[str, Any] | None = None
         self.error: str | None = None
 
     def delta(self, text: str) -> RemoteRequestOutput:
@@ -135,14 +134,18 @@ class _Progress:
             arrival_time=self.arrival,
             first_token_time=self.first_token_time,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            completion_tokens=int(usage.get("completion_tokens") or self.chunks),
+            num_generated_tokens=int(usage.get("completion_tokens") or self.chunks),
         )
 
 
-class RemoteEngine:
-    """The engine surface the app uses, served by an OpenAI-compatible server over httpx."""
+# Context assumed for an upstream that does not report its max_model_len.
+REMOTE_DEFAULT_MAX_MODEL_LEN = 32768
 
-    tokenizer = None  # no local tokenizer: callers send messages, not token ids
+
+class RemoteEngine:
+    """The `EngineClient` the app uses, served by an OpenAI-compatible server over httpx."""
+
+    tokenizer: None = None  # no local tokenizer: callers send messages, not token ids
 
     def __init__(
         self,
@@ -162,9 +165,10 @@ class RemoteEngine:
         )
         self.requested_model = model
         self.model: str | None = None
-        self.max_model_len: int | None = None
-        self.generation_defaults: dict = {}  # the upstream applies its own
-        self._tasks: dict[str, asyncio.Task] = {}
+        # From the upstream's model card once reached (vLLM reports it), else a default.
+        self.max_model_len: int = REMOTE_DEFAULT_MAX_MODEL_LEN
+        self.generation_defaults: dict[str, Any] = {}  # the upstream applies its own
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._prompt_tokens = 0
         self._generation_tokens = 0
         self._cached_tokens = 0
@@ -208,7 +212,7 @@ class RemoteEngine:
                 )
             card = cards[0]
         self.model = str(card["id"])
-        self.max_model_len = card.get("max_model_len")
+        self.max_model_len = int(card.get("max_model_len") or REMOTE_DEFAULT_MAX_MODEL_LEN)
         logger.info(
             "using %s at %s (max_model_len %s)", self.model, self.base_url, self.max_model_len
         )
@@ -229,24 +233,24 @@ class RemoteEngine:
         except (httpx.HTTPError, UpstreamError, ValueError):
             return False
 
+    @property
+    def model_id(self) -> str | None:
+        return self.model
+
     async def aclose(self) -> None:
+        """Cancel the streams in flight and close the HTTP client."""
         for task in list(self._tasks.values()):
             task.cancel()
         await self._client.aclose()
-
-    def shutdown(self) -> None:
-        """Synchronous counterpart of AsyncLLM.shutdown: cancels the streams in flight."""
-        for task in list(self._tasks.values()):
-            task.cancel()
 
     # ---- requests -----------------------------------------------------------------------------
 
     async def chat(
         self,
-        messages: list[dict],
+        messages: list[ChatMessage],
         params: SamplingParams | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[RemoteRequestOutput]:
+    ) -> AsyncGenerator[RemoteRequestOutput, None]:
         """Stream the assistant's answer to `messages` (OpenAI format) as deltas, then a final output."""
         body = {"messages": messages}
         async for out in self._stream("/chat/completions", body, params, request_id, chat=True):
@@ -257,7 +261,7 @@ class RemoteEngine:
         prompt: str | list[int],
         params: SamplingParams | None = None,
         request_id: str | None = None,
-    ) -> AsyncIterator[RemoteRequestOutput]:
+    ) -> AsyncGenerator[RemoteRequestOutput, None]:
         """A plain text completion of `prompt` (text, or token ids of the upstream's tokenizer)."""
         async for out in self._stream(
             "/completions", {"prompt": prompt}, params, request_id, chat=False
@@ -273,8 +277,6 @@ class RemoteEngine:
 
     def stats(self) -> EngineStats:
         """What this process knows: requests in flight and token counts from upstream usage."""
-        from engine.llm_engine import EngineStats  # here: remote mode need not load the model code
-
         return EngineStats(
             num_running=len(self._tasks),
             num_waiting=0,
@@ -296,7 +298,7 @@ class RemoteEngine:
         params: SamplingParams | None,
         request_id: str | None,
         chat: bool,
-    ) -> AsyncIterator[RemoteRequestOutput]:
+    ) -> AsyncGenerator[RemoteRequestOutput, None]:
         request_id = request_id or uuid.uuid4().hex
         if request_id in self._tasks:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -388,7 +390,10 @@ class RemoteEngine:
     def _finish(self, progress: _Progress, reason: str) -> RemoteRequestOutput:
         out = progress.final(reason, progress.error)
         self._prompt_tokens += out.prompt_tokens
-        self._generation_tokens += out.completion_tokens
+        self._generation_tokens += out.num_generated_tokens
         self._cached_tokens += out.num_cached_tokens
         self._finished += 1
         return out
+
+
+_: type[EngineClient] = RemoteEngine  # mypy checks that RemoteEngine implements the engine seam

@@ -1,21 +1,27 @@
-"""The process-wide state the Chainlit handlers need: settings, engine, data layer, storage.
+"""The process-wide state every part reads: settings, the engine, data layer, storage.
 
-`create_app` fills it in before Chainlit loads app/chat/handlers.py; the engine arrives later, when the
-FastAPI lifespan has loaded it in a worker thread (`ready` is set then, also on failure).
+`Runtime` is the one holder of the engine (an `EngineClient`: the in-process AsyncLLM or a
+RemoteEngine) and of the reason it failed to load. `create_app` fills it in before Chainlit
+loads app/chat/handlers.py and keeps it as `app.state.runtime` for the routes; the engine
+arrives later, when the FastAPI lifespan has loaded it in a worker thread (or connected to
+PAGECHAT_ENGINE_URL), and `wait_ready` returns then, also on failure.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from app.settings import AppSettings
 
 if TYPE_CHECKING:
+    from fastapi import Request
+
     from app.chat.token_history import ChatCodec
     from app.storage.data_layer import PagechatDataLayer
     from app.storage.files import LocalStorageClient
+    from engine.client import EngineClient
     from engine.config import EngineConfig
 
 
@@ -23,8 +29,8 @@ if TYPE_CHECKING:
 class Runtime:
     settings: AppSettings
     engine_config: EngineConfig | None = None
-    engine: Any = None  # engine.AsyncLLM once loaded
-    engine_error: str | None = None
+    engine: EngineClient | None = None  # None until loaded (or connected)
+    engine_error: str | None = None  # why loading failed
     codec: ChatCodec | None = None
     data_layer: PagechatDataLayer | None = None
     storage: LocalStorageClient | None = None
@@ -39,7 +45,7 @@ class Runtime:
         if self.engine is not None or self.engine_error is not None:
             self._ready.set()
 
-    def set_engine(self, engine: Any) -> None:
+    def set_engine(self, engine: EngineClient) -> None:
         from app.chat.token_history import ChatCodec
 
         # A remote engine has no tokenizer: the chat then keeps its history as messages.
@@ -60,6 +66,7 @@ class Runtime:
         if self.engine is None and self.engine_error is None:
             if self._ready is None:
                 self.bind_loop(asyncio.get_running_loop())
+            assert self._ready is not None
             await self._ready.wait()
         return self.engine is not None
 
@@ -76,3 +83,9 @@ def get_runtime() -> Runtime:
     if _runtime is None:
         raise RuntimeError("the app runtime is not set up: start the server with app.serving.server.create_app")
     return _runtime
+
+
+def runtime_of(request: Request) -> Runtime:
+    """The Runtime of the app serving `request` (`create_app` keeps it as app.state.runtime)."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime

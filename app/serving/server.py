@@ -2,7 +2,8 @@
 
 The engine is loaded once, in a worker thread started by the FastAPI lifespan (Chainlit's own
 startup hook does not run when it is mounted), so the page is served, and says the model is
-loading, while the weights are read. `app.state.engine` stays None until then.
+loading, while the weights are read. The `Runtime` (app.state.runtime) holds the engine: None
+until then, or the reason loading failed.
 """
 
 from __future__ import annotations
@@ -10,29 +11,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import shutil
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
 from app.settings import AppSettings
 
+if TYPE_CHECKING:
+    from app.serving.remote_engine import RemoteEngine
+    from app.serving.runtime import Runtime
+    from engine.client import EngineClient
+    from engine.config import EngineConfig
+
 logger = logging.getLogger("pagechat")
 
 APP_DIR = Path(__file__).resolve().parents[1]
 REPO_ROOT = APP_DIR.parent
-# A pasted message above python-engineio's default 1 MB drops the websocket; let such text
-# reach the app, which answers with a clear message (or fits it) instead.
-MAX_SOCKET_MESSAGE_BYTES = 8 * 1024 * 1024
-_EXTERNAL_LINK = re.compile(
-    r"<link\b[^>]*https://(?:fonts\.googleapis\.com|fonts\.gstatic\.com|cdn\.jsdelivr\.net)[^>]*>",
-    re.DOTALL,
-)
 
 
-def create_app(settings: AppSettings | None = None, engine_config=None) -> FastAPI:
+def create_app(settings: AppSettings | None = None, engine_config: EngineConfig | None = None) -> FastAPI:
     """Build the server. Call once per process: Chainlit's app and config are module globals."""
     settings = settings or AppSettings()
     os.environ.setdefault("CHAINLIT_APP_ROOT", str(REPO_ROOT))  # before chainlit is imported
@@ -47,52 +48,45 @@ def create_app(settings: AppSettings | None = None, engine_config=None) -> FastA
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     ensure_auth_secret(data_dir)
-    _use_session_dir(data_dir / "sessions")
 
     storage = LocalStorageClient(data_dir / "files")
+    data_layer = PagechatDataLayer(settings.sqlalchemy_url(), storage_provider=storage)
     runtime = Runtime(
         settings=settings,
         engine_config=engine_config,
-        data_layer=PagechatDataLayer(settings.sqlalchemy_url(), storage_provider=storage),
+        data_layer=data_layer,
         storage=storage,
         model_name=settings.served_model_name or _display_name(engine_config.model),
     )
     set_runtime(runtime)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         from app.storage.data_layer import prepare_database
 
         runtime.bind_loop(asyncio.get_running_loop())
         await prepare_database(settings.sqlalchemy_url())
-        loader = asyncio.create_task(_load_engine(app, runtime))
+        loader = asyncio.create_task(_load_engine(runtime))
         try:
             yield
         finally:
             loader.cancel()
             if runtime.engine is not None:
-                await asyncio.to_thread(runtime.engine.shutdown)
-                if hasattr(runtime.engine, "aclose"):  # a remote engine's HTTP client
-                    await runtime.engine.aclose()
-            if runtime.data_layer is not None:
-                await runtime.data_layer.close()
+                await runtime.engine.aclose()
+            await data_layer.close()
             shutil.rmtree(data_dir / "sessions", ignore_errors=True)
 
     app = FastAPI(title="pagechat", lifespan=lifespan)
-    app.state.engine = None
-    app.state.engine_error = None
-    app.state.settings = settings
-    app.state.engine_config = engine_config
-    app.state.runtime = runtime
+    app.state.runtime = runtime  # what the routes read (app.serving.runtime.runtime_of)
 
-    # Routes of this app go here, BEFORE the Chainlit mount: its catch-all GET would shadow
-    # anything added after it.
-    app.include_router(files_router(storage, runtime.data_layer.element_owner))
+    # Every route of this app is included BEFORE the Chainlit mount: its catch-all GET would
+    # shadow anything added after it.
+    app.include_router(files_router(storage, data_layer.element_owner))
 
     @app.get("/pagechat/status")
-    async def status() -> dict:
+    async def status() -> dict[str, Any]:
         """Whether the model is loaded: "loading", "ready" or "error" (with the reason)."""
-        engine = app.state.engine
+        engine = runtime.engine
         if engine is not None:
             stats = engine.stats()
             return {
@@ -101,105 +95,66 @@ def create_app(settings: AppSettings | None = None, engine_config=None) -> FastA
                 "running": stats.num_running, "waiting": stats.num_waiting,
                 "kv_blocks_used": stats.kv_blocks_used,
             }
-        if app.state.engine_error is not None:
-            return {"engine": "error", "error": app.state.engine_error}
+        if runtime.engine_error is not None:
+            return {"engine": "error", "error": runtime.engine_error}
         return {"engine": "loading", "model": runtime.model_name}
 
-    # ---- OpenAI-compatible API: app.include_router(...) for /v1 goes here ----
+    # The OpenAI-compatible API (/v1/*) and the ops endpoints (/health, /metrics).
     from app.api.routes import router as openai_router
 
-    app.include_router(openai_router)  # /v1/*, /health, /metrics
+    app.include_router(openai_router)
 
-    from chainlit.server import sio
     from chainlit.utils import mount_chainlit
 
-    sio.eio.max_http_buffer_size = MAX_SOCKET_MESSAGE_BYTES
-    _apply_upload_limit(settings.max_upload_mb)
-    from app.documents.uploads import accept_empty_uploads, apply_upload_limit
+    from app.api.body_limit import apply_api_body_limit
+    from app.documents.uploads import apply_upload_limit
+    from app.serving.chainlit_patches import patch_chainlit
     from app.serving.cors import apply_cors, parse_origins
 
-    accept_empty_uploads()
+    origins = parse_origins(settings.cors_allow_origins)
+    patch_chainlit(data_dir / "sessions", settings.max_upload_mb, origins)
     # Before CORS: a 413 keeps its CORS headers.
-    apply_upload_limit(app, settings.max_upload_mb, settings.max_request_mb)
-    apply_cors(app, parse_origins(settings.cors_allow_origins))
-    _serve_offline_page()
+    apply_upload_limit(app, settings.max_upload_mb)
+    apply_api_body_limit(app, settings.max_request_mb)
+    apply_cors(app, origins)
     mount_chainlit(app, target=str(APP_DIR / "chat" / "handlers.py"), path="/")
     return app
 
 
-async def _load_engine(app: FastAPI, runtime) -> None:
+async def _load_engine(runtime: Runtime) -> None:
+    """Load the model (or connect to PAGECHAT_ENGINE_URL) into `runtime`, or record why not."""
+    engine: EngineClient
     try:
         if runtime.settings.engine_url:
             engine = await _connect_remote_engine(runtime)
         else:
             from engine import AsyncLLM
+            from engine.config import EngineConfig
 
-            logger.info("loading the model %s", runtime.engine_config.model)
-            engine = await asyncio.to_thread(AsyncLLM, runtime.engine_config)
+            config = runtime.engine_config or EngineConfig()
+            logger.info("loading the model %s", config.model)
+            engine = await asyncio.to_thread(AsyncLLM, config)
     except asyncio.CancelledError:
         raise
     except Exception as exc:  # the page shows the reason; the server keeps running
         logger.exception("the model could not be loaded")
-        app.state.engine_error = f"{type(exc).__name__}: {exc}"
-        runtime.set_error(app.state.engine_error)
+        runtime.set_error(f"{type(exc).__name__}: {exc}")
         return
-    app.state.engine = engine
     runtime.set_engine(engine)
     logger.info("model ready: %s (max_model_len %d)", runtime.model_name, engine.max_model_len)
 
 
-# Context assumed for an upstream that does not report its max_model_len.
-REMOTE_DEFAULT_MAX_MODEL_LEN = 32768
-
-
-async def _connect_remote_engine(runtime):
+async def _connect_remote_engine(runtime: Runtime) -> RemoteEngine:
     """PAGECHAT_ENGINE_URL: an OpenAI-compatible server (vLLM, SGLang) does the generating."""
     from app.serving.remote_engine import RemoteEngine
 
-    engine = RemoteEngine.from_settings(runtime.settings, model=runtime.engine_config.model)
+    model = runtime.engine_config.model if runtime.engine_config is not None else None
+    engine = RemoteEngine.from_settings(runtime.settings, model=model)
     logger.info("using the engine server at %s", engine.base_url)
     await engine.start()  # False while the upstream still loads: /health says 503 meanwhile
-    engine.max_model_len = engine.max_model_len or REMOTE_DEFAULT_MAX_MODEL_LEN
     return engine
-
-
-def _apply_upload_limit(max_upload_mb: int) -> None:
-    """PAGECHAT_MAX_UPLOAD_MB is the limit: Chainlit checks it at upload, the app when reading."""
-    from chainlit.config import config
-
-    upload = config.features.spontaneous_file_upload
-    if upload is not None:
-        upload.max_size_mb = max_upload_mb
 
 
 def _display_name(model: str) -> str:
     path = Path(model)
     return path.name if path.is_dir() else model
-
-
-def _use_session_dir(path: Path) -> None:
-    """Keep Chainlit's per-session upload folders under data_dir, not in the app root."""
-    import chainlit.config
-
-    shutil.rmtree(path, ignore_errors=True)  # leftovers of a previous run
-    path.mkdir(parents=True, exist_ok=True)
-    chainlit.config.FILES_DIRECTORY = path
-
-
-def strip_external_links(html: str) -> str:
-    """Drop the Google Fonts and KaTeX CDN links Chainlit's page carries: the app is offline."""
-    return _EXTERNAL_LINK.sub("", html)
-
-
-def _serve_offline_page() -> None:
-    import chainlit.server as chainlit_server
-
-    original = chainlit_server.get_html_template
-    if getattr(original, "offline", False):
-        return
-
-    def get_html_template(root_path):
-        return strip_external_links(original(root_path))
-
-    get_html_template.offline = True
-    chainlit_server.get_html_template = get_html_template
