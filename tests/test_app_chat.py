@@ -97,6 +97,38 @@ async def test_streamed_answer_with_stats_line(server, tokenizer):
         await client.close()
 
 
+async def test_browser_chats_count_in_metrics(server):
+    """A message sent as the browser sends it (socket.io -> @cl.on_message -> the session) is in
+    /metrics: time to first token, end-to-end latency, finished requests, served by "chat"."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape() -> dict[str, float]:
+        response = httpx.get(server.url + "/metrics")
+        assert response.status_code == 200
+        return {
+            s.name + "".join(f'{{{k}="{v}"}}' for k, v in sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples
+        }
+
+    client = await _client(server)
+    try:
+        before = scrape()
+        start = await client.send("Hello metrics")
+        assert "max tokens" in stats_of(client.assistant_messages(start)[-1])["rest"]
+        after = scrape()
+    finally:
+        await client.close()
+
+    def change(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert change("pagechat_time_to_first_token_seconds_count") == 1
+    assert change("pagechat_inter_token_latency_seconds_count") == 11  # 12 tokens
+    assert change("pagechat_e2e_request_latency_seconds_count") == 1
+    assert change('pagechat_requests_finished_total{finish_reason="length"}') == 1
+    assert change('pagechat_requests_served_total{kind="chat"}') == 1
+
+
 async def test_document_upload_and_cached_follow_up(server, tokenizer):
     client = await _client(server)
     try:
