@@ -48,6 +48,8 @@ def device_description(device: str) -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("PAGECHAT_COMMIT"):  # a copy of the tree without .git (the GPU machine)
+        return os.environ["PAGECHAT_COMMIT"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL

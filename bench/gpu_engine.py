@@ -1,12 +1,20 @@
 """GPU engine figures on Qwen3-4B-shaped random weights (speed does not depend on the values).
 
-  decode     tokens/s at batch 1 and 64 (CUDA graphs on), after the prompts are prefilled
-  prefill    tokens/s for one 8K, 32K and 128K-token prompt (chunked by max_num_batched_tokens)
+  decode     tokens/s at batch 1 and 64 (CUDA graphs on), timed once every prompt is prefilled
+  prefill    tokens/s for one 8K, 32K and 128K-token prompt (chunked by max_num_batched_tokens);
+             a length whose estimated time exceeds what is left of --budget-s is skipped
   nano-vllm  256 sequences, input and output lengths uniform in 100..1024, temperature 0.6,
-             ignore EOS: total output tokens / wall time (nano-vllm's published workload)
+             ignore EOS: total output tokens / wall time (nano-vllm's published workload); at
+             --nano-max-s the run stops and reports the tokens so far (complete: false)
+  hf         transformers `generate` on the same device and prompts as `decode`: decode
+             tokens/s = batch x (N - 1) new tokens / (time for N tokens - time for 1)
+
+Each part checks its own time: --budget-s bounds the whole invocation, so a slow part is cut
+short with what it measured instead of running past the caller's limit.
 
     python -m bench.gpu_engine                      # all, writes bench/results/gpu-engine.json
     python -m bench.gpu_engine --only decode,prefill --prefill-lens 8192,32768
+    python -m bench.gpu_engine --device cpu --dtype float32 --shape tiny --only decode ...  # smoke
 """
 
 from __future__ import annotations
@@ -14,36 +22,59 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from pathlib import Path
 
-from bench.common import ensure_checkpoint, random_token_prompts, write_result
+from bench.common import ensure_checkpoint, random_token_prompts, release_memory, write_result
+from bench.gpu_check import ratios
+
+PARTS = ("decode", "prefill", "nano-vllm", "hf")
 
 
-def _engine(path, **overrides):
+class Deadline:
+    """Seconds left of a budget that started when it was made (inf without one)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.end = time.perf_counter() + seconds if seconds else float("inf")
+
+    def left(self) -> float:
+        return self.end - time.perf_counter()
+
+
+def _engine(path, device: str, dtype: str, kv_gb: float, **overrides):
     from engine import LLM
 
-    return LLM(str(path), device="cuda", dtype="bfloat16", **overrides)
+    if not device.startswith("cuda"):
+        overrides.setdefault("kv_cache_memory_gb", kv_gb)
+    return LLM(str(path), device=device, dtype=dtype, **overrides)
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def decode_speed(llm, batch: int, prompt_len: int = 128, new_tokens: int = 256) -> dict:
+    """Decode tokens/s with `batch` sequences running, counted after every prompt is prefilled."""
     from engine import SamplingParams
 
     engine = llm.engine
+    llm.generate([[1, 2, 3, 4]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-    for prompt in random_token_prompts(batch, (prompt_len, prompt_len), seed=batch):
-        engine.add_request(prompt, params)
-    generated = 0
-    while engine.scheduler.num_waiting or any(
-        state.seq.num_computed_tokens < state.seq.num_prompt_tokens
-        for state in engine.requests.values()
-    ):
-        generated += sum(len(o.delta_token_ids) for o in engine.step())
+    ids = {engine.add_request(p, params) for p in random_token_prompts(batch, (prompt_len, prompt_len), seed=batch)}
+    started: set[str] = set()
+    while started != ids and engine.has_unfinished():  # prefill (possibly mixed with decodes)
+        started.update(o.request_id for o in engine.step() if o.delta_token_ids)
     start = time.perf_counter()
-    decoded = 0
+    decoded = steps = 0
     while engine.has_unfinished():
         decoded += sum(len(o.delta_token_ids) for o in engine.step())
+        steps += 1
     seconds = time.perf_counter() - start
-    return {"batch": batch, "decode_tokens": decoded, "seconds": seconds,
-            "tokens_per_s": decoded / seconds, "ms_per_step": 1000 * seconds / (decoded / batch)}
+    return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "decode_tokens": decoded, "steps": steps, "seconds": seconds,
+            "tokens_per_s": decoded / seconds, "ms_per_step": 1000 * seconds / max(steps, 1)}
 
 
 def prefill_speed(llm, length: int) -> dict:
@@ -51,65 +82,222 @@ def prefill_speed(llm, length: int) -> dict:
 
     prompt = random_token_prompts(1, (length, length), seed=length)[0]
     params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
-    llm.generate([prompt[:512]], params)
     start = time.perf_counter()
-    llm.generate([prompt], params)
+    out = llm.generate([prompt], params)[0]
     seconds = time.perf_counter() - start
-    return {"prompt_tokens": length, "seconds": seconds, "tokens_per_s": length / seconds}
+    return {"prompt_tokens": length, "cached_tokens": out.num_cached_tokens, "seconds": seconds,
+            "tokens_per_s": length / seconds}
 
 
-def nano_vllm_workload(llm, num_seqs: int = 256) -> dict:
+def prefill_all(llm, lengths: list[int], deadline: Deadline) -> list[dict]:
+    """Lengths in increasing order; skip one whose estimate (time grows like length^1.5 between
+    linear MLP and quadratic attention) does not fit what is left of the budget."""
+    from engine import SamplingParams
+
+    warm = list(range(100, 100 + min(512, min(lengths))))
+    llm.generate([warm], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    results: list[dict] = []
+    for length in sorted(lengths):
+        if results:
+            last = results[-1]
+            if "seconds" in last:
+                estimate = last["seconds"] * (length / last["prompt_tokens"]) ** 1.5
+                if estimate > deadline.left():
+                    results.append({"prompt_tokens": length, "skipped": "over budget",
+                                    "estimated_s": round(estimate, 1), "left_s": round(deadline.left(), 1)})
+                    continue
+            elif "skipped" in last:
+                results.append({"prompt_tokens": length, "skipped": "a shorter prompt was skipped"})
+                continue
+        results.append(prefill_speed(llm, length))
+    return results
+
+
+def nano_vllm_workload(llm, num_seqs: int = 256, input_lens=(100, 1024), output_lens=(100, 1024),
+                       deadline: Deadline | None = None) -> dict:
+    """nano-vllm's bench.py: random ids below 10,000, uniform lengths, ignore EOS; stops at the
+    deadline (aborting what is left) and reports the output tokens produced until then."""
     from engine import SamplingParams
 
     rng = random.Random(0)
-    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(100, 1024))] for _ in range(num_seqs)]
-    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(100, 1024))
+    prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(*input_lens))] for _ in range(num_seqs)]
+    params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(*output_lens))
               for _ in range(num_seqs)]
+    wanted = sum(p.max_tokens for p in params)
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8))
+    engine = llm.engine
+    deadline = deadline or Deadline(None)
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    tokens = finished = 0
+    complete = True
+    while engine.has_unfinished():
+        if deadline.left() <= 0:
+            complete = False
+            for rid in ids:
+                engine.abort(rid)
+            break
+        for out in engine.step():
+            tokens += len(out.delta_token_ids)
+            finished += out.finished
     seconds = time.perf_counter() - start
-    tokens = sum(len(o.token_ids) for o in outs)
-    return {"num_seqs": num_seqs, "output_tokens": tokens, "seconds": seconds,
-            "output_tokens_per_s": tokens / seconds}
+    return {"num_seqs": num_seqs, "input_lens": list(input_lens), "output_lens": list(output_lens),
+            "wanted_output_tokens": wanted, "output_tokens": tokens, "finished_seqs": finished,
+            "complete": complete, "seconds": seconds, "output_tokens_per_s": tokens / seconds}
+
+
+def hf_decode_speed(path, device: str, dtype: str, batches: list[int], prompt_len: int,
+                    new_tokens: int, deadline: Deadline) -> list[dict]:
+    """transformers `generate` (greedy, EOS ignored) on the decode part's prompts."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device).eval()
+
+    def timed(model, ids, n):
+        _sync(device)
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                             min_new_tokens=n, do_sample=False, pad_token_id=0)
+        _sync(device)
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - start
+
+    results: list[dict] = []
+    with torch.inference_mode():
+        timed(model, torch.tensor([[5, 6, 7, 8]], device=device), 4)  # warm-up
+        for batch in batches:
+            if deadline.left() <= 0:
+                results.append({"batch": batch, "skipped": "over budget"})
+                continue
+            prompts = random_token_prompts(batch, (prompt_len, prompt_len), seed=batch)
+            ids = torch.tensor(prompts, device=device)
+            first = timed(model, ids, 1)
+            total = timed(model, ids, new_tokens)
+            decode_s = max(total - first, 1e-9)
+            results.append({"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
+                             "prefill_s": first, "seconds": total,
+                             "tokens_per_s": batch * (new_tokens - 1) / decode_s,
+                             "ms_per_step": 1000 * decode_s / (new_tokens - 1)})
+    del model
+    release_memory()
+    return results
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _pair(text: str) -> tuple[int, int]:
+    lo, hi = _ints(text)
+    return lo, hi
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="qwen3-4b")
     parser.add_argument("--model", help="checkpoint directory instead of --shape")
-    parser.add_argument("--only", default="decode,prefill,nano-vllm")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--kv-gb", type=float, default=0.25, help="KV pool on cpu (GB)")
+    parser.add_argument("--only", default="decode,prefill,nano-vllm", help=f"comma list of {', '.join(PARTS)}")
+    parser.add_argument("--budget-s", type=float, default=None, help="time for the whole invocation")
     parser.add_argument("--prefill-lens", default="8192,32768,131072")
+    parser.add_argument("--prefill-chunk", type=int, default=8192, help="max_num_batched_tokens for prefill")
     parser.add_argument("--decode-batches", default="1,64")
+    parser.add_argument("--decode-prompt-len", type=int, default=128)
+    parser.add_argument("--decode-new-tokens", type=int, default=256)
+    parser.add_argument("--hf-batches", default="1,64")
+    parser.add_argument("--hf-new-tokens", type=int, default=64)
+    parser.add_argument("--nano-seqs", type=int, default=256)
+    parser.add_argument("--nano-input-lens", default="100,1024")
+    parser.add_argument("--nano-output-lens", default="100,1024")
+    parser.add_argument("--nano-max-s", type=float, default=None, help="stop the nano-vllm run here")
+    parser.add_argument("--nano-max-model-len", type=int, default=4096)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--name", default="gpu-engine")
     parser.add_argument("--out-dir", default=None)
     args = parser.parse_args(argv)
+    deadline = Deadline(args.budget_s)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     path = args.model or ensure_checkpoint(args.shape)
     wanted = set(args.only.split(","))
-    result: dict = {"shape": args.shape, "enforce_eager": args.enforce_eager}
-    if "decode" in wanted:
-        llm = _engine(path, max_num_seqs=64, max_model_len=4096, enforce_eager=args.enforce_eager)
-        result["decode"] = [decode_speed(llm, int(b)) for b in args.decode_batches.split(",")]
-        for r in result["decode"]:
-            print(f"decode batch {r['batch']:3d}: {r['tokens_per_s']:9.1f} tok/s ({r['ms_per_step']:.2f} ms/step)")
-        del llm
-    if "prefill" in wanted:
-        lens = [int(x) for x in args.prefill_lens.split(",")]
-        llm = _engine(path, max_num_seqs=4, max_model_len=max(lens) + 16,
-                      max_num_batched_tokens=8192, enforce_eager=True)
-        result["prefill"] = [prefill_speed(llm, n) for n in lens]
-        for r in result["prefill"]:
-            print(f"prefill {r['prompt_tokens']:7d}: {r['seconds']:7.2f} s, {r['tokens_per_s']:9.0f} tok/s")
-        del llm
-    if "nano-vllm" in wanted:
-        llm = _engine(path, max_num_seqs=256, max_model_len=4096, max_num_batched_tokens=16384,
-                      enforce_eager=args.enforce_eager)
-        result["nano_vllm"] = nano_vllm_workload(llm)
-        print(f"nano-vllm workload: {result['nano_vllm']['output_tokens_per_s']:.0f} output tok/s")
-    from pathlib import Path
+    unknown = wanted - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    result: dict = {"shape": args.shape if not args.model else str(args.model), "dtype": dtype,
+                    "enforce_eager": args.enforce_eager, "budget_s": args.budget_s, "seconds": {}}
+    batches = _ints(args.decode_batches)
 
-    out = write_result(args.name, result, "cuda", Path(args.out_dir) if args.out_dir else None)
+    def timed_part(name, fn):
+        start = time.perf_counter()
+        value = fn()
+        result["seconds"][name] = round(time.perf_counter() - start, 2)
+        return value
+
+    if "decode" in wanted:
+        def run_decode():
+            llm = _engine(path, args.device, dtype, args.kv_gb, max_num_seqs=max(batches),
+                          max_model_len=args.decode_prompt_len + args.decode_new_tokens + 64,
+                          enforce_eager=args.enforce_eager)
+            out = []
+            for b in batches:
+                if deadline.left() <= 0:
+                    out.append({"batch": b, "skipped": "over budget"})
+                    continue
+                out.append(decode_speed(llm, b, args.decode_prompt_len, args.decode_new_tokens))
+            del llm
+            release_memory()
+            return out
+
+        result["decode"] = timed_part("decode", run_decode)
+        for r in result["decode"]:
+            if "tokens_per_s" in r:
+                print(f"decode batch {r['batch']:3d}: {r['tokens_per_s']:9.1f} tok/s ({r['ms_per_step']:.2f} ms/step)")
+    if "prefill" in wanted:
+        def run_prefill():
+            lens = _ints(args.prefill_lens)
+            llm = _engine(path, args.device, dtype, args.kv_gb, max_num_seqs=4, max_model_len=max(lens) + 16,
+                          max_num_batched_tokens=args.prefill_chunk, enforce_eager=True,
+                          enable_prefix_caching=False)
+            out = prefill_all(llm, lens, deadline)
+            del llm
+            release_memory()
+            return out
+
+        result["prefill"] = timed_part("prefill", run_prefill)
+        for r in result["prefill"]:
+            if "tokens_per_s" in r:
+                print(f"prefill {r['prompt_tokens']:7d}: {r['seconds']:7.2f} s, {r['tokens_per_s']:9.0f} tok/s")
+            else:
+                print(f"prefill {r['prompt_tokens']:7d}: skipped ({r['skipped']})")
+    if "nano-vllm" in wanted:
+        def run_nano():
+            llm = _engine(path, args.device, dtype, args.kv_gb, max_num_seqs=args.nano_seqs,
+                          max_model_len=args.nano_max_model_len, max_num_batched_tokens=16384,
+                          enforce_eager=args.enforce_eager)
+            cap = Deadline(min(deadline.left(), args.nano_max_s or float("inf")))
+            out = nano_vllm_workload(llm, args.nano_seqs, _pair(args.nano_input_lens),
+                                     _pair(args.nano_output_lens), cap)
+            del llm
+            release_memory()
+            return out
+
+        result["nano_vllm"] = r = timed_part("nano-vllm", run_nano)
+        print(f"nano-vllm workload: {r['output_tokens_per_s']:.0f} output tok/s "
+              f"({r['output_tokens']}/{r['wanted_output_tokens']} tokens, complete={r['complete']})")
+    if "hf" in wanted:
+        result["hf"] = timed_part("hf", lambda: hf_decode_speed(
+            path, args.device, dtype, _ints(args.hf_batches), args.decode_prompt_len,
+            args.hf_new_tokens, deadline))
+        for r in result["hf"]:
+            if "tokens_per_s" in r:
+                print(f"hf generate batch {r['batch']:3d}: {r['tokens_per_s']:9.1f} tok/s "
+                      f"({r['ms_per_step']:.2f} ms/step)")
+    if "decode" in result and "hf" in result:
+        result["pagechat_over_hf"] = ratios(result)
+    out = write_result(args.name, result, args.device, Path(args.out_dir) if args.out_dir else None)
     print(f"wrote {out}")
     return result
 
