@@ -91,3 +91,29 @@ async def test_seeded_streams_reproduce(engine):
     noise = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
     again, _ = await asyncio.gather(collect(engine, prompt, params), collect(engine, prompt, noise))
     assert first.token_ids == again.token_ids
+
+
+async def test_chat_is_generate_on_the_chat_template_and_closing_it_aborts(engine):
+    """The EngineClient members beyond generate: chat() renders the chat template (as the API
+    does before generate), closing its stream aborts the request; health() and aclose()."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ids = engine.tokenizer.apply_chat_template(messages)
+    by_generate = await collect(engine, ids, GREEDY)
+    chunks = [out async for out in engine.chat(messages, GREEDY)]
+    assert chunks[-1].finished and chunks[-1].token_ids == by_generate.token_ids
+    assert chunks[-1].num_generated_tokens == len(by_generate.token_ids)
+    assert engine.model_id == str(engine.config.model) and await engine.health()
+
+    long = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+    stream = engine.chat(messages, long, request_id="left")
+    await anext(stream)
+    await stream.aclose()  # the consumer leaves: the request is aborted, its blocks freed
+    assert (await wait_until_idle(engine)).kv_blocks_used == 0
+
+
+async def test_aclose_stops_the_engine(tiny_checkpoint):
+    llm = await asyncio.to_thread(AsyncLLM, EngineConfig(model=str(tiny_checkpoint)))
+    assert await llm.health()
+    await llm.aclose()
+    assert not await llm.health()
+    await llm.aclose()  # twice is fine

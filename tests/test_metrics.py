@@ -178,3 +178,19 @@ def test_track_records_the_chat_ui_path(server):
     assert delta(after, before, "pagechat_time_to_first_token_seconds_count") == 1
     assert delta(after, before, "pagechat_inter_token_latency_seconds_count") == 5
     assert delta(after, before, 'pagechat_requests_finished_total{finish_reason="length"}') == 1
+
+
+def test_requests_are_counted_by_kind(server, client):
+    """API requests count as kind "api"; a stream wrapped by the chat UI as kind "chat"."""
+
+    async def chat_request():
+        params = SamplingParams(temperature=0.0, max_tokens=2)
+        async for _ in track(server.engine.generate("Hi", params), kind="chat"):
+            pass
+
+    before = scrape(server)
+    client.completions.create(model=str(server.engine.config.model), prompt="Hi", max_tokens=2)
+    server.call(chat_request())
+    after = scrape(server)
+    assert delta(after, before, 'pagechat_requests_served_total{kind="api"}') == 1
+    assert delta(after, before, 'pagechat_requests_served_total{kind="chat"}') == 1
