@@ -12,8 +12,8 @@ and the check goes on. The exit code is 0 only when every step passed.
 Writes OUT/gpu-check.json (steps, timings, every figure) and OUT/gpu-check.log (everything the
 steps printed). Commit the JSON as bench/results/gpu-check-<gpu>.json after a GPU run.
 
-    python -m bench.gpu_check --out OUT               # on the GPU machine (make gpu-check OUT=...)
-    python -m bench.gpu_check --smoke --out OUT       # tiny shape on the CPU, seconds (tests)
+    python -m bench.gpu_check --out OUT          # on the GPU machine (make gpu-check GPU_CHECK_OUT=OUT)
+    python -m bench.gpu_check --smoke --out OUT  # tiny shape on the CPU, ~35 s of CPU (tests/test_gpu_check.py)
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ def pytest_summary(xml_path: Path) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="folder for gpu-check.json and gpu-check.log")
-    parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU, seconds")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (the test suite runs it)")
     parser.add_argument("--shape", default="qwen3-4b")
     parser.add_argument("--checkpoint", help="checkpoint folder (default: the bench cache's)")
     parser.add_argument("--wheels", help=f"wheel folder (default {DEFAULT_WHEELS.relative_to(ROOT)})")
