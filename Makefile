@@ -10,7 +10,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 DEMO_DIR ?= $(HOME)/.cache/pagechat/tiny-qwen3
 
-.PHONY: run demo test lint bench clean install
+.PHONY: run demo test lint bench clean install gpu-wheels gpu-check bench-peers-install bench-peers
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,28 @@ bench: $(VENV)/.installed
 	$(PY) -m bench.throughput
 	$(PY) -m bench.multi_turn
 	$(PY) -m bench.long_doc
+
+# GPU check (bench/gpu_check.py). On a machine with network: `make gpu-wheels` fetches the
+# packages the offline GPU machine lacks into .whl/ (git-ignored; carry it there). On the GPU
+# machine, with its own python3 (no venv): `make gpu-check GPU_CHECK_OUT=DIR`, 8 minutes on an H100.
+GPU_WHEELS ?= .whl
+GPU_CHECK_OUT ?= gpu-check-out
+gpu-wheels: $(VENV)/.installed
+	$(PY) -m bench.gpu_check --download-wheels $(GPU_WHEELS)
+
+gpu-check:
+	PAGECHAT_COMMIT=$${PAGECHAT_COMMIT:-$$(git rev-parse --short HEAD 2>/dev/null || echo unknown)} \
+	  $(PYTHON) -m bench.gpu_check --wheels $(GPU_WHEELS) --out $(GPU_CHECK_OUT)
+
+# Peers side by side on this CPU (bench/peers.py), not part of `make test`: vLLM's CPU build and
+# llama-cpp-python go into their own venvs under ~/.cache/pagechat/peer-venvs (~3.4 GB; the
+# llama.cpp build takes ~10 min on 2 cores), then the checkpoint is converted to GGUF.
+bench-peers-install: $(VENV)/.installed
+	$(PY) -m bench.peers install vllm llama
+	$(PY) -m bench.peers gguf
+
+bench-peers: $(VENV)/.installed
+	$(PY) -m bench.peers run
 
 clean:
 	rm -rf $(VENV) .pytest_cache
