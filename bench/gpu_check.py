@@ -114,7 +114,7 @@ def build_plan(args, out: Path) -> Plan:
         Step("checkpoint", [py, "-m", "engine.tiny", str(checkpoint), "--shape", shape],
              cap_s=caps["checkpoint"], min_s=10,
              skip_reason="already written" if _complete_checkpoint(checkpoint) else None),
-        Step("pytest", [py, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+        Step("pytest", [py, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", "-o", "addopts=",
                         f"--junitxml={parts / 'pytest-gpu.xml'}", *gpu_test_files()],
              cap_s=caps["pytest"], min_s=30 if not args.smoke else 5),
         bench_step("decode", decode),
@@ -306,11 +306,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma list of steps (env,wheels,checkpoint,pytest,decode,prefill,nano-vllm,hf)")
     parser.add_argument("--download-wheels", metavar="DIR",
                         help="on a machine with network: fetch the wheels the GPU machine lacks into DIR")
+    parser.add_argument("--store", metavar="JSON", help="back here after a GPU run: copy OUT/gpu-check.json "
+                        "to bench/results/gpu-check-<gpu>.json (then commit it)")
     parser.add_argument("--install-wheels", metavar="DIR", help=argparse.SUPPRESS)  # the wheels step
     parser.add_argument("--env-json", metavar="FILE", help=argparse.SUPPRESS)  # the env step
     args = parser.parse_args(argv)
     if args.download_wheels:
         return download_wheels(Path(args.download_wheels))
+    if args.store:
+        print(f"stored {store(Path(args.store))}")
+        return 0
     if args.install_wheels:
         return install_wheels(Path(args.install_wheels), Path(args.site))
     if args.env_json:
@@ -389,6 +394,17 @@ def ratios(result: dict) -> dict:
     ours = {r["batch"]: r["tokens_per_s"] for r in result.get("decode", []) if "tokens_per_s" in r}
     theirs = {r["batch"]: r["tokens_per_s"] for r in result.get("hf", []) if "tokens_per_s" in r}
     return {f"decode_batch_{b}": round(ours[b] / theirs[b], 3) for b in sorted(ours) if b in theirs}
+
+
+def store(report_path: Path, results_dir: Path = ROOT / "bench" / "results") -> Path:
+    """Copy a GPU run's report into bench/results/, named after the GPU (h100, h200, ...)."""
+    report = json.loads(report_path.read_text())
+    gpu = report.get("results", {}).get("env", {}).get("gpu") or report.get("device", "unknown")
+    match = re.search(r"\b([A-Z]\d{2,4}[A-Za-z]?)\b", gpu)
+    slug = (match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")).lower()
+    target = results_dir / f"gpu-check-{slug}.json"
+    target.write_text(json.dumps(report, indent=2) + "\n")
+    return target
 
 
 def _complete_checkpoint(path: Path) -> bool:

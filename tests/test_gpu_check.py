@@ -105,3 +105,11 @@ def test_wheels_install_offline_into_a_target_folder(tmp_path, monkeypatch):
     _fake_wheel(wheels, module)
     assert gpu_check.install_wheels(wheels, tmp_path / "site") == 0
     assert (tmp_path / "site" / module / "__init__.py").is_file()
+
+
+def test_a_gpu_report_is_stored_under_the_gpus_name(tmp_path):
+    report = tmp_path / "gpu-check.json"
+    report.write_text(json.dumps({"device": "cuda", "results": {"env": {"gpu": "NVIDIA H100 80GB HBM3"}}}))
+    stored = gpu_check.store(report, tmp_path)
+    assert stored.name == "gpu-check-h100.json"
+    assert json.loads(stored.read_text())["results"]["env"]["gpu"].startswith("NVIDIA H100")
