@@ -34,7 +34,7 @@ class Deadline:
     """Seconds left of a budget that started when it was made (inf without one)."""
 
     def __init__(self, seconds: float | None) -> None:
-        self.end = time.perf_counter() + seconds if seconds else float("inf")
+        self.end = time.perf_counter() + seconds if seconds is not None else float("inf")
 
     def left(self) -> float:
         return self.end - time.perf_counter()

@@ -371,33 +371,13 @@ def run(args) -> dict:
     print(f"CPU {machine['cpu'].get('model')}, {machine['cpu']['torch_cpu_capability']}, "
           f"bandwidth {machine['bandwidth_start']['copy_gb_per_s']} GB/s (copy)")
     started = time.monotonic()
-    sequence = 0  # the order measurements were taken in, across peers
-    for workload in args.workloads.split(","):
-        for rep in range(args.repeats):
-            for w in workers:  # A B C, A B C, ...
-                if w.dead:
-                    continue
-                w.signal(signal.SIGCONT)
-                probe = Probe(w.proc.pid)
-                try:
-                    values = measure(w, workload, rep, args)
-                    values.update(rep=rep, sequence=sequence, machine=probe.report())
-                    sequence += 1
-                except (PeerError, json.JSONDecodeError, ZeroDivisionError) as exc:
-                    w.dead = f"{workload} rep {rep}: {exc}"
-                    peers[w.spec.name]["error"] = w.dead
-                    print(f"{w.spec.name:14s} {workload}: FAILED {exc}")
-                    w.stop()
-                    continue
-                if args.pause_idle:
-                    w.signal(signal.SIGSTOP)
-                peers[w.spec.name]["runs"][workload].append(values)
-                shown = {k: round(v, 3) for k, v in values.items() if k in METRICS}
-                print(f"{w.spec.name:14s} {workload:8s} rep {rep}: {shown} load {values['machine']['load_average_before'][0]}")
+    try:
+        _measure_all(workers, peers, args)
+    finally:  # an interrupted run leaves no peer (or vLLM engine process) behind
+        for w in workers:
+            if not w.dead:
+                w.stop()
     elapsed = time.monotonic() - started
-    for w in workers:
-        if not w.dead:
-            w.stop()
     machine["bandwidth_end"] = measure_bandwidth(args.bandwidth_mb)
     machine["measuring_s"] = round(elapsed, 1)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -432,6 +412,32 @@ def run(args) -> dict:
     print(table(peers))
     print(f"wrote {out}")
     return payload
+
+
+def _measure_all(workers: list[Worker], peers: dict, args) -> None:
+    sequence = 0  # the order measurements were taken in, across peers
+    for workload in args.workloads.split(","):
+        for rep in range(args.repeats):
+            for w in workers:  # A B C, A B C, ...
+                if w.dead:
+                    continue
+                w.signal(signal.SIGCONT)
+                probe = Probe(w.proc.pid)
+                try:
+                    values = measure(w, workload, rep, args)
+                    values.update(rep=rep, sequence=sequence, machine=probe.report())
+                    sequence += 1
+                except (PeerError, json.JSONDecodeError, ZeroDivisionError) as exc:
+                    w.dead = f"{workload} rep {rep}: {exc}"
+                    peers[w.spec.name]["error"] = w.dead
+                    print(f"{w.spec.name:14s} {workload}: FAILED {exc}")
+                    w.stop()
+                    continue
+                if args.pause_idle:
+                    w.signal(signal.SIGSTOP)
+                peers[w.spec.name]["runs"][workload].append(values)
+                shown = {k: round(v, 3) for k, v in values.items() if k in METRICS}
+                print(f"{w.spec.name:14s} {workload:8s} rep {rep}: {shown} load {values['machine']['load_average_before'][0]}")
 
 
 def comparison(peers: dict) -> dict:
