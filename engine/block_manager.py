@@ -76,12 +76,6 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         return len(self._cached)
 
-    @property
-    def prefix_cache_hit_rate(self) -> float:
-        return (
-            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
-        )
-
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
