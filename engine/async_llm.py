@@ -40,7 +40,7 @@ class AsyncLLM:
     Implements `engine.client.EngineClient`, the surface the app uses.
     """
 
-    def __init__(self, config: EngineConfig | None = None, **kwargs) -> None:
+    def __init__(self, config: EngineConfig | None = None, **kwargs: Any) -> None:
         config = config.model_copy(update=kwargs) if config else EngineConfig(**kwargs)
         self.config = config
         self.engine = LLMEngine(config)
@@ -148,7 +148,7 @@ class AsyncLLM:
 
     # ---- engine thread ------------------------------------------------------------------------
 
-    def _deliver(self, request_id: str, item) -> None:
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         with self._lock:
             stream = self._streams.get(request_id)
         if stream is not None and not stream.loop.is_closed():

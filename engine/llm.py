@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence as Seq
+from typing import Any, TypeGuard
 
 from engine.config import EngineConfig
 from engine.llm_engine import EngineStats, LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
 
 Prompt = str | list[int]
 
 
-def _is_token_ids(value) -> bool:
+def _is_token_ids(value: object) -> TypeGuard[list[int]]:
     return isinstance(value, list) and all(isinstance(t, int) for t in value) and bool(value)
 
 
@@ -23,7 +25,9 @@ class LLM:
     EngineConfig (and the PAGECHAT_* environment).
     """
 
-    def __init__(self, model: str | None = None, config: EngineConfig | None = None, **kwargs):
+    def __init__(
+        self, model: str | None = None, config: EngineConfig | None = None, **kwargs: Any
+    ) -> None:
         if config is None:
             if model is not None:
                 kwargs["model"] = model
@@ -34,7 +38,7 @@ class LLM:
         self.engine = LLMEngine(config)
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer:
         return self.engine.tokenizer
 
     def generate(
@@ -42,17 +46,22 @@ class LLM:
         prompts: Prompt | Seq[Prompt],
         params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """One output per prompt. A prompt is text or a list of token ids."""
+        """One output per prompt (the whole answer each). A prompt is text or a list of token ids."""
+        batch: list[Prompt]
         if isinstance(prompts, str) or _is_token_ids(prompts):
-            prompts = [prompts]
-        prompts = list(prompts)
+            batch = [prompts]
+        else:
+            batch = list(prompts)  # type: ignore[arg-type]  # a Seq[Prompt] here
+        settings: list[SamplingParams]
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
-        ids = []
+            settings = [params or SamplingParams()] * len(batch)
+        else:
+            settings = list(params)
+        if len(settings) != len(batch):
+            raise ValueError(f"got {len(batch)} prompts but {len(settings)} SamplingParams")
+        ids: list[str] = []
         try:
-            for prompt, p in zip(prompts, params):
+            for prompt, p in zip(batch, settings):
                 ids.append(self.engine.add_request(prompt, p))
             return self._run(ids)
         finally:
@@ -61,12 +70,18 @@ class LLM:
 
     def chat(
         self,
-        messages: list[dict] | list[list[dict]],
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or a list of conversations."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        conversations: list[list[dict[str, Any]]]
+        if messages and isinstance(messages[0], dict):
+            conversations = [messages]  # one conversation
+        else:
+            conversations = messages  # type: ignore[assignment]  # a list of them
+        prompts: list[Prompt] = [
+            self.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in conversations
+        ]
         return self.generate(prompts, params)
 
     def _run(self, request_ids: list[str]) -> list[RequestOutput]:
