@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import torch
 
 from engine.layers.attention import AttentionMetadata
 
-if TYPE_CHECKING:
-    from engine.model_runner import BatchInputs, ModelRunner
-
 logger = logging.getLogger(__name__)
+
+# The model's forward: (input_ids [T], positions [T], metadata) -> hidden states [T, hidden].
+Forward = Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor]
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -33,25 +33,40 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner) -> None:
-        self.runner = runner
-        self.enabled = runner.attention_backend.name == "triton"
-        self.sizes = graph_batch_sizes(runner.config.max_num_seqs)
+    """Static buffers sized for `max_num_seqs` decodes of up to `max_model_len` tokens each.
+
+    Built from plain values, after the KV cache is bound to the model: the engine has fixed
+    max_model_len by then, so the block-table width here is the one the scheduler enforces.
+    """
+
+    def __init__(
+        self,
+        model: Forward,
+        *,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        hidden_size: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        enabled: bool = True,
+    ) -> None:
+        self.model = model
+        self.enabled = enabled  # graphs need the triton backend (the torch one loops on the host)
+        self.device = torch.device(device)
+        self.sizes = graph_batch_sizes(max_num_seqs)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         max_bs = self.sizes[-1]
-        device = runner.device
-        max_len = runner.config.max_model_len or runner.model_config.max_position_embeddings
-        self.max_seq_len = max_len
-        self.max_blocks = (max_len + runner.block_size - 1) // runner.block_size
+        self.max_seq_len = max_model_len
+        self.max_blocks = -(-max_model_len // block_size)
+        device = self.device
         self.input_ids = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int64, device=device)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=device)
         self.seq_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(max_bs, self.max_blocks, dtype=torch.int32, device=device)
-        self.hidden = torch.zeros(
-            max_bs, runner.model_config.hidden_size, dtype=runner.dtype, device=device
-        )
+        self.hidden = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
 
     def _meta(self, bs: int) -> AttentionMetadata:
         return AttentionMetadata(
@@ -71,7 +86,7 @@ class DecodeGraphs:
             logger.info("CUDA graphs off: they need the triton attention backend")
             return
         start = time.monotonic()
-        model = self.runner.model
+        model = self.model
         pool = None
         for bs in reversed(self.sizes):
             meta = self._meta(bs)
@@ -81,15 +96,14 @@ class DecodeGraphs:
                 self.hidden[:bs] = model(self.input_ids[:bs], self.positions[:bs], meta)
             pool = graph.pool() if pool is None else pool
             self.graphs[bs] = graph
-        torch.cuda.synchronize(self.runner.device)
+        torch.cuda.synchronize(self.device)
         logger.info(
             "captured CUDA graphs for decode batch sizes %s in %.1f s",
             self.sizes,
             time.monotonic() - start,
         )
 
-    def can_run(self, inputs: BatchInputs) -> bool:
-        meta = inputs.meta
+    def can_run(self, meta: AttentionMetadata) -> bool:
         return (
             bool(self.graphs)
             and meta.is_decode_only
@@ -97,12 +111,14 @@ class DecodeGraphs:
             and meta.block_tables.shape[1] <= self.max_blocks
         )
 
-    def run(self, inputs: BatchInputs) -> torch.Tensor:
-        n = inputs.meta.num_seqs
+    def run(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """Hidden states [n, hidden] of a decode-only batch that `can_run`."""
+        n = meta.num_seqs
         bs = next(b for b in self.sizes if b >= n)
-        meta = inputs.meta
-        self.input_ids[:n] = inputs.input_ids
-        self.positions[:n] = inputs.positions
+        self.input_ids[:n] = input_ids
+        self.positions[:n] = positions
         self.slot_mapping.fill_(-1)
         self.slot_mapping[:n] = meta.slot_mapping
         self.seq_lens.fill_(1)

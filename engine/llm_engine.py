@@ -6,24 +6,20 @@ one thread, so the scheduler and block manager need no locks.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-import torch
-
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.layers.rotary import rope_max_positions
 from engine.model_config import ModelConfig
-from engine.model_runner import ModelRunner, StepResult
+from engine.model_runner import ModelRunner
 from engine.models.loader import resolve_model_path
 from engine.outputs import EngineStats, RequestOutput
-from engine.sampler import SamplingRow, make_generator
+from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
+from engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.stop_strings import StopStringMatcher
 from engine.tokenizer import Tokenizer
@@ -31,16 +27,7 @@ from engine.tokenizer import Tokenizer
 logger = logging.getLogger(__name__)
 
 
-SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
-def read_generation_defaults(model_path) -> dict:
-    """Sampling defaults from the checkpoint's generation_config.json (empty if it has none)."""
-    path = model_path / "generation_config.json"
-    if not path.is_file():
-        return {}
-    data = json.loads(path.read_text())
-    return {k: data[k] for k in SAMPLING_DEFAULT_KEYS if k in data}
+MODEL_ERROR = "internal error while running the model"
 
 
 @dataclass
@@ -48,14 +35,12 @@ class RequestState:
     """Engine-side bookkeeping of one request beyond its Sequence."""
 
     seq: Sequence
-    prompt_ids: list[int]
-    generator: torch.Generator | None
     detokenizer: IncrementalDetokenizer
     stops: StopStringMatcher
     text: str = ""
     num_sent_tokens: int = 0
     first_token_time: float | None = None
-    logprobs: list[dict[int, float]] | None = None
+    logprobs: list[dict[int, float]] | None = None  # all so far, when the request asked for them
     reported_prompt_progress: int = 0
 
 
@@ -83,29 +68,24 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_path = resolve_model_path(config.model)
-        self.model_config = ModelConfig.from_dir(self.model_path)
-        self.tokenizer = Tokenizer.from_dir(self.model_path)
-        self.generation_defaults = read_generation_defaults(self.model_path)
-        self.runner = ModelRunner(config, self.model_config, self.model_path)
-        pool_tokens = self.runner.num_blocks * config.block_size
-        mc = self.model_config
-        positions = rope_max_positions(mc.rope_scaling, mc.max_position_embeddings)
-        if config.max_model_len is not None and config.max_model_len > positions:
+        self.model_config = mc = ModelConfig.from_dir(self.model_path)
+        if config.max_model_len is not None and config.max_model_len > mc.max_positions:
             raise ValueError(
-                f"max_model_len {config.max_model_len} exceeds the {positions} positions this "
-                "checkpoint's rotary embedding supports"
+                f"max_model_len {config.max_model_len} exceeds the {mc.max_positions} positions "
+                "this checkpoint's rotary embedding supports"
             )
-        max_len = config.max_model_len or positions
-        if max_len > pool_tokens:
-            logger.warning(
-                "max_model_len %d does not fit the KV cache (%d tokens); serving %d tokens per "
-                "request. Give the cache more memory to serve the full context.",
-                max_len, pool_tokens, pool_tokens,
-            )
-            max_len = pool_tokens
-        self.max_model_len = max_len
-        self.eos_token_ids = list(self.model_config.eos_token_ids or self.tokenizer.eos_token_ids)
-        self.scheduler = Scheduler(config, self.runner.num_blocks, max_len, self.eos_token_ids)
+        self.tokenizer = Tokenizer.from_dir(self.model_path)
+        self.generation_defaults = dict(mc.sampling_defaults)
+        self.eos_token_ids = list(mc.eos_token_ids or self.tokenizer.eos_token_ids)
+        # Load the weights and size the KV pool, fix the longest sequence from both, then
+        # allocate the cache and capture graphs for exactly that length.
+        self.runner = ModelRunner(config, mc, self.model_path)
+        pool_tokens = self.runner.num_blocks * config.block_size
+        self.max_model_len = fix_max_model_len(config.max_model_len, mc.max_positions, pool_tokens)
+        self.runner.allocate(self.max_model_len)
+        self.scheduler = Scheduler(
+            config, self.runner.num_blocks, self.max_model_len, self.eos_token_ids
+        )
         self.requests: dict[str, RequestState] = {}
         self._next_id = 0
         self._prompt_tokens_total = 0
@@ -113,7 +93,8 @@ class LLMEngine:
         self._finished_total = 0
         self._throughput = _Throughput()
         logger.info(
-            "engine ready: %s, max_model_len %d, KV pool %d tokens", self.model_path, max_len, pool_tokens
+            "engine ready: %s, max_model_len %d, KV pool %d tokens",
+            self.model_path, self.max_model_len, pool_tokens,
         )
 
     # ---- requests -----------------------------------------------------------------------------
@@ -146,13 +127,10 @@ class LLMEngine:
         ids = self.encode_prompt(prompt)
         seq = Sequence(request_id, ids, params, arrival_time=arrival_time)
         self.scheduler.add(seq)
-        generator = None
         if params.seed is not None:
-            generator = make_generator(params.seed, self.runner.device)
+            seq.generator = make_generator(params.seed, self.runner.device)
         self.requests[request_id] = RequestState(
             seq=seq,
-            prompt_ids=ids,
-            generator=generator,
             detokenizer=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
             stops=StopStringMatcher(params.stop),
             logprobs=[] if params.logprobs is not None else None,
@@ -186,80 +164,59 @@ class LLMEngine:
     # ---- stepping -----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule and run one batch; return an output for every request that progressed."""
+        """Schedule and run one batch; return an output for every request that progressed.
+
+        Each scheduled sequence is one `ScheduledSequence` record from the scheduler through
+        the runner (which fills its sampled token and logprobs) to the outputs; records whose
+        model step failed are failed alone and filtered out before the scheduler sees results.
+        """
         out = self.scheduler.schedule()
         if not out.scheduled:
             return []
-        result, failed = self._run_isolating_failures(out)
-        outputs = [o for rid, err in failed.items() if (o := self.fail(rid, err))]
+        self._run_isolating_failures(out.scheduled)
+        failed = [s for s in out.scheduled if s.error is not None]
+        outputs = [o for s in failed if (o := self.fail(s.seq.request_id, s.error or MODEL_ERROR))]
         if failed:
-            keep = [i for i, s in enumerate(out.scheduled) if s.seq.request_id not in failed]
             out = SchedulerOutput(
-                scheduled=[out.scheduled[i] for i in keep], preempted=out.preempted
+                scheduled=[s for s in out.scheduled if s.error is None], preempted=out.preempted
             )
-            result = StepResult([result.sampled[i] for i in keep], [result.logprobs[i] for i in keep])
-        progressed = self.scheduler.postprocess(out, result.sampled)
-        logprobs_by_id = {
-            s.seq.request_id: lp for s, lp in zip(out.scheduled, result.logprobs) if lp is not None
-        }
-        outputs.extend(self._collect_outputs(out, progressed, logprobs_by_id))
+        progressed = self.scheduler.postprocess(out)
+        outputs.extend(self._collect_outputs(out, progressed))
         return outputs
 
-    def _sampling_rows(self, out: SchedulerOutput) -> list[SamplingRow | None]:
-        rows: list[SamplingRow | None] = []
-        for s in out.scheduled:
-            if not s.samples:
-                rows.append(None)
-                continue
-            state = self.requests[s.seq.request_id]
-            rows.append(
-                SamplingRow(s.seq.params, state.prompt_ids, s.seq.output_token_ids, state.generator)
-            )
-        return rows
+    def _run_isolating_failures(self, batch: list[ScheduledSequence]) -> None:
+        """Run the batch; if it raises, rerun each sequence alone so one bad request fails alone.
 
-    def _run_isolating_failures(self, out: SchedulerOutput) -> tuple[StepResult, dict[str, str]]:
-        """Run the batch; if it raises, rerun each sequence alone so one bad request fails alone."""
+        A record whose run raised gets `error` set.
+        """
         try:
-            return self.runner.run(out, self._sampling_rows(out)), {}
+            self.runner.run(batch)
+            return
         except Exception:
-            if len(out.scheduled) == 1:
-                logger.exception("step failed for request %s", out.scheduled[0].seq.request_id)
-                return StepResult([None], [None]), {
-                    out.scheduled[0].seq.request_id: "internal error while running the model"
-                }
-            logger.exception("batched step failed; retrying its %d sequences one by one", len(out.scheduled))
-        sampled: list[int | None] = []
-        logprobs: list[dict[int, float] | None] = []
-        failed: dict[str, str] = {}
-        for s in out.scheduled:
-            single = SchedulerOutput(scheduled=[s], preempted=[])
+            if len(batch) == 1:
+                logger.exception("step failed for request %s", batch[0].seq.request_id)
+                batch[0].error = MODEL_ERROR
+                return
+            logger.exception("batched step failed; retrying its %d sequences one by one", len(batch))
+        for s in batch:
+            s.token_id, s.logprobs = None, None
             try:
-                r = self.runner.run(single, self._sampling_rows(single))
-                sampled.append(r.sampled[0])
-                logprobs.append(r.logprobs[0])
+                self.runner.run([s])
             except Exception:
                 logger.exception("step failed for request %s", s.seq.request_id)
-                failed[s.seq.request_id] = "internal error while running the model"
-                sampled.append(None)
-                logprobs.append(None)
-        return StepResult(sampled, logprobs), failed
+                s.error = MODEL_ERROR
 
-    def _collect_outputs(
-        self,
-        out: SchedulerOutput,
-        progressed: list[Sequence],
-        logprobs_by_id: dict[str, dict[int, float]],
-    ) -> list[RequestOutput]:
+    def _collect_outputs(self, out: SchedulerOutput, progressed: list[Sequence]) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         now = time.monotonic()
-        progressed_ids = {seq.request_id for seq in progressed}
+        progressed_ids = {id(seq) for seq in progressed}
         new_tokens = 0
         for scheduled in out.scheduled:
             seq = scheduled.seq
             state = self.requests.get(seq.request_id)
             if state is None:
                 continue
-            if seq.request_id not in progressed_ids:
+            if id(seq) not in progressed_ids:
                 # A prefill chunk that did not sample yet: report progress for long prompts.
                 done = min(seq.num_computed_tokens, seq.num_prompt_tokens)
                 if done > state.reported_prompt_progress:
@@ -268,10 +225,12 @@ class LLMEngine:
                 continue
             if state.first_token_time is None:
                 state.first_token_time = now
-            new_ids = seq.output_token_ids[state.num_sent_tokens :]
+            new_ids = seq.output_token_ids_from(state.num_sent_tokens)
             new_tokens += len(new_ids)
-            if state.logprobs is not None and seq.request_id in logprobs_by_id:
-                state.logprobs.append(logprobs_by_id[seq.request_id])
+            new_logprobs = None
+            if state.logprobs is not None:
+                new_logprobs = [scheduled.logprobs] if scheduled.logprobs is not None else []
+                state.logprobs.extend(new_logprobs)
             delta, stopped = state.stops.feed(state.detokenizer.push(new_ids))
             finished = seq.is_finished
             reason = seq.finish_reason
@@ -281,10 +240,13 @@ class LLMEngine:
             elif finished and not stopped:
                 delta += state.stops.feed(state.detokenizer.flush())[0] + state.stops.flush()
             state.text += delta
+            state.num_sent_tokens += len(new_ids)
             outputs.append(
-                self._output(state, finished=finished, reason=reason, delta_text=delta, delta_ids=new_ids)
+                self._output(
+                    state, finished=finished, reason=reason, delta_text=delta, delta_ids=new_ids,
+                    delta_logprobs=new_logprobs,
+                )
             )
-            state.num_sent_tokens = len(seq.output_token_ids)
             if finished:
                 self.requests.pop(seq.request_id, None)
                 self._finished_total += 1
@@ -300,24 +262,30 @@ class LLMEngine:
         reason: str | None,
         delta_text: str = "",
         delta_ids: list[int] | None = None,
+        delta_logprobs: list[dict[int, float]] | None = None,
         error: str | None = None,
     ) -> RequestOutput:
+        """This step's deltas; the whole answer too when the request is finished (once)."""
         seq = state.seq
+        if delta_logprobs is None and state.logprobs is not None:
+            delta_logprobs = []
         return RequestOutput(
             request_id=seq.request_id,
-            prompt_token_ids=state.prompt_ids,
-            text=state.text,
-            token_ids=list(seq.output_token_ids),
+            prompt_token_ids=seq.prompt_token_ids,
+            text=state.text if finished else "",
+            token_ids=seq.output_token_ids if finished else [],
             delta_text=delta_text,
-            delta_token_ids=list(delta_ids or []),
+            delta_token_ids=delta_ids if delta_ids is not None else [],
             finished=finished,
             finish_reason=reason,
             num_cached_tokens=seq.num_cached_tokens,
             error=error,
             arrival_time=seq.arrival_time,
             first_token_time=state.first_token_time,
-            logprobs=list(state.logprobs) if state.logprobs is not None else None,
+            logprobs=state.logprobs if finished else None,
+            delta_logprobs=delta_logprobs,
             num_computed_prompt_tokens=min(seq.num_computed_tokens, seq.num_prompt_tokens),
+            num_generated_tokens=seq.num_output_tokens,
         )
 
     # ---- introspection ------------------------------------------------------------------------
@@ -337,3 +305,20 @@ class LLMEngine:
             requests_finished_total=self._finished_total,
             generation_tokens_per_s=self._throughput.rate(),
         )
+
+
+def fix_max_model_len(requested: int | None, max_positions: int, pool_tokens: int) -> int:
+    """The longest sequence the engine serves, decided once for the scheduler and the runner.
+
+    The configured max_model_len (default: every position the checkpoint supports), capped at
+    what the KV pool can hold: a longer sequence could never be served.
+    """
+    max_len = requested or max_positions
+    if max_len > pool_tokens:
+        logger.warning(
+            "max_model_len %d does not fit the KV cache (%d tokens); serving %d tokens per "
+            "request. Give the cache more memory to serve the full context.",
+            max_len, pool_tokens, pool_tokens,
+        )
+        max_len = pool_tokens
+    return max_len

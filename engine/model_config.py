@@ -1,4 +1,9 @@
-"""The checkpoint's architecture, read from config.json (+ generation_config.json).
+"""The checkpoint's facts, read once from config.json and generation_config.json.
+
+Everything the engine needs to know about the checkpoint is decided here and nowhere else:
+the architecture, the positions its rotary embedding covers (`max_positions`, after rope
+scaling), the ids that end a generation (`eos_token_ids`) and its recommended sampling
+(`sampling_defaults`).
 
 Validated up front: a checkpoint this engine cannot run (another architecture, quantized
 weights, sliding-window layers, an unsupported rope_scaling) is refused with a ValueError that
@@ -15,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.layers.rotary import rope_type_of, validate_rope_scaling
+from engine.layers.rotary import rope_max_positions, rope_type_of, validate_rope_scaling
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM",)
 SUPPORTED_DTYPES = ("bfloat16", "float16", "float32")
 DEFAULT_ROPE_THETA = 10000.0  # what transformers assumes when config.json names none
+# The generation_config.json keys that are sampling defaults (SamplingParams field names).
+SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 @dataclass(frozen=True)
@@ -39,7 +46,15 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     torch_dtype: str  # dtype the checkpoint was saved in
+    # generation_config.json's eos_token_id, else config.json's (empty when neither names one).
     eos_token_ids: tuple[int, ...]
+    # generation_config.json's recommended sampling, SAMPLING_DEFAULT_KEYS that it sets.
+    sampling_defaults: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def max_positions(self) -> int:
+        """Positions the checkpoint supports: rope scaling (yarn, ...) may extend the config value."""
+        return rope_max_positions(self.rope_scaling, self.max_position_embeddings)
 
     @property
     def q_size(self) -> int:
@@ -74,6 +89,7 @@ class ModelConfig:
         """Build from parsed config.json / generation_config.json dicts; ValueError if unsupported."""
         _check_architecture(raw, source)
         _check_features(raw, source)
+        generation = generation or {}
         for key in (
             "vocab_size",
             "hidden_size",
@@ -126,8 +142,11 @@ class ModelConfig:
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             attention_bias=bool(raw.get("attention_bias", False)),
             torch_dtype=dtype,
-            eos_token_ids=_eos_ids((generation or {}).get("eos_token_id"))
+            eos_token_ids=_eos_ids(generation.get("eos_token_id"))
             or _eos_ids(raw.get("eos_token_id")),
+            sampling_defaults={
+                k: generation[k] for k in SAMPLING_DEFAULT_KEYS if k in generation
+            },
         )
 
 

@@ -4,6 +4,10 @@ Owns the weights, the paged KV cache and (on CUDA) the decode CUDA graphs. The b
 the one `engine.layers.attention.AttentionMetadata` documents: every sequence contributes its
 new tokens, decodes and prefill chunks alike, and only rows that end a sequence's known tokens
 produce logits.
+
+Set-up runs in two stages because max_model_len depends on the KV pool: the constructor loads
+the weights and sizes the pool (profiling on CUDA), the engine then fixes max_model_len, and
+`allocate(max_model_len)` allocates the KV cache and captures the CUDA graphs for it.
 """
 
 from __future__ import annotations
@@ -16,15 +20,16 @@ import torch
 
 from engine.config import EngineConfig
 from engine.cpu_malloc import keep_freed_memory
+from engine.cuda_graphs import DecodeGraphs
 from engine.layers.attention import AttentionMetadata, get_attention_backend
 from engine.model_config import ModelConfig
 from engine.models.loader import load_model, resolve_dtype
-from engine.sampler import Sampler, SamplingRow
-from engine.scheduler import SchedulerOutput
+from engine.sampler import Sampler, SamplingRow, has_penalty
+from engine.scheduler import ScheduledSequence
+from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-MAX_LOGPROBS = 20
 GiB = 1 << 30
 
 
@@ -36,15 +41,6 @@ class BatchInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # rows of the packed batch whose next token is sampled
-
-
-@dataclass
-class StepResult:
-    """Sampled ids per scheduled sequence (None when it only advanced a prefill chunk)."""
-
-    sampled: list[int | None]
-    # Top log-probabilities of the raw model distribution, for rows that asked for them.
-    logprobs: list[dict[int, float] | None]
 
 
 class ModelRunner:
@@ -64,13 +60,18 @@ class ModelRunner:
         )
         self.sampler = Sampler(model_config.vocab_size, self.device)
         self.num_blocks = self._count_kv_blocks()
-        self._allocate_kv_cache()
-        self.graphs = None
-        if self.device.type == "cuda" and not config.enforce_eager:
-            from engine.cuda_graphs import DecodeGraphs
+        self.kv_cache: torch.Tensor | None = None
+        self.max_model_len: int | None = None  # fixed by the engine, given to allocate()
+        self.graphs: DecodeGraphs | None = None
 
-            self.graphs = DecodeGraphs(self)
+    def allocate(self, max_model_len: int) -> None:
+        """Allocate the KV cache and capture the decode graphs for sequences of max_model_len."""
+        self.max_model_len = max_model_len
+        self._allocate_kv_cache()
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.graphs = self.decode_graphs()
             self.graphs.capture()
+        assert self.kv_cache is not None
         logger.info(
             "KV cache: %d blocks of %d tokens = %d tokens (%.2f GiB, %s, %s attention)",
             self.num_blocks,
@@ -78,7 +79,22 @@ class ModelRunner:
             self.num_blocks * self.block_size,
             self.kv_cache.numel() * self.kv_cache.element_size() / GiB,
             self.dtype,
-            backend_name,
+            self.attention_backend.name,
+        )
+
+    def decode_graphs(self) -> DecodeGraphs:
+        """The decode graphs' buffers for this runner's batch and length limits (not captured)."""
+        if self.max_model_len is None:
+            raise RuntimeError("allocate(max_model_len) first: the graphs are sized by it")
+        return DecodeGraphs(
+            self.model,
+            max_num_seqs=self.config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            block_size=self.block_size,
+            hidden_size=self.model_config.hidden_size,
+            dtype=self.dtype,
+            device=self.device,
+            enabled=self.attention_backend.name == "triton",
         )
 
     # ---- memory -------------------------------------------------------------------------------
@@ -182,7 +198,7 @@ class ModelRunner:
         tables = [t + [0] * (width - len(t)) for t in block_tables]
         pin = self.device.type == "cuda"
 
-        def to_device(values, dtype):
+        def to_device(values: list[int] | list[list[int]], dtype: torch.dtype) -> torch.Tensor:
             tensor = torch.tensor(values, dtype=dtype)
             if pin:
                 tensor = tensor.pin_memory()
@@ -207,55 +223,34 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput, rows: list[SamplingRow | None]) -> StepResult:
-        """Forward the scheduled batch and sample one token for every row that ends its sequence.
-
-        rows[i] is the sampling state of out.scheduled[i] (None for chunks that do not sample).
-        """
-        scheduled = out.scheduled
+    def run(self, batch: list[ScheduledSequence]) -> None:
+        """Forward the batch and fill `token_id` (and `logprobs`) of every record that samples."""
         inputs = self._build_inputs(
-            token_ids=[s.seq.token_ids[s.start : s.start + s.num_new_tokens] for s in scheduled],
-            starts=[s.start for s in scheduled],
-            block_tables=[s.seq.block_table for s in scheduled],
-            samples=[s.samples for s in scheduled],
+            token_ids=[s.seq.token_ids[s.start : s.start + s.num_new_tokens] for s in batch],
+            starts=[s.start for s in batch],
+            block_tables=[s.seq.block_table for s in batch],
+            samples=[s.samples for s in batch],
         )
-        sampling_rows = [r for s, r in zip(scheduled, rows) if s.samples]
-        if not sampling_rows:
-            self._forward(inputs)
-            return StepResult([None] * len(scheduled), [None] * len(scheduled))
+        sampling = [s for s in batch if s.samples]
         hidden = self._forward(inputs)
+        if not sampling:
+            return
         logits = self.model.compute_logits(hidden)
-        token_ids = self.sampler(logits, sampling_rows)
-        want_logprobs = [r.params.logprobs for r in sampling_rows]
-        top = chosen = None
-        if any(k is not None for k in want_logprobs):
-            log_probs = torch.log_softmax(logits, dim=-1)
-            k_max = max(k or 1 for k in want_logprobs)
-            top = log_probs.topk(min(k_max, MAX_LOGPROBS), dim=-1)
-            chosen = log_probs.gather(1, token_ids.view(-1, 1)).view(-1)
-        sampled_ids = token_ids.tolist()  # the one host sync of a step
-        sampled: list[int | None] = []
-        logprobs: list[dict[int, float] | None] = []
-        row = 0
-        for s in scheduled:
-            if not s.samples:
-                sampled.append(None)
-                logprobs.append(None)
-                continue
-            sampled.append(sampled_ids[row])
-            k = want_logprobs[row]
-            if top is not None and k is not None:
-                entry = dict(zip(top.indices[row, :k].tolist(), top.values[row, :k].tolist()))
-                entry[sampled_ids[row]] = chosen[row].item()
-                logprobs.append(entry)
-            else:
-                logprobs.append(None)
-            row += 1
-        return StepResult(sampled, logprobs)
+        token_ids, logprobs = self.sampler.sample(logits, [sampling_row(s.seq) for s in sampling])
+        for s, token_id, entry in zip(sampling, token_ids, logprobs):
+            s.token_id, s.logprobs = token_id, entry
 
     def _forward(self, inputs: BatchInputs) -> torch.Tensor:
         """Hidden states of the rows that sample (all of them for a decode-only batch)."""
-        if self.graphs is not None and self.graphs.can_run(inputs):
-            return self.graphs.run(inputs)[inputs.logits_indices]
+        if self.graphs is not None and self.graphs.can_run(inputs.meta):
+            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+            return hidden[inputs.logits_indices]
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         return hidden[inputs.logits_indices]
+
+
+def sampling_row(seq: Sequence) -> SamplingRow:
+    """What the sampler needs of a sequence; its token ids are copied only for penalties."""
+    if not has_penalty(seq.params):
+        return SamplingRow(seq.params, (), (), seq.generator)
+    return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator)

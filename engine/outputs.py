@@ -9,14 +9,17 @@ from dataclasses import dataclass, field
 class RequestOutput:
     """One request's state after a step.
 
-    `text`/`token_ids` are cumulative; `delta_text`/`delta_token_ids` are what this step added.
+    Every output carries what this step added: `delta_token_ids`, `delta_text` and (when
+    SamplingParams.logprobs asked for them) `delta_logprobs`. The whole answer, `token_ids`,
+    `text` and `logprobs`, is filled in the final output only (`finished=True`); streamed
+    outputs leave them empty, so a step costs the same at the 10th token as at the 100,000th.
     `error` is set (with finish_reason "error") when the request failed inside the engine.
     """
 
     request_id: str
     prompt_token_ids: list[int]
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
+    text: str = ""  # final output only
+    token_ids: list[int] = field(default_factory=list)  # final output only
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     finished: bool = False
@@ -26,10 +29,14 @@ class RequestOutput:
     # Timing, seconds on time.monotonic(): when the request arrived and when it got its first token.
     arrival_time: float = 0.0
     first_token_time: float | None = None
-    # Per generated token, the top log-probabilities asked for with SamplingParams.logprobs.
-    logprobs: list[dict[int, float]] | None = None
+    # Per generated token, the top log-probabilities asked for with SamplingParams.logprobs
+    # (None when not asked): all of them in the final output, this step's in every output.
+    logprobs: list[dict[int, float]] | None = None  # final output only
+    delta_logprobs: list[dict[int, float]] | None = None
     # Prefill progress: prompt tokens whose KV is computed so far (for progress displays).
     num_computed_prompt_tokens: int = 0
+    # Tokens generated so far (the final output's len(token_ids); known on every output).
+    num_generated_tokens: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -14,7 +14,11 @@ The semantics follow HF transformers and vLLM so that results can be checked aga
 Every filter is computed from the row's own logits and parameters, and a seeded row draws its
 noise from its own generator only, so a seed gives the same tokens whatever the batch mates.
 Everything stays on the device: per-row settings travel in a few small host-to-device copies
-and nothing is read back; the caller's `.tolist()` of the ids is the step's one sync.
+and nothing is read back until `sample` reads the ids (and the log-probabilities rows asked
+for) back in one go: the step's one sync.
+
+Log-probabilities are those of the model's raw distribution (`log_softmax` of the logits,
+before penalties, temperature and filters), as vLLM and the OpenAI API report them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from engine.sampling_params import SamplingParams
 # Rows whose top_k is at most this run top-p on their top-k candidates (a cheap `topk`);
 # only rows with top-p and no (or a larger) top-k pay for a full-vocabulary sort.
 TRUNCATED_TOP_K = 1024
+# Most top log-probabilities a row may ask for (SamplingParams.logprobs is checked against it).
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -66,6 +72,36 @@ class Sampler:
 
     # ---- public -------------------------------------------------------------------------------
 
+    def sample(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow]
+    ) -> tuple[list[int], list[dict[int, float] | None]]:
+        """Next-token ids on the host, and per row the top log-probabilities it asked for.
+
+        A row's log-probabilities are its `params.logprobs` most likely tokens of the raw model
+        distribution plus the sampled token (None when the row did not ask).
+        """
+        token_ids = self(logits, rows)
+        wanted = [r.params.logprobs for r in rows]
+        if all(k is None for k in wanted):
+            return token_ids.tolist(), [None] * len(rows)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        k_max = min(max(k for k in wanted if k is not None), MAX_LOGPROBS)
+        top = log_probs.topk(k_max, dim=-1) if k_max > 0 else None
+        chosen = log_probs.gather(1, token_ids.view(-1, 1)).view(-1)
+        ids = token_ids.tolist()
+        chosen_values = chosen.tolist()
+        top_ids = top.indices.tolist() if top is not None else [[] for _ in rows]
+        top_values = top.values.tolist() if top is not None else [[] for _ in rows]
+        logprobs: list[dict[int, float] | None] = []
+        for i, k in enumerate(wanted):
+            if k is None:
+                logprobs.append(None)
+                continue
+            entry = dict(zip(top_ids[i][:k], top_values[i][:k]))
+            entry[ids[i]] = chosen_values[i]
+            logprobs.append(entry)
+        return ids, logprobs
+
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Next-token ids [N] (int64, on the device) for logits [N, V]; `logits` is not modified."""
         logits = self._check(logits, rows)
@@ -86,7 +122,8 @@ class Sampler:
     def sampling_probs(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """The distribution [N, V] each row is drawn from (one-hot at the argmax for greedy rows).
 
-        Same computation as `__call__` up to the draw; for tests, logprobs and debugging.
+        Same computation as `__call__` up to the draw; for tests and debugging. (Reported
+        log-probabilities are not these: `sample` takes them from the raw logits.)
         """
         logits = self._check(logits, rows)
         penalized = [i for i, r in enumerate(rows) if has_penalty(r.params)]

@@ -12,6 +12,7 @@ engine never deadlocks.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -19,13 +20,22 @@ from engine.config import EngineConfig
 from engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(eq=False)
 class ScheduledSequence:
-    """Run `seq.token_ids[start : start + num_new_tokens]` this step."""
+    """One sequence's part of a step, from the scheduler through the runner to the outputs.
+
+    The scheduler fills the plan: run `seq.token_ids[start : start + num_new_tokens]`. The
+    model runner fills the results: the sampled `token_id` and its top `logprobs` when the chunk
+    `samples`, or `error` when the model step failed for this sequence (the engine then drops
+    the record before `Scheduler.postprocess`).
+    """
 
     seq: Sequence
     num_new_tokens: int
     start: int  # seq.num_computed_tokens when scheduled
+    token_id: int | None = None
+    logprobs: dict[int, float] | None = None  # when seq.params.logprobs asked for them
+    error: str | None = None
     _samples: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -42,25 +52,22 @@ class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)  # decodes first, then prefills
     preempted: list[Sequence] = field(default_factory=list)
 
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
 
 class Scheduler:
     """Decides which tokens of which sequences run each step and owns their lifecycle."""
 
     def __init__(
-        self, config: EngineConfig, num_blocks: int, max_model_len: int, eos_token_ids: list[int]
+        self, config: EngineConfig, num_blocks: int, max_model_len: int, eos_token_ids: Iterable[int]
     ) -> None:
         self.config = config
         self.block_size = config.block_size
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.max_model_len = max_model_len
-        # A sequence stops growing where the pool could no longer hold it alone.
-        self._length_limit = min(max_model_len, num_blocks * config.block_size)
+        # The engine passes a max_model_len the pool can hold (LLMEngine fixes it once); one
+        # given larger, as tests may, is capped the same way: a sequence stops growing where the
+        # pool could no longer hold it alone.
+        self.max_model_len = min(max_model_len, num_blocks * config.block_size)
         self.max_num_batched_tokens = config.max_num_batched_tokens
         # Every running sequence gets at least one token of every step's budget.
         self.max_num_seqs = min(config.max_num_seqs, config.max_num_batched_tokens)
@@ -92,8 +99,6 @@ class Scheduler:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
         if seq.status is not SequenceStatus.WAITING or seq.block_table:
             raise ValueError(f"{seq} was already scheduled")
-        if n > self.max_model_len:
-            raise ValueError(f"prompt has {n} tokens, more than max_model_len {self.max_model_len}")
         bm = self.block_manager
         need = bm.blocks_for(n)
         if need > bm.num_blocks:
@@ -102,6 +107,8 @@ class Scheduler:
                 f"but the KV cache holds only {bm.num_blocks} blocks "
                 f"({bm.num_blocks * bm.block_size} tokens)"
             )
+        if n > self.max_model_len:
+            raise ValueError(f"prompt has {n} tokens, more than max_model_len {self.max_model_len}")
         self.waiting.append(seq)
         self._live[seq.request_id] = seq
 
@@ -200,29 +207,27 @@ class Scheduler:
 
     # ---- after the forward pass -------------------------------------------------------------
 
-    def postprocess(self, out: SchedulerOutput, sampled: list[int | None]) -> list[Sequence]:
+    def postprocess(self, out: SchedulerOutput) -> list[Sequence]:
         """Record a step's results; returns the sequences that got a new token (finished or not).
 
-        `sampled[i]` is the token sampled for `out.scheduled[i]` (None when it did not sample).
-        Blocks the step filled are registered in the prefix cache, finished sequences freed.
+        Each record that samples carries its `token_id`. Blocks the step filled are registered
+        in the prefix cache, finished sequences freed.
         """
-        if len(sampled) != len(out.scheduled):
-            raise ValueError(f"{len(sampled)} sampled tokens for {len(out.scheduled)} sequences")
-        for s, token in zip(out.scheduled, sampled):
-            if s.samples and token is None and self._still_current(s):
+        for s in out.scheduled:
+            if s.samples and s.token_id is None and self._still_current(s):
                 raise ValueError(f"no token sampled for {s.seq.request_id}, whose chunk samples")
         progressed: list[Sequence] = []
-        for s, token in zip(out.scheduled, sampled):
+        for s in out.scheduled:
             if not self._still_current(s):  # finished, aborted or preempted meanwhile
                 continue
             seq = s.seq
             seq.num_computed_tokens = s.start + s.num_new_tokens
             self.block_manager.register_computed(seq, s.start, seq.num_computed_tokens)
-            if not s.samples or token is None:
+            if not s.samples or s.token_id is None:
                 continue
-            seq.append_token(token)
+            seq.append_token(s.token_id)
             progressed.append(seq)
-            reason = self._stop_reason(seq, token)
+            reason = self._stop_reason(seq, s.token_id)
             if reason is not None:
                 self.finish(seq, reason)
         return progressed
@@ -240,7 +245,7 @@ class Scheduler:
             return "stop"
         if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             return "length"
-        if seq.num_tokens >= self._length_limit:
+        if seq.num_tokens >= self.max_model_len:
             return "length"
         return None
 

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import TYPE_CHECKING
 
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SequenceStatus(enum.Enum):
@@ -30,9 +34,12 @@ class Sequence:
         arrival_time: float | None = None,
     ) -> None:
         self.request_id = request_id
-        self.token_ids: list[int] = list(prompt_token_ids)
+        self.prompt_token_ids: list[int] = list(prompt_token_ids)
+        self.token_ids: list[int] = list(self.prompt_token_ids)
         self.num_prompt_tokens = len(self.token_ids)
         self.params = params
+        # The request's own random stream when params.seed is set (sampler.make_generator).
+        self.generator: torch.Generator | None = None
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
@@ -64,7 +71,12 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
+        """A copy of the generated ids (O(n): for final results, penalties and tests)."""
         return self.token_ids[self.num_prompt_tokens :]
+
+    def output_token_ids_from(self, index: int) -> list[int]:
+        """Generated ids from the index-th on (O(new ids): for deltas)."""
+        return self.token_ids[self.num_prompt_tokens + index :]
 
     @property
     def is_finished(self) -> bool:

@@ -134,10 +134,10 @@ def test_error_in_one_request_fails_only_that_request(tiny_checkpoint, prompts, 
     original = runner.run
     poison = 424242 % 150_000
 
-    def flaky_run(out, rows):
-        if any(poison in s.seq.token_ids for s in out.scheduled):
+    def flaky_run(batch):
+        if any(poison in s.seq.token_ids for s in batch):
             raise RuntimeError("injected fault")
-        return original(out, rows)
+        return original(batch)
 
     runner.run = flaky_run
     outs = llm.generate(prompts[:4] + [[poison, 1, 2, 3]], GREEDY)

@@ -196,11 +196,11 @@ async def test_exception_in_one_request_fails_only_that_request(idle, monkeypatc
     real_run = runner.run
     calls = {"poisoned": 0}
 
-    def run(out, rows):
-        if any(POISON in s.seq.token_ids for s in out.scheduled):
+    def run(batch):
+        if any(POISON in s.seq.token_ids for s in batch):
             calls["poisoned"] += 1
             raise RuntimeError("injected fault")
-        return real_run(out, rows)
+        return real_run(batch)
 
     monkeypatch.setattr(runner, "run", run)
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
@@ -231,11 +231,11 @@ async def test_engine_step_failing_outside_the_model_fails_the_running_requests_
     armed = asyncio.Event()
     fired = []
 
-    def postprocess(out, sampled):
+    def postprocess(out):
         if armed.is_set() and not fired:
             fired.append(len(out.scheduled))
             raise RuntimeError("injected scheduler fault")
-        return real(out, sampled)
+        return real(out)
 
     monkeypatch.setattr(scheduler, "postprocess", postprocess)
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:

@@ -358,3 +358,27 @@ def test_ids_beyond_the_vocabulary_are_ignored_by_penalties(logits):
 def test_rejects_mismatched_rows(logits):
     with pytest.raises(ValueError, match="sampling rows"):
         Sampler(VOCAB, "cpu")(logits, [row()])
+
+
+def test_sample_reads_back_ids_and_the_raw_logprobs_rows_asked_for():
+    """Log-probabilities are the raw model distribution's (before penalties and temperature):
+    the row's top-k plus the sampled token; None for rows that did not ask."""
+    torch.manual_seed(5)
+    logits = torch.randn(4, VOCAB) * 3
+    rows = [
+        row(temperature=0.0, logprobs=3),
+        row(temperature=0.0),
+        row(temperature=0.7, top_k=50, output=[1, 2], repetition_penalty=1.5, seed=1, logprobs=0),
+        row(temperature=1.0, seed=2, logprobs=20),
+    ]
+    ids, logprobs = Sampler(VOCAB, "cpu").sample(logits, rows)
+    assert isinstance(ids, list) and all(isinstance(t, int) for t in ids)
+    assert ids[0] == int(logits[0].argmax()) and ids[1] == int(logits[1].argmax())
+    reference = torch.log_softmax(logits, dim=-1)
+    assert logprobs[1] is None
+    top3 = reference[0].topk(3)
+    assert logprobs[0] == pytest.approx(dict(zip(top3.indices.tolist(), top3.values.tolist())))
+    assert logprobs[2] == pytest.approx({ids[2]: reference[2, ids[2]].item()})
+    entry = logprobs[3]
+    assert entry is not None and len(entry) in (20, 21) and ids[3] in entry
+    assert entry[ids[3]] == pytest.approx(reference[3, ids[3]].item())

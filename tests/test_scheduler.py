@@ -63,8 +63,8 @@ class FakeModel:
     def _slot(self, seq: Sequence, position: int) -> int:
         return seq.block_table[position // self.bs] * self.bs + position % self.bs
 
-    def run(self, out: SchedulerOutput) -> list[int | None]:
-        sampled: list[int | None] = []
+    def run(self, out: SchedulerOutput) -> SchedulerOutput:
+        """Check and write each record's KV, fill the token of each record that samples."""
         for s in out.scheduled:
             seq, end = s.seq, s.start + s.num_new_tokens
             assert len(seq.block_table) * self.bs >= end, f"{seq}: block table too short for {end}"
@@ -77,8 +77,8 @@ class FakeModel:
                 assert block.ref_count == 1 and block.hash is None, f"{seq}: writes a shared block"
                 kv = kv_of(kv, seq.token_ids[p], p)
                 self.cache[self._slot(seq, p)] = kv
-            sampled.append(next_token(kv) if s.samples else None)
-        return sampled
+            s.token_id = next_token(kv) if s.samples else None
+        return out
 
 
 def make_scheduler(num_blocks: int = 64, max_model_len: int = 10_000, **config) -> Scheduler:
@@ -88,7 +88,7 @@ def make_scheduler(num_blocks: int = 64, max_model_len: int = 10_000, **config) 
 def check_step(sched: Scheduler, out: SchedulerOutput, running_before: list[Sequence]) -> None:
     """Invariants of one schedule() result."""
     sched.check_integrity()
-    assert out.num_batched_tokens <= sched.max_num_batched_tokens
+    assert sum(s.num_new_tokens for s in out.scheduled) <= sched.max_num_batched_tokens
     seqs = [s.seq for s in out.scheduled]
     assert len({id(s) for s in seqs}) == len(seqs)
     assert not {id(s) for s in seqs} & {id(s) for s in out.preempted}
@@ -132,7 +132,7 @@ def drive(
         check_step(sched, out, before)
         if on_step is not None:
             on_step(out, before)
-        sched.postprocess(out, model.run(out))
+        sched.postprocess(model.run(out))
         sched.check_integrity()
         steps += 1
         assert steps < max_steps, "no progress"
@@ -226,7 +226,7 @@ def test_several_waiting_prompts_are_chunked_in_one_step():
     ]
     # Blocks cover exactly what was scheduled, not whole prompts.
     assert [len(s.block_table) for s in seqs] == [10, 6, 0]
-    sched.postprocess(out, FakeModel(sched).run(out))
+    sched.postprocess(FakeModel(sched).run(out))
     for seq in seqs:
         sched.abort(seq.request_id)
     sched.check_integrity()
@@ -253,7 +253,7 @@ def test_a_long_prefill_never_stalls_running_decodes_and_allocates_as_it_goes():
     chat = add(sched, "chat", prompt(10), max_tokens=60, ignore_eos=True)
     model = FakeModel(sched)
     out = sched.schedule()
-    sched.postprocess(out, model.run(out))
+    sched.postprocess(model.run(out))
     doc = add(sched, "doc", prompt(400, 3), max_tokens=2, ignore_eos=True)
     while doc.num_output_tokens == 0:
         out = sched.schedule()
@@ -263,7 +263,7 @@ def test_a_long_prefill_never_stalls_running_decodes_and_allocates_as_it_goes():
         assert out.scheduled[0].num_new_tokens == 1 and out.scheduled[1].num_new_tokens <= 15
         end = out.scheduled[1].start + out.scheduled[1].num_new_tokens
         assert len(doc.block_table) == -(-end // 16)
-        sched.postprocess(out, model.run(out))
+        sched.postprocess(model.run(out))
     drive(sched, model)
     assert_solo_equal([chat, doc])
 
@@ -278,13 +278,13 @@ def test_four_requests_sharing_a_200_token_prefix_hold_one_copy():
     first = add(sched, "r0", shared + [1, 2, 3], max_tokens=30, ignore_eos=True)
     while first.num_computed_tokens < 200:
         out = sched.schedule()
-        sched.postprocess(out, model.run(out))
+        sched.postprocess(model.run(out))
     others = [
         add(sched, f"r{i}", shared + [i] * (4 + i), max_tokens=30, ignore_eos=True)
         for i in (1, 2, 3)
     ]
     out = sched.schedule()
-    sched.postprocess(out, model.run(out))
+    sched.postprocess(model.run(out))
     seqs = [first, *others]
     for seq in others:
         assert seq.num_cached_tokens == 192
@@ -306,7 +306,7 @@ def test_prompts_computed_together_end_up_sharing_one_copy():
     ]
     out = sched.schedule()
     assert len(out.scheduled) == 4 and sched.block_manager.num_used_blocks == 4 * 13
-    sched.postprocess(out, model.run(out))
+    sched.postprocess(model.run(out))
     assert all(s.block_table[:12] == seqs[0].block_table[:12] for s in seqs)
     assert sched.block_manager.num_used_blocks == 12 + 4
     drive(sched, model)
@@ -377,8 +377,9 @@ def test_a_sequence_longer_than_the_pool_allows_stops_at_the_pool_end():
 
 def step_with(sched: Scheduler, tokens: dict[str, int]) -> list[Sequence]:
     out = sched.schedule()
-    sampled = [tokens.get(s.seq.request_id) if s.samples else None for s in out.scheduled]
-    return sched.postprocess(out, sampled)
+    for s in out.scheduled:
+        s.token_id = tokens.get(s.seq.request_id) if s.samples else None
+    return sched.postprocess(out)
 
 
 def test_stop_conditions():
@@ -419,7 +420,7 @@ def test_abort_frees_blocks_at_once_waiting_and_running():
     waiting = add(sched, "waiting", prompt(30, 2))
     for _ in range(2):
         out = sched.schedule()
-        sched.postprocess(out, model.run(out))
+        sched.postprocess(model.run(out))
     assert decoding.num_output_tokens > 0 and 0 < prefilling.num_computed_tokens < 100
     assert waiting.status is SequenceStatus.WAITING
     bm = sched.block_manager
@@ -432,10 +433,10 @@ def test_abort_frees_blocks_at_once_waiting_and_running():
     sched.check_integrity()
     # Aborted while its step is in flight: postprocess skips it.
     out = sched.schedule()
-    sampled = model.run(out)
+    model.run(out)
     assert sched.abort("decoding") is decoding
     assert bm.num_used_blocks == 0
-    assert sched.postprocess(out, sampled) == []
+    assert sched.postprocess(out) == []
     assert sched.abort("decoding") is None and sched.abort("unknown") is None
     sched.check_integrity()
     assert not sched.has_unfinished()
@@ -453,16 +454,15 @@ def test_finish_by_the_engine_frees_blocks():
     sched.check_integrity()
 
 
-def test_postprocess_rejects_mismatched_results():
+def test_postprocess_rejects_a_missing_token():
     sched = make_scheduler()
     add(sched, "r", prompt(5))
     out = sched.schedule()
-    with pytest.raises(ValueError, match="0 sampled tokens for 1"):
-        sched.postprocess(out, [])
     with pytest.raises(ValueError, match="no token sampled"):
-        sched.postprocess(out, [None])
+        sched.postprocess(out)
     sched.check_integrity()
-    assert sched.postprocess(out, [3])[0].output_token_ids == [3]
+    out.scheduled[0].token_id = 3
+    assert sched.postprocess(out)[0].output_token_ids == [3]
     sched.abort("r")
 
 
@@ -516,7 +516,7 @@ def test_random_workloads_keep_invariants_and_match_solo_runs(
         before = list(sched.running)
         out = sched.schedule()
         check_step(sched, out, before)
-        sched.postprocess(out, model.run(out))
+        sched.postprocess(model.run(out))
         sched.check_integrity()
 
     for op in initial + ops:
