@@ -512,9 +512,12 @@ def install_llama(spec: str = LLAMA_SPEC) -> None:
     print(f"llama-cpp-python {version}; converter in {venv / 'converter'}")
 
 
+CONVERTER_DIRS = ("gguf-py", "conversion")  # the converter's own gguf and its per-model modules
+
+
 def extract_converter(sdist: Path, dest: Path) -> Path:
-    """vendor/llama.cpp/convert_hf_to_gguf.py (+ the other top-level .py files it may import and
-    gguf-py/) from a llama-cpp-python sdist into dest."""
+    """vendor/llama.cpp/convert_hf_to_gguf.py (+ the other top-level .py files, gguf-py/ and
+    conversion/, which it imports) from a llama-cpp-python sdist into dest."""
     dest.mkdir(parents=True, exist_ok=True)
     with tarfile.open(sdist) as tar:
         for member in tar.getmembers():
@@ -522,7 +525,7 @@ def extract_converter(sdist: Path, dest: Path) -> Path:
             if len(parts) < 4 or parts[1:3] != ("vendor", "llama.cpp") or not member.isfile():
                 continue
             rel = Path(*parts[3:])
-            if (len(rel.parts) == 1 and rel.suffix == ".py") or rel.parts[0] == "gguf-py":
+            if (len(rel.parts) == 1 and rel.suffix == ".py") or rel.parts[0] in CONVERTER_DIRS:
                 target = dest / rel
                 target.parent.mkdir(parents=True, exist_ok=True)
                 source = tar.extractfile(member)

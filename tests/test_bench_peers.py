@@ -79,6 +79,7 @@ def test_converter_is_extracted_from_the_sdist(tmp_path):
     files = {
         "llama_cpp_python-0.3.99/vendor/llama.cpp/convert_hf_to_gguf.py": b"print('convert')\n",
         "llama_cpp_python-0.3.99/vendor/llama.cpp/gguf-py/gguf/__init__.py": b"",
+        "llama_cpp_python-0.3.99/vendor/llama.cpp/conversion/qwen.py": b"",
         "llama_cpp_python-0.3.99/vendor/llama.cpp/src/llama.cpp": b"// not needed\n",
         "llama_cpp_python-0.3.99/llama_cpp/__init__.py": b"",
     }
@@ -90,6 +91,7 @@ def test_converter_is_extracted_from_the_sdist(tmp_path):
     converter = peers.extract_converter(sdist, tmp_path / "converter")
     assert converter.read_text() == "print('convert')\n"
     assert (tmp_path / "converter" / "gguf-py" / "gguf" / "__init__.py").is_file()
+    assert (tmp_path / "converter" / "conversion" / "qwen.py").is_file()  # `from conversion import ...`
     assert not (tmp_path / "converter" / "src").exists()
 
 
