@@ -14,7 +14,12 @@ class EngineConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PAGECHAT_", extra="ignore", protected_namespaces=())
 
     model: str = Field("Qwen/Qwen3-4B-Instruct-2507", description="local directory or HF hub id")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto",
+        description="auto: the checkpoint's dtype on CUDA; on CPU bf16 where oneDNN computes it "
+        "natively (AVX512-bf16, AMX), else bf16 weights with float32 math (float32 checkpoints "
+        "stay float32). A named dtype is used for weights and math alike",
+    )
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     max_model_len: int | None = Field(None, description="defaults to the checkpoint's context")
     max_num_seqs: int = Field(64, ge=1)

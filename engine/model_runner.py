@@ -23,7 +23,7 @@ from engine.cpu_malloc import keep_freed_memory
 from engine.cuda_graphs import DecodeGraphs
 from engine.layers.attention import AttentionMetadata, get_attention_backend
 from engine.model_config import ModelConfig
-from engine.models.loader import load_model, resolve_dtype
+from engine.models.loader import load_model, resolve_precision
 from engine.sampler import Sampler, SamplingRow, has_penalty
 from engine.scheduler import ScheduledSequence
 from engine.sequence import Sequence
@@ -48,7 +48,9 @@ class ModelRunner:
         self.config = config
         self.model_config = model_config
         self.device = torch.device(config.resolved_device())
-        self.dtype = resolve_dtype(config.dtype, model_config, str(self.device))
+        # Weights in precision.weight_dtype; activations and the KV cache in self.dtype.
+        self.precision = resolve_precision(config.dtype, model_config, str(self.device))
+        self.dtype = self.precision.compute_dtype
         self.block_size = config.block_size
         if self.device.type == "cpu":
             keep_freed_memory()
@@ -56,7 +58,7 @@ class ModelRunner:
         self.attention_backend = get_attention_backend(backend_name)
         torch.manual_seed(config.seed)
         self.model = load_model(
-            model_path, model_config, self.dtype, str(self.device), self.attention_backend
+            model_path, model_config, self.precision, str(self.device), self.attention_backend
         )
         self.sampler = Sampler(model_config.vocab_size, self.device)
         self.num_blocks = self._count_kv_blocks()

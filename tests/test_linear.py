@@ -1,4 +1,8 @@
-"""The CPU linear (oneDNN) against torch's F.linear, the reference for every shape it serves."""
+"""The CPU linear kernels against torch's F.linear, the reference for every shape they serve.
+
+Nothing here fakes the CPU: the kernel choice is checked against what torch reports about this
+machine, and each dtype runs on the kernel that choice names (oneDNN bf16 only where native).
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.cpu_capability import LinearKernel, Precision, cpu_capability
 from engine.layers import linear as linear_module
-from engine.layers.linear import linear
+from engine.layers.linear import CPU_KERNELS, linear, linear_bf16_weight_f32_math
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 300])
@@ -21,10 +26,57 @@ def test_linear_matches_f_linear_float32(rows, bias):
 
 
 def test_linear_matches_f_linear_bfloat16():
+    # Runs on the kernel this CPU gets for bf16 (oneDNN where native, F.linear elsewhere).
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 128, generator=gen).bfloat16()
     w = (torch.randn(64, 128, generator=gen) / 10).bfloat16()
-    torch.testing.assert_close(linear(x, w).float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2)
+    y = linear(x, w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_kernel_choice_matches_what_torch_reports():
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    cap = cpu_capability()
+    assert cap.isa == torch.backends.cpu.get_cpu_capability()
+    assert cap.native_bf16 == (native and onednn)
+    assert cap.onednn_linear == onednn
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert CPU_KERNELS[(f32, f32)] == (LinearKernel.ONEDNN if onednn else LinearKernel.TORCH)
+    assert CPU_KERNELS[(bf16, bf16)] == (
+        LinearKernel.ONEDNN if native and onednn else LinearKernel.TORCH
+    )
+    assert CPU_KERNELS[(bf16, f32)] == LinearKernel.UPCAST
+    assert CPU_KERNELS[(torch.float16, f32)] == LinearKernel.UPCAST
+    assert cap.auto_precision(bf16) == (
+        Precision(bf16, bf16) if native and onednn else Precision(bf16, f32)
+    )
+    assert cap.auto_precision(f32) == Precision(f32, f32)
+    assert cap.isa in cap.describe() and ("not native" in cap.describe()) != cap.native_bf16
+
+
+@pytest.mark.parametrize("rows", [0, 1, 3, 16, 17, 300])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("weight_dtype", [torch.bfloat16, torch.float16])
+def test_16bit_weights_compute_in_float32(rows, bias, weight_dtype, monkeypatch):
+    """bf16 weights, f32 math: the float32 product with the up-cast weights, block by block."""
+    monkeypatch.setattr(linear_module, "UPCAST_BLOCK_BYTES", 16 * 96 * 4)  # many 16-row blocks
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=gen)
+    w = (torch.randn(200, 96, generator=gen) / 10).to(weight_dtype)
+    b = torch.randn(200, generator=gen).to(weight_dtype) if bias else None
+    y = linear(x, w, b)
+    assert y.dtype == torch.float32 and y.shape == (rows, 200)
+    expected = F.linear(x, w.float(), None if b is None else b.float())
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear_bf16_weight_f32_math(x, w, b), y, rtol=0, atol=0)
+
+
+def test_16bit_weights_take_batched_inputs():
+    x = torch.randn(2, 5, 64)
+    w = torch.randn(24, 64).bfloat16()
+    torch.testing.assert_close(linear(x, w), F.linear(x, w.float()), rtol=1e-5, atol=1e-5)
 
 
 def test_linear_takes_non_contiguous_input():
@@ -44,4 +96,5 @@ def test_linear_falls_back_for_other_dtypes_and_shapes():
 def test_onednn_path_is_taken_on_this_build():
     # The speed of the CPU engine rests on it: a torch build without oneDNN would silently
     # fall back to F.linear, twice as slow at decode batch sizes.
-    assert linear_module._ONEDNN_LINEAR
+    assert cpu_capability().onednn_linear
+    assert CPU_KERNELS[(torch.float32, torch.float32)] is LinearKernel.ONEDNN

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from transformers import Qwen3Config
 from transformers import Qwen3ForCausalLM as HFQwen3ForCausalLM
 
+from engine.cpu_capability import Precision
 from engine.layers.attention import TorchAttentionBackend
 from engine.model_config import ModelConfig
 from engine.models.loader import (
@@ -25,6 +26,7 @@ from engine.models.loader import (
     load_model,
     resolve_dtype,
     resolve_model_path,
+    resolve_precision,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -313,12 +315,40 @@ def test_resolve_dtype():
     config = ModelConfig.from_dict(
         json.loads(Qwen3Config(**SMALL, dtype="bfloat16").to_json_string())
     )
-    assert resolve_dtype("auto", config, "cpu") is torch.float32
+    # auto on CPU follows what torch reports: bf16 math where oneDNN has it natively, else
+    # bf16 weights with float32 math. Named dtypes mean weights and math alike.
+    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    auto = resolve_precision("auto", config, "cpu")
+    assert auto == Precision(torch.bfloat16, torch.bfloat16 if native else torch.float32)
+    assert resolve_dtype("auto", config, "cpu") is auto.compute_dtype
+    assert resolve_precision("bfloat16", config, "cpu") == Precision(torch.bfloat16, torch.bfloat16)
     assert resolve_dtype("bfloat16", config, "cpu") is torch.bfloat16
     assert resolve_dtype("float16", config, "cuda") is torch.float16
     assert resolve_dtype(torch.float32, config, "cuda") is torch.float32
+    float32_config = ModelConfig.from_dict(
+        json.loads(Qwen3Config(**SMALL, dtype="float32").to_json_string())
+    )
+    assert resolve_precision("auto", float32_config, "cpu") == Precision(
+        torch.float32, torch.float32
+    )
     with pytest.raises(ValueError, match="int8"):
         resolve_dtype("int8", config, "cpu")
+
+
+def test_bfloat16_weights_with_float32_math(sharded, tmp_path):
+    """bf16 weights, float32 activations: parameters stay bf16, the embedding starts float32."""
+    config = ModelConfig.from_dir(sharded)
+    model = load_model(
+        sharded, config, Precision(torch.bfloat16, torch.float32), "cpu", TorchAttentionBackend()
+    )
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    embed = model.model.embed_tokens
+    hidden = embed(torch.tensor([1, 2, 3]))
+    assert hidden.dtype == torch.float32
+    assert torch.equal(hidden, embed.weight[1:4].float())
+    assert torch.equal(
+        model.model.norm.weight, read_all_tensors(sharded)["model.norm.weight"].bfloat16()
+    )
 
 
 def test_missing_and_unexpected_tensors_are_named(sharded, tmp_path):

@@ -8,16 +8,25 @@ from torch import nn
 
 
 class VocabEmbedding(nn.Module):
-    """[vocab, hidden] lookup table, allocated uninitialised: weights always come from a checkpoint."""
+    """[vocab, hidden] lookup table, allocated uninitialised: weights always come from a checkpoint.
+
+    `output_dtype` is the dtype of the activations it starts: the table's own dtype by default;
+    the loader sets float32 when 16-bit weights are kept with float32 math (a CPU without native
+    bf16), and from there every layer computes in float32.
+    """
 
     def __init__(self, num_embeddings: int, embedding_dim: int) -> None:
         super().__init__()
         self.num_embeddings = num_embeddings
         self.embedding_dim = embedding_dim
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim), requires_grad=False)
+        self.output_dtype: torch.dtype | None = None
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(input_ids, self.weight)
+        hidden = F.embedding(input_ids, self.weight)
+        if self.output_dtype is not None and hidden.dtype != self.output_dtype:
+            hidden = hidden.to(self.output_dtype)
+        return hidden
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"

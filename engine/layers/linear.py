@@ -4,36 +4,110 @@ Weights are stored [out_features, in_features] like Hugging Face checkpoints. A 
 runs several projections of the same input as one matmul (QKV, gate/up): fewer, larger kernels,
 and each checkpoint tensor is copied straight into its row slice, never concatenated in memory.
 
-On CPU the matmul goes to oneDNN (`linear`): for the skinny batches of decoding it runs about
-twice as fast as the default BLAS call behind `F.linear`, on the same weights in place.
+On CPU the kernel for each (weight dtype, activation dtype) pair is chosen once, from what torch
+reports about the CPU (engine.cpu_capability), and looked up per call:
+  - oneDNN (`torch.ops.mkldnn._linear_pointwise`) for float32, and for bfloat16 where oneDNN
+    computes it natively (AVX512-bf16, AMX): for the skinny batches of decoding it runs about
+    twice as fast as the default BLAS call behind `F.linear`, on the same weights in place;
+  - 16-bit weights with float32 activations (the CPU's "bf16 weights, float32 math"): the
+    weights are up-cast in row blocks into a cache-sized float32 scratch buffer, each block
+    multiplied as soon as it is converted, so memory streams only the 16-bit weights once;
+    the result is the float32 product with the up-cast weights, exactly;
+  - everything else (bfloat16 without native support, float16, float64): F.linear.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.cpu_capability import LinearKernel, cpu_capability
 
-def _onednn_linear_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# float32 bytes of weight up-cast per block: sized to stay in a core's L2 / the L3 slice, so the
+# converted block is multiplied from cache (measured best of 0.5-8 MB on decode GEMVs).
+UPCAST_BLOCK_BYTES = 1 << 20
+# Above this many rows the matmul is compute-bound: one whole up-cast is amortised over the rows,
+# and one oneDNN call beats re-reading the activations once per block.
+UPCAST_BLOCKED_MAX_ROWS = 16
+
+_scratch = threading.local()
 
 
-_ONEDNN_LINEAR = _onednn_linear_available()
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+def _scratch_buffer(numel: int) -> torch.Tensor:
+    buf: torch.Tensor | None = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < numel:
+        buf = torch.empty(numel, dtype=torch.float32)
+        _scratch.buf = buf
+    return buf[:numel]
+
+
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+
+
+def _float32_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    if cpu_capability().onednn_linear:
+        return _onednn(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def linear_bf16_weight_f32_math(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [M, K] float32 times 16-bit weight [N, K] -> float32 [M, N], computed in float32.
+
+    Equal to `F.linear(x, weight.float(), bias.float())`. For decode-sized M the weight is
+    converted block by block into a reused scratch buffer that stays in cache; larger M (prefill)
+    converts it whole once and makes one float32 call.
+    """
+    bias = None if bias is None else bias.float()
+    rows_in, k = x.shape
+    if rows_in > UPCAST_BLOCKED_MAX_ROWS:
+        return _float32_linear(x, weight.float(), bias)
+    n = weight.shape[0]
+    block = max(16, UPCAST_BLOCK_BYTES // (4 * k))
+    if block >= n:
+        return _float32_linear(x, weight.float(), bias)
+    out_t = torch.empty(n, rows_in, dtype=torch.float32)  # y^T: each block fills whole rows
+    x_t = x.t()
+    scratch = _scratch_buffer(block * k)
+    for start in range(0, n, block):
+        rows = min(block, n - start)
+        w = scratch[: rows * k].view(rows, k)
+        w.copy_(weight[start : start + rows])
+        torch.mm(w, x_t, out=out_t[start : start + rows])
+    out = out_t.t()
+    if bias is not None:
+        out = out + bias
+    return out if rows_in == 1 else out.contiguous()
+
+
+def _kernel_table() -> dict[tuple[torch.dtype, torch.dtype], LinearKernel]:
+    cap = cpu_capability()
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    return {(w, x): cap.linear_kernel(w, x) for w in dtypes for x in dtypes}
+
+
+# (weight dtype, activation dtype) -> kernel, for CPU tensors; decided once per process.
+CPU_KERNELS = _kernel_table()
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ b). CPU float32/bfloat16 matmuls run on oneDNN, the rest on F.linear."""
-    if (
-        _ONEDNN_LINEAR
-        and x.device.type == "cpu"
-        and x.dtype in _ONEDNN_DTYPES
-        and weight.dtype == x.dtype
-        and x.dim() == 2
-        and x.shape[0] > 0
-    ):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    """y = x W^T (+ b), on the kernel CPU_KERNELS names for a 2-d CPU input; F.linear otherwise."""
+    if x.device.type == "cpu":
+        kernel = CPU_KERNELS.get((weight.dtype, x.dtype), LinearKernel.TORCH)
+        if kernel is LinearKernel.ONEDNN and x.dim() == 2 and x.shape[0] > 0:
+            return _onednn(x, weight, bias)
+        if kernel is LinearKernel.UPCAST:
+            flat = x.reshape(-1, x.shape[-1])
+            return linear_bf16_weight_f32_math(flat, weight, bias).view(
+                *x.shape[:-1], weight.shape[0]
+            )
     return F.linear(x, weight, bias)
 
 

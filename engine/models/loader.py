@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
+from engine.cpu_capability import Precision, cpu_capability
 from engine.layers.attention import AttentionBackend
+from engine.layers.embedding import VocabEmbedding
 from engine.model_config import ModelConfig
 from engine.models.qwen3 import Qwen3ForCausalLM
 
@@ -209,22 +211,37 @@ def iter_weights(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: str) -> torch.dtype:
-    """'auto' = the checkpoint's dtype on CUDA (fp16 if the GPU lacks bf16), float32 on CPU."""
+def resolve_precision(
+    dtype: str | torch.dtype | Precision, config: ModelConfig, device: str
+) -> Precision:
+    """Weight and compute dtypes for a dtype setting (PAGECHAT_DTYPE) on `device`.
+
+    'auto': on CUDA the checkpoint's dtype (float16 if the GPU lacks bf16); on CPU what
+    `CpuCapability.auto_precision` says for the checkpoint's dtype: a bfloat16 checkpoint
+    computes in bfloat16 where oneDNN does so natively, and elsewhere keeps its weights in
+    bfloat16 with float32 math. A named dtype is used for weights and math alike, everywhere.
+    """
+    if isinstance(dtype, Precision):
+        return dtype
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
-        return dtype
+        return Precision(dtype, dtype)
     if dtype == "auto":
+        checkpoint = DTYPES[config.torch_dtype]
         if not str(device).startswith("cuda"):
-            return torch.float32
-        chosen = DTYPES[config.torch_dtype]
-        if chosen is torch.bfloat16 and not torch.cuda.is_bf16_supported():
-            return torch.float16
-        return chosen
+            return cpu_capability().auto_precision(checkpoint)
+        if checkpoint is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            return Precision(torch.float16, torch.float16)
+        return Precision(checkpoint, checkpoint)
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+    return Precision(DTYPES[dtype], DTYPES[dtype])
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig, device: str) -> torch.dtype:
+    """The compute dtype (activations, KV cache) of `resolve_precision`."""
+    return resolve_precision(dtype, config, device).compute_dtype
 
 
 @contextlib.contextmanager
@@ -240,23 +257,37 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def load_model(
     path: str | Path,
     config: ModelConfig,
-    dtype: str | torch.dtype,
+    dtype: str | torch.dtype | Precision,
     device: str | torch.device,
     attention_backend: AttentionBackend,
 ) -> Qwen3ForCausalLM:
-    """Build Qwen3ForCausalLM on `device` in `dtype` and fill it from the checkpoint at `path`."""
+    """Build Qwen3ForCausalLM on `device` and fill it from the checkpoint at `path`.
+
+    Every parameter is allocated in the precision's weight dtype; activations run in its compute
+    dtype (the embedding casts on lookup when the two differ, and the linear layers pick their
+    kernel by the pair, see engine.layers.linear).
+    """
     path = Path(path)
-    dtype = resolve_dtype(dtype, config, str(device))
+    precision = resolve_precision(dtype, config, str(device))
     files = find_weight_files(path)  # all shards present before any allocation or read
-    with _default_dtype(dtype), torch.device(device):
+    with _default_dtype(precision.weight_dtype), torch.device(device):
         model = Qwen3ForCausalLM(config, attention_backend)
+    for module in model.modules():
+        if isinstance(module, VocabEmbedding):
+            module.output_dtype = precision.compute_dtype
     model.load_weights(iter_weights(files))
     model.eval()
+    where = str(device)
+    if torch.device(device).type == "cpu":
+        where += f" ({cpu_capability().describe()})"
+    setting = f"dtype {dtype}, " if isinstance(dtype, str) else ""
     logger.info(
-        "loaded %s: %.2fB parameters, %s on %s",
+        "loaded %s: %.2fB parameters, %s (%scheckpoint %s) on %s",
         path,
         sum(p.numel() for p in model.parameters()) / 1e9,
-        dtype,
-        device,
+        precision.describe(),
+        setting,
+        config.torch_dtype,
+        where,
     )
     return model
