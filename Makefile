@@ -29,12 +29,13 @@ demo: $(VENV)/.installed
 	test -f $(DEMO_DIR)/model.safetensors || $(PY) -m engine.tiny $(DEMO_DIR) --shape tiny
 	PAGECHAT_MODEL=$(DEMO_DIR) PAGECHAT_DEMO=1 $(PY) -m app --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.installed
-	$(VENV)/bin/ruff check .
+test: lint
 	$(PY) -m pytest -q
 
+# ruff, then mypy over engine/ and app/ (settings in pyproject.toml).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed
 	$(PY) -m bench.throughput

@@ -10,7 +10,7 @@ from engine.sampling_params import SamplingParams
 __all__ = ["EngineConfig", "RequestOutput", "SamplingParams", "LLM", "AsyncLLM"]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> type:
     # LLM and AsyncLLM import torch and the model; keep `import engine` cheap for config users.
     if name == "LLM":
         from engine.llm import LLM

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import triton
@@ -227,7 +228,7 @@ def _fused_op_launches(
 
 def standard_launches() -> list[tuple[str, KernelLaunch]]:
     """Launches the engine makes: Qwen3-4B shapes in bf16, plus fp16/fp32 and other head dims."""
-    qwen3_4b = dict(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
+    qwen3_4b: dict[str, Any] = dict(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16)
     launches = []
     launches += _attention_launches(
         "qwen3-4b bf16 prefill", dtype=torch.bfloat16, query_lens=[2048, 1, 1], **qwen3_4b

@@ -15,7 +15,7 @@ from engine.kernels.launch import KernelLaunch
 
 
 @triton.jit
-def _store_kv_kernel(
+def _store_kv_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations
     k_ptr,
     v_ptr,
     k_cache_ptr,

@@ -144,7 +144,7 @@ def choose_launch_config(
 
 
 @triton.jit
-def _find_seq_idx(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):
+def _find_seq_idx(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr):  # type: ignore[no-untyped-def]  # Triton reads annotations
     """Sequence s owning q block `q_block`: the last s with query_start_loc[s] // BLOCK_Q + s <= q_block."""
     left = tl.zeros((), dtype=tl.int32)
     right = num_seqs + left
@@ -159,7 +159,7 @@ def _find_seq_idx(query_start_loc_ptr, q_block, num_seqs, BLOCK_Q: tl.constexpr)
 
 
 @triton.jit(do_not_specialize=["num_seqs"])
-def _paged_attention_kernel(
+def _paged_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations
     q_ptr,
     k_cache_ptr,
     v_cache_ptr,
@@ -314,7 +314,7 @@ def _paged_attention_kernel(
 
 
 @triton.jit
-def _merge_segments_kernel(
+def _merge_segments_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations
     out_ptr,
     segm_out_ptr,
     segm_max_ptr,

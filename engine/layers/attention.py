@@ -120,8 +120,8 @@ def paged_attention_torch(
             decodes_by_len.setdefault(seq_len, []).append(s)
     for seq_len, seqs in decodes_by_len.items():
         tables = meta.block_tables[torch.tensor(seqs, device=q.device)]
-        attended = _decode_group(q, [starts[s] for s in seqs], k_cache, v_cache, tables, seq_len, scale)
-        for s, row in zip(seqs, attended):
+        group_rows = _decode_group(q, [starts[s] for s in seqs], k_cache, v_cache, tables, seq_len, scale)
+        for s, row in zip(seqs, group_rows):
             out[starts[s]] = row
     batched = {s for seqs in decodes_by_len.values() for s in seqs}
     for s, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
@@ -226,7 +226,16 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         store_kv_cache_torch(k, v, k_cache, v_cache, meta.slot_mapping, meta.all_slots_stored)
         return paged_attention_torch(q, k_cache, v_cache, meta, scale, new_k=k, new_v=v)
 
@@ -236,7 +245,16 @@ class TritonAttentionBackend:
 
     name = "triton"
 
-    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         from engine.kernels import paged_attention, store_kv_cache
 
         store_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
