@@ -34,9 +34,10 @@ class Conversation:
 
 
 def load_codec(model_dir: str | Path) -> ChatCodec:
+    from engine.model_config import ModelConfig
     from engine.tokenizer import Tokenizer
 
-    return ChatCodec(Tokenizer.from_dir(model_dir))
+    return ChatCodec(Tokenizer.from_dir(model_dir, ModelConfig.from_dir(model_dir).eos_token_ids))
 
 
 def next_prompt(codec: ChatCodec, prompt: Sequence[int], generated: Sequence[int],

@@ -74,9 +74,9 @@ class LLMEngine:
                 f"max_model_len {config.max_model_len} exceeds the {mc.max_positions} positions "
                 "this checkpoint's rotary embedding supports"
             )
-        self.tokenizer = Tokenizer.from_dir(self.model_path)
+        self.tokenizer = Tokenizer.from_dir(self.model_path, mc.eos_token_ids)
         self.generation_defaults = dict(mc.sampling_defaults)
-        self.eos_token_ids = list(mc.eos_token_ids or self.tokenizer.eos_token_ids)
+        self.eos_token_ids = self.tokenizer.eos_token_ids
         # Load the weights and size the KV pool, fix the longest sequence from both, then
         # allocate the cache and capture graphs for exactly that length.
         self.runner = ModelRunner(config, mc, self.model_path)

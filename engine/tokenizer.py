@@ -106,8 +106,13 @@ class Tokenizer:
         self.im_end_id: int = self._require_id(IM_END)
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load tokenizer.json, tokenizer_config.json (+ chat_template.jinja, generation_config.json)."""
+    def from_dir(cls, path: str | Path, checkpoint_eos_ids: Sequence[int] = ()) -> Tokenizer:
+        """Load tokenizer.json and tokenizer_config.json (+ chat_template.jinja).
+
+        `checkpoint_eos_ids` are the checkpoint's end-of-generation ids as `ModelConfig` read
+        them (generation_config.json, else config.json); tokenizer_config.json's eos_token is
+        added to them. generation_config.json is read in one place only: `ModelConfig`.
+        """
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
@@ -117,19 +122,13 @@ class Tokenizer:
             )
         backend = Backend.from_file(str(tokenizer_file))
         config = _read_json(path / "tokenizer_config.json")
-        generation = _read_json(path / "generation_config.json")
 
         special = {
             key: content
             for key in ("bos_token", "eos_token", "pad_token", "unk_token")
             if (content := _token_content(config.get(key))) is not None
         }
-        eos_ids: list[int] = []
-        generation_eos = generation.get("eos_token_id")
-        if isinstance(generation_eos, int):
-            eos_ids.append(generation_eos)
-        elif isinstance(generation_eos, list):
-            eos_ids.extend(int(i) for i in generation_eos)
+        eos_ids = list(checkpoint_eos_ids)
         if (
             "eos_token" in special
             and (eos_id := backend.token_to_id(special["eos_token"])) is not None

@@ -32,7 +32,7 @@ async def remote_runtime(upstream, tmp_path) -> Runtime:
     runtime.bind_loop(asyncio.get_running_loop())
     set_runtime(runtime)
     await _load_engine(runtime)
-    assert runtime.engine is not None and runtime.codec is None
+    assert runtime.engine is not None and runtime.engine.tokenizer is None
     return runtime
 
 

@@ -9,6 +9,7 @@ import unicodedata
 import jinja2
 import pytest
 
+from engine.model_config import ModelConfig
 from engine.tiny import ADDED_TOKENS, qwen_bpe_ranks_path
 from engine.tokenizer import Tokenizer
 
@@ -135,7 +136,7 @@ def sample_texts(n_mixed: int = 1100, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tok(tiny_checkpoint) -> Tokenizer:
-    return Tokenizer.from_dir(tiny_checkpoint)
+    return Tokenizer.from_dir(tiny_checkpoint, ModelConfig.from_dir(tiny_checkpoint).eos_token_ids)
 
 
 @pytest.fixture(scope="module")

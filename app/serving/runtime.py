@@ -18,7 +18,6 @@ from app.settings import AppSettings
 if TYPE_CHECKING:
     from fastapi import Request
 
-    from app.chat.token_history import ChatCodec
     from app.storage.data_layer import PagechatDataLayer
     from app.storage.files import LocalStorageClient
     from engine.client import EngineClient
@@ -31,7 +30,6 @@ class Runtime:
     engine_config: EngineConfig | None = None
     engine: EngineClient | None = None  # None until loaded (or connected)
     engine_error: str | None = None  # why loading failed
-    codec: ChatCodec | None = None
     data_layer: PagechatDataLayer | None = None
     storage: LocalStorageClient | None = None
     model_name: str = ""
@@ -46,10 +44,6 @@ class Runtime:
             self._ready.set()
 
     def set_engine(self, engine: EngineClient) -> None:
-        from app.chat.token_history import ChatCodec
-
-        # A remote engine has no tokenizer: the chat then keeps its history as messages.
-        self.codec = ChatCodec(engine.tokenizer) if engine.tokenizer is not None else None
         self.engine = engine
         self._signal()
 
