@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
+from engine.kv_keys import ModelFingerprint, kv_layout
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.models.loader import resolve_model_path
@@ -22,6 +23,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.stop_strings import StopStringMatcher
+from engine.structured_output import StructuredOutputManager
 from engine.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -77,14 +79,27 @@ class LLMEngine:
         self.tokenizer = Tokenizer.from_dir(self.model_path, mc.eos_token_ids)
         self.generation_defaults = dict(mc.sampling_defaults)
         self.eos_token_ids = self.tokenizer.eos_token_ids
+        # Grammars of structured-output requests (xgrammar is set up on the first one).
+        self.structured_output = StructuredOutputManager(
+            self.tokenizer, mc.vocab_size, self.eos_token_ids
+        )
         # Load the weights and size the KV pool, fix the longest sequence from both, then
         # allocate the cache and capture graphs for exactly that length.
         self.runner = ModelRunner(config, mc, self.model_path)
         pool_tokens = self.runner.num_blocks * config.block_size
         self.max_model_len = fix_max_model_len(config.max_model_len, mc.max_positions, pool_tokens)
         self.runner.allocate(self.max_model_len)
+        # Names the KV this engine computes: the root of every prefix-cache key (engine.kv_keys).
+        self.model_fingerprint = ModelFingerprint.of_checkpoint(
+            self.model_path,
+            weight_dtype=str(self.runner.precision.weight_dtype),
+            kv_dtype=str(self.runner.dtype),
+            block_size=config.block_size,
+            kv_layout=kv_layout(mc),
+        )
         self.scheduler = Scheduler(
-            config, self.runner.num_blocks, self.max_model_len, self.eos_token_ids
+            config, self.runner.num_blocks, self.max_model_len, self.eos_token_ids,
+            self.model_fingerprint.digest,
         )
         self.requests: dict[str, RequestState] = {}
         self._next_id = 0
@@ -93,8 +108,9 @@ class LLMEngine:
         self._finished_total = 0
         self._throughput = _Throughput()
         logger.info(
-            "engine ready: %s, max_model_len %d, KV pool %d tokens",
+            "engine ready: %s, max_model_len %d, KV pool %d tokens, model fingerprint %s",
             self.model_path, self.max_model_len, pool_tokens,
+            self.model_fingerprint.digest.hex()[:16],
         )
 
     # ---- requests -----------------------------------------------------------------------------
@@ -125,14 +141,24 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         ids = self.encode_prompt(prompt)
+        vocab = self.model_config.vocab_size
+        if params.logit_bias and any(t >= vocab for t in params.logit_bias):
+            raise ValueError(f"SamplingParams.logit_bias token ids must be below the vocabulary size {vocab}")
         seq = Sequence(request_id, ids, params, arrival_time=arrival_time)
+        if params.min_tokens:
+            stops = params.stop_token_ids or ([] if params.ignore_eos else self.eos_token_ids)
+            seq.min_tokens_banned = tuple(stops)
+        if params.structured_output is not None:  # AsyncLLM compiled it already (cached)
+            seq.grammar = self.structured_output.new_state(params.structured_output)
         self.scheduler.add(seq)
         if params.seed is not None:
             seq.generator = make_generator(params.seed, self.runner.device)
         self.requests[request_id] = RequestState(
             seq=seq,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
-            stops=StopStringMatcher(params.stop),
+            detokenizer=IncrementalDetokenizer(
+                self.tokenizer, skip_special_tokens=params.skip_special_tokens
+            ),
+            stops=StopStringMatcher(params.stop, include=params.include_stop_str_in_output),
             logprobs=[] if params.logprobs is not None else None,
         )
         self._prompt_tokens_total += len(ids)
@@ -231,9 +257,18 @@ class LLMEngine:
             if state.logprobs is not None:
                 new_logprobs = [scheduled.logprobs] if scheduled.logprobs is not None else []
                 state.logprobs.extend(new_logprobs)
-            delta, stopped = state.stops.feed(state.detokenizer.push(new_ids))
+            shown_ids = new_ids
+            if (
+                seq.is_finished
+                and isinstance(seq.stop_reason, int)
+                and not seq.params.include_stop_str_in_output
+            ):
+                shown_ids = new_ids[:-1]  # the stop token's text is not part of the answer
+            delta, stopped = state.stops.feed(state.detokenizer.push(shown_ids))
             finished = seq.is_finished
             reason = seq.finish_reason
+            if stopped:
+                seq.stop_reason = state.stops.matched_stop
             if stopped and not finished:
                 self.scheduler.finish(seq, "stop")
                 finished, reason = True, "stop"
@@ -286,6 +321,12 @@ class LLMEngine:
             delta_logprobs=delta_logprobs,
             num_computed_prompt_tokens=min(seq.num_computed_tokens, seq.num_prompt_tokens),
             num_generated_tokens=seq.num_output_tokens,
+            stop_reason=seq.stop_reason if finished else None,
+            prompt_logprobs=(
+                seq.prompt_logprobs
+                if seq.prompt_logprobs is not None and not seq.wants_prompt_logprobs
+                else None
+            ),
         )
 
     # ---- introspection ------------------------------------------------------------------------

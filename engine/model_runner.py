@@ -31,6 +31,7 @@ from engine.sequence import Sequence
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+PROMPT_LOGPROB_ROWS = 256  # prompt positions whose logits are computed at once
 
 
 @dataclass
@@ -235,24 +236,48 @@ class ModelRunner:
         )
         sampling = [s for s in batch if s.samples]
         hidden = self._forward(inputs)
+        self._prompt_logprobs(batch, hidden)
         if not sampling:
             return
-        logits = self.model.compute_logits(hidden)
-        token_ids, logprobs = self.sampler.sample(logits, [sampling_row(s.seq) for s in sampling])
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])
+        rows = [sampling_row(s.seq) for s in sampling]
+        for row, s in zip(rows, sampling):
+            row.grammar = s.seq.grammar  # its bitmask masks this row's logits in the sampler
+        token_ids, logprobs = self.sampler.sample(logits, rows)
         for s, token_id, entry in zip(sampling, token_ids, logprobs):
             s.token_id, s.logprobs = token_id, entry
 
     def _forward(self, inputs: BatchInputs) -> torch.Tensor:
-        """Hidden states of the rows that sample (all of them for a decode-only batch)."""
+        """Hidden states of every row of the packed batch."""
         if self.graphs is not None and self.graphs.can_run(inputs.meta):
-            hidden = self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
-            return hidden[inputs.logits_indices]
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
-        return hidden[inputs.logits_indices]
+            return self.graphs.run(inputs.input_ids, inputs.positions, inputs.meta)
+        return self.model(inputs.input_ids, inputs.positions, inputs.meta)
+
+    def _prompt_logprobs(self, batch: list[ScheduledSequence], hidden: torch.Tensor) -> None:
+        """Fill `prompt_logprobs` of the records whose chunk covers prompt positions that need them."""
+        offset = 0
+        for s in batch:
+            positions = s.prompt_logprob_rows()
+            if len(positions):
+                k = s.seq.params.prompt_logprobs or 0
+                rows = range(offset + positions.start - s.start, offset + positions.stop - s.start)
+                targets = s.seq.token_ids[positions.start + 1 : positions.stop + 1]
+                s.prompt_logprobs = []
+                # A few hundred rows at a time: full-vocabulary logits are large.
+                for lo in range(0, len(rows), PROMPT_LOGPROB_ROWS):
+                    part = rows[lo : lo + PROMPT_LOGPROB_ROWS]
+                    logits = self.model.compute_logits(hidden[part.start : part.stop])
+                    s.prompt_logprobs += self.sampler.logprobs_of(
+                        logits, targets[lo : lo + PROMPT_LOGPROB_ROWS], k
+                    )
+            offset += s.num_new_tokens
 
 
 def sampling_row(seq: Sequence) -> SamplingRow:
     """What the sampler needs of a sequence; its token ids are copied only for penalties."""
+    banned = seq.min_tokens_banned if seq.num_output_tokens < seq.params.min_tokens else ()
     if not has_penalty(seq.params):
-        return SamplingRow(seq.params, (), (), seq.generator)
-    return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator)
+        return SamplingRow(seq.params, (), (), seq.generator, banned)
+    return SamplingRow(
+        seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator, banned
+    )

@@ -37,6 +37,12 @@ class RequestOutput:
     num_computed_prompt_tokens: int = 0
     # Tokens generated so far (the final output's len(token_ids); known on every output).
     num_generated_tokens: int = 0
+    # Final output of a request that ended on a stop token or stop string: that token id or
+    # string (None otherwise; the API's `stop_reason` leaves out the checkpoint's EOS ids).
+    stop_reason: int | str | None = None
+    # With SamplingParams.prompt_logprobs, once the prompt is computed (every later output
+    # carries it): per prompt token its top log-probabilities, None for the first token.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

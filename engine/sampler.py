@@ -2,7 +2,9 @@
 
 The semantics follow HF transformers and vLLM so that results can be checked against them:
 
-1. penalties on the raw logits: repetition (HF: over prompt + output tokens, positive logits
+0. logit_bias added to the raw logits, and the stop ids a row may not pick yet (min_tokens)
+   masked to -inf, as vLLM's logits processors do before penalties;
+1. penalties on those logits: repetition (HF: over prompt + output tokens, positive logits
    divided, negative multiplied), then frequency and presence (OpenAI: over output tokens,
    `logit - count * frequency - (count > 0) * presence`);
 2. greedy rows (temperature 0) take the argmax of the penalized logits;
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.sampling_params import SamplingParams
+from engine.structured_output import GrammarState, apply_grammar_bitmasks
 
 # Rows whose top_k is at most this run top-p on their top-k candidates (a cheap `topk`);
 # only rows with top-p and no (or a larger) top-k pay for a full-vocabulary sort.
@@ -45,6 +48,8 @@ class SamplingRow:
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     generator: torch.Generator | None = None  # from make_generator when params.seed is set
+    banned_ids: Sequence[int] = ()  # may not be sampled this step (EOS before min_tokens)
+    grammar: GrammarState | None = None  # the request's grammar matcher (structured output)
 
 
 def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
@@ -52,6 +57,10 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     generator = torch.Generator(device=torch.device(device))
     generator.manual_seed(seed % (1 << 64))
     return generator
+
+
+def has_logit_processing(row: SamplingRow) -> bool:
+    return bool(row.params.logit_bias) or bool(row.banned_ids)
 
 
 def has_penalty(params: SamplingParams) -> bool:
@@ -102,9 +111,29 @@ class Sampler:
             logprobs.append(entry)
         return ids, logprobs
 
+    def logprobs_of(
+        self, logits: torch.Tensor, targets: Sequence[int], k: int
+    ) -> list[dict[int, float]]:
+        """Per row, the raw log-probabilities of its `k` most likely tokens and of its target."""
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        target_ids = self._tensor(list(targets), torch.int64)
+        chosen = log_probs.gather(1, target_ids.view(-1, 1)).view(-1).tolist()
+        k = min(k, MAX_LOGPROBS)
+        top = log_probs.topk(k, dim=-1) if k > 0 else None
+        top_ids = top.indices.tolist() if top is not None else [[] for _ in targets]
+        top_values = top.values.tolist() if top is not None else [[] for _ in targets]
+        out = []
+        for i, target in enumerate(targets):
+            entry = dict(zip(top_ids[i], top_values[i]))
+            entry[target] = chosen[i]
+            out.append(entry)
+        return out
+
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Next-token ids [N] (int64, on the device) for logits [N, V]; `logits` is not modified."""
         logits = self._check(logits, rows)
+        logits = apply_grammar_bitmasks(logits, [r.grammar for r in rows])
+        logits = self._apply_logit_processing(logits, rows)
         penalized = [i for i, r in enumerate(rows) if has_penalty(r.params)]
         if penalized:
             logits = self._apply_penalties(logits, rows, penalized)
@@ -126,6 +155,8 @@ class Sampler:
         log-probabilities are not these: `sample` takes them from the raw logits.)
         """
         logits = self._check(logits, rows)
+        logits = apply_grammar_bitmasks(logits, [r.grammar for r in rows])
+        logits = self._apply_logit_processing(logits, rows)
         penalized = [i for i, r in enumerate(rows) if has_penalty(r.params)]
         if penalized:
             logits = self._apply_penalties(logits, rows, penalized)
@@ -146,6 +177,37 @@ class Sampler:
                 f"logits of shape {tuple(logits.shape)} do not match {len(rows)} sampling rows"
             )
         return logits if logits.dtype == torch.float32 else logits.float()
+
+    def _apply_logit_processing(
+        self, logits: torch.Tensor, rows: Sequence[SamplingRow]
+    ) -> torch.Tensor:
+        """logit_bias added and banned ids set to -inf, per row (a new tensor when any row has them)."""
+        if not any(has_logit_processing(r) for r in rows):
+            return logits
+        vocab = logits.shape[1]
+        bias_rows: list[int] = []
+        bias_cols: list[int] = []
+        bias_values: list[float] = []
+        ban_rows: list[int] = []
+        ban_cols: list[int] = []
+        for i, r in enumerate(rows):
+            for token, value in (r.params.logit_bias or {}).items():
+                if 0 <= token < vocab:
+                    bias_rows.append(i)
+                    bias_cols.append(token)
+                    bias_values.append(float(value))
+            for token in r.banned_ids:
+                if 0 <= token < vocab:
+                    ban_rows.append(i)
+                    ban_cols.append(token)
+        logits = logits.clone()
+        if bias_rows:
+            index = (self._tensor(bias_rows, torch.int64), self._tensor(bias_cols, torch.int64))
+            logits.index_put_(index, self._tensor(bias_values, torch.float32), accumulate=True)
+        if ban_rows:
+            index = (self._tensor(ban_rows, torch.int64), self._tensor(ban_cols, torch.int64))
+            logits.index_put_(index, self._tensor([float("-inf")] * len(ban_rows), torch.float32))
+        return logits
 
     def _apply_penalties(
         self, logits: torch.Tensor, rows: Sequence[SamplingRow], penalized: list[int]

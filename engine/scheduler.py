@@ -35,6 +35,8 @@ class ScheduledSequence:
     start: int  # seq.num_computed_tokens when scheduled
     token_id: int | None = None
     logprobs: dict[int, float] | None = None  # when seq.params.logprobs asked for them
+    # Log-probabilities of the prompt tokens after `prompt_logprob_rows()` (params.prompt_logprobs).
+    prompt_logprobs: list[dict[int, float]] | None = None
     error: str | None = None
     _samples: bool = field(init=False, repr=False)
 
@@ -45,6 +47,15 @@ class ScheduledSequence:
     def samples(self) -> bool:
         """The chunk reaches the end of the known tokens, so the step samples the next one."""
         return self._samples
+
+    def prompt_logprob_rows(self) -> range:
+        """Positions of this chunk whose logits give a prompt token's missing log-probabilities
+        (position p predicts prompt token p + 1); empty unless the request asked for them."""
+        seq = self.seq
+        if seq.prompt_logprobs is None:
+            return range(0)
+        first = max(self.start, len(seq.prompt_logprobs) - 1)
+        return range(first, min(self.start + self.num_new_tokens, seq.num_prompt_tokens - 1))
 
 
 @dataclass
@@ -57,12 +68,17 @@ class Scheduler:
     """Decides which tokens of which sequences run each step and owns their lifecycle."""
 
     def __init__(
-        self, config: EngineConfig, num_blocks: int, max_model_len: int, eos_token_ids: Iterable[int]
+        self,
+        config: EngineConfig,
+        num_blocks: int,
+        max_model_len: int,
+        eos_token_ids: Iterable[int],
+        model_digest: bytes = b"",
     ) -> None:
         self.config = config
         self.block_size = config.block_size
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching
+            num_blocks, config.block_size, config.enable_prefix_caching, model_digest
         )
         # The engine passes a max_model_len the pool can hold (LLMEngine fixes it once); one
         # given larger, as tests may, is capped the same way: a sequence stops growing where the
@@ -187,7 +203,8 @@ class Scheduler:
         bm = self.block_manager
         while self.waiting and len(self.running) < self.max_num_seqs and step.budget_left > 0:
             seq = self.waiting[0]
-            hits = bm.find_cached_prefix(seq)
+            # Prompt log-probabilities need the logits of every prompt position: no cache hits.
+            hits = [] if seq.wants_prompt_logprobs else bm.find_cached_prefix(seq)
             cached = len(hits) * self.block_size
             free_for_new = bm.num_free_blocks - bm.num_free_among(hits)
             # The cached prefix ends on a block boundary, so new tokens fill fresh blocks only.
@@ -223,11 +240,15 @@ class Scheduler:
             seq = s.seq
             seq.num_computed_tokens = s.start + s.num_new_tokens
             self.block_manager.register_computed(seq, s.start, seq.num_computed_tokens)
+            if s.prompt_logprobs and seq.prompt_logprobs is not None:
+                seq.prompt_logprobs.extend(s.prompt_logprobs)
             if not s.samples or s.token_id is None:
                 continue
             seq.append_token(s.token_id)
             progressed.append(seq)
             reason = self._stop_reason(seq, s.token_id)
+            if reason is None and seq.grammar is not None and seq.grammar.advance(s.token_id):
+                reason = "stop"  # the output is complete: its grammar terminated
             if reason is not None:
                 self.finish(seq, reason)
         return progressed
@@ -238,10 +259,14 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
-        if params.stop_token_ids:  # replace the checkpoint's eos ids and ignore ignore_eos
+        if seq.num_output_tokens <= params.min_tokens:  # (the sampler keeps them out anyway)
+            pass
+        elif params.stop_token_ids:  # replace the checkpoint's eos ids and ignore ignore_eos
             if token in params.stop_token_ids:
+                seq.stop_reason = token
                 return "stop"
         elif not params.ignore_eos and token in self.eos_token_ids:
+            seq.stop_reason = token
             return "stop"
         if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
             return "length"

@@ -11,6 +11,8 @@ from engine.sampling_params import SamplingParams
 if TYPE_CHECKING:
     import torch
 
+    from engine.structured_output import GrammarState
+
 
 class SequenceStatus(enum.Enum):
     WAITING = enum.auto()  # holds no blocks; queued for (re-)admission
@@ -40,6 +42,8 @@ class Sequence:
         self.params = params
         # The request's own random stream when params.seed is set (sampler.make_generator).
         self.generator: torch.Generator | None = None
+        # The request's grammar matcher when params.structured_output is set (the engine makes it).
+        self.grammar: GrammarState | None = None
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.status = SequenceStatus.WAITING
         self.block_table: list[int] = []
@@ -51,6 +55,15 @@ class Sequence:
         self.block_hashes: list[bytes] = []
         self.num_preemptions = 0
         self.admitted_once = False
+        # The stop token id (or, set by the engine, the stop string) that finished it, if any.
+        self.stop_reason: int | str | None = None
+        # With params.prompt_logprobs: entry p is for prompt token p (None for the first one);
+        # filled in order by the prefill, kept across preemptions.
+        self.prompt_logprobs: list[dict[int, float] | None] | None = (
+            [None] if params.prompt_logprobs is not None else None
+        )
+        # Ids the sampler must not pick before params.min_tokens tokens (set by the engine).
+        self.min_tokens_banned: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -81,6 +94,11 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        """Some prompt tokens still lack their log-probabilities."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

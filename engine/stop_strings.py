@@ -13,12 +13,14 @@ from collections.abc import Sequence
 class StopStringMatcher:
     """Feed text deltas; get back the part that is safe to show and whether a stop matched."""
 
-    def __init__(self, stops: Sequence[str] | str | None) -> None:
+    def __init__(self, stops: Sequence[str] | str | None, include: bool = False) -> None:
         if isinstance(stops, str):
             stops = [stops]
         self.stops = [s for s in dict.fromkeys(stops or ()) if s]
+        self.include = include  # emit the matched stop string too (include_stop_str_in_output)
         self.pending = ""  # held-back text that could be the start of a stop string
         self.matched = False
+        self.matched_stop: str | None = None
 
     def feed(self, delta: str) -> tuple[str, bool]:
         """(text safe to emit now, whether a stop string has matched). After a match, later
@@ -30,11 +32,13 @@ class StopStringMatcher:
         text = self.pending + delta
         # Earliest stop occurrence wins. Only the new delta (plus what was held back) is searched:
         # emitted text was already checked, and any stop spanning it would have been held back.
-        cut = min((i for s in self.stops if (i := text.find(s)) >= 0), default=-1)
-        if cut >= 0:
+        found = [(i, s) for s in self.stops if (i := text.find(s)) >= 0]
+        if found:
+            cut, stop = min(found, key=lambda f: f[0])
             self.matched = True
+            self.matched_stop = stop
             self.pending = ""
-            return text[:cut], True
+            return text[: cut + len(stop)] if self.include else text[:cut], True
         keep = self._partial_suffix_len(text)
         self.pending = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False
