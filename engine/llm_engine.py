@@ -146,8 +146,8 @@ class LLMEngine:
             raise ValueError(f"SamplingParams.logit_bias token ids must be below the vocabulary size {vocab}")
         seq = Sequence(request_id, ids, params, arrival_time=arrival_time)
         if params.min_tokens:
-            stops = params.stop_token_ids or ([] if params.ignore_eos else self.eos_token_ids)
-            seq.min_tokens_banned = tuple(stops)
+            eos = [] if params.ignore_eos else self.eos_token_ids
+            seq.min_tokens_banned = tuple(dict.fromkeys([*eos, *(params.stop_token_ids or [])]))
         if params.structured_output is not None:  # AsyncLLM compiled it already (cached)
             seq.grammar = self.structured_output.new_state(params.structured_output)
         self.scheduler.add(seq)

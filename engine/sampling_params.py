@@ -17,7 +17,7 @@ class SamplingParams:
     min_p: float = 0.0
     max_tokens: int | None = 256
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = None  # stop too; EOS still stops unless ignore_eos (vLLM)
     ignore_eos: bool = False
     seed: int | None = None
     presence_penalty: float = 0.0

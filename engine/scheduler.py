@@ -259,13 +259,13 @@ class Scheduler:
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         params = seq.params
-        if seq.num_output_tokens <= params.min_tokens:  # (the sampler keeps them out anyway)
+        # EOS (unless ignore_eos) and stop_token_ids stop, from token min_tokens + 1 on (the
+        # sampler keeps them out before); stop_reason names a stop token id, not EOS (vLLM).
+        if seq.num_output_tokens <= params.min_tokens:
             pass
-        elif params.stop_token_ids:  # replace the checkpoint's eos ids and ignore ignore_eos
-            if token in params.stop_token_ids:
-                seq.stop_reason = token
-                return "stop"
         elif not params.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        elif params.stop_token_ids and token in params.stop_token_ids:
             seq.stop_reason = token
             return "stop"
         if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:

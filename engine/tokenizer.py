@@ -10,6 +10,7 @@ prompt ids are the ones `AutoTokenizer.apply_chat_template` would give.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from functools import cached_property
@@ -201,6 +202,62 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             **context,
         )
+
+    @cached_property
+    def control_tokens(self) -> tuple[str, ...]:
+        """The special added tokens (`<|im_start|>`, `<|im_end|>`, `<|endoftext|>`, ...)."""
+        added = self.backend.get_added_tokens_decoder().values()
+        return tuple(sorted((t.content for t in added if t.special), key=len, reverse=True))
+
+    def encode_chat(
+        self,
+        messages: Sequence[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
+        continue_final_message: bool = False,
+        **kwargs: Any,
+    ) -> list[int]:
+        """Prompt ids of a conversation whose messages are untrusted text.
+
+        Control tokens written in the messages' strings (content, tool-call arguments, names)
+        stay plain text, as in the chat UI (app.chat.token_history.ChatCodec.text): each is
+        split after its "<", so it never encodes to the control token. Messages without them
+        give exactly `apply_chat_template`'s ids. `continue_final_message` renders the last
+        (assistant) message open, without its end of turn, as transformers does.
+        """
+        mark = f"\ue000{uuid.uuid4().hex}\ue000"
+        controls = self.control_tokens
+
+        def neutralize(value: Any) -> Any:
+            if isinstance(value, str):
+                for token in controls:
+                    if token in value:
+                        value = value.replace(token, token[0] + mark + token[1:])
+                return value
+            if isinstance(value, dict):
+                return {k: neutralize(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [neutralize(v) for v in value]
+            return value
+
+        marked = [
+            {k: (v if k == "role" else neutralize(v)) for k, v in m.items()} for m in messages
+        ]
+        text = self.render_chat_template(marked, add_generation_prompt, tools=tools, **kwargs)
+        if continue_final_message:
+            final = marked[-1].get("content") or ""
+            if not isinstance(final, str) or not final.strip() or final.strip() not in text:
+                raise ValueError(
+                    "continue_final_message needs a final message whose text content the "
+                    "template renders"
+                )
+            end = final if final in text else final.strip()
+            text = text[: text.rindex(end) + len(end)]
+        ids: list[int] = []
+        for piece in text.split(mark):
+            if piece:
+                ids += self.encode(piece)
+        return ids
 
     def apply_chat_template(
         self,

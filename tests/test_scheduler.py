@@ -41,7 +41,7 @@ def solo_output(prompt: list[int], params: SamplingParams, max_len: int) -> tupl
     kv = SEED_KV
     for p, t in enumerate(tokens):
         kv = kv_of(kv, t, p)
-    stops = set(params.stop_token_ids or ([] if params.ignore_eos else EOS))
+    stops = set(params.stop_token_ids or []) | set([] if params.ignore_eos else EOS)
     out: list[int] = []
     while True:
         token = next_token(kv)
@@ -394,15 +394,17 @@ def test_stop_conditions():
     everyone = ["plain", "ignore", "custom", "custom-ignore", "short", "near-limit", "full"]
     got = step_with(sched, dict.fromkeys(everyone, 0))  # every sequence samples eos
     assert [s.request_id for s in got] == everyone
-    assert (plain.finish_reason, ignore.finish_reason, custom.finish_reason) == ("stop", None, None)
+    # stop_token_ids add to EOS (vLLM); ignore_eos ignores EOS only.
+    assert (plain.finish_reason, ignore.finish_reason, custom.finish_reason) == ("stop", None, "stop")
+    assert custom.stop_reason is None  # EOS is not named
     assert full.finish_reason == "stop"
     assert not custom_ignore.is_finished and not short.is_finished and not near_limit.is_finished
-    step_with(sched, {"ignore": 5, "custom": 5, "custom-ignore": 9, "short": 5, "near-limit": 5})
-    assert custom_ignore.finish_reason == "stop"
+    step_with(sched, {"ignore": 5, "custom-ignore": 9, "short": 5, "near-limit": 5})
+    assert custom_ignore.finish_reason == "stop" and custom_ignore.stop_reason == 9
     assert short.finish_reason == "length" and short.output_token_ids == [0, 5]
     assert near_limit.finish_reason == "length" and near_limit.num_tokens == 12
-    step_with(sched, {"ignore": 5, "custom": 9})
-    assert custom.finish_reason == "stop" and not ignore.is_finished
+    step_with(sched, {"ignore": 5})
+    assert not ignore.is_finished
     sched.abort("ignore")
     assert not sched.has_unfinished() and sched.block_manager.num_used_blocks == 0
     # A prompt that fills max_model_len gets exactly one token.
