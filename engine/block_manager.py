@@ -1,7 +1,9 @@
 """Paged KV blocks: allocation, reference counts and the hash-chained prefix cache.
 
 A full block is content-addressed by `H(parent block's hash, its token ids)`, so a block's hash
-names the whole prefix up to its end. A request first walks its prompt's full blocks through the
+names the whole prefix up to its end; the first block's parent is the chain root of the model's
+fingerprint and the request's `cache_salt` (engine.kv_keys defines all three), so requests of
+different tenants never share a block, and the keys mean the same in every process. A request first walks its prompt's full blocks through the
 cache and shares every hit (reference count + 1); a hit counts only if the block's own token ids
 match too. Blocks are registered only after their KV has been written, for prompt and generated
 tokens alike. A block whose count drops to 0 keeps its hash and stays hittable in the free list
@@ -10,21 +12,12 @@ until it reaches the least-recently-freed end and is handed out again (lazy LRU 
 
 from __future__ import annotations
 
-import hashlib
-from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
 
+from engine.kv_keys import block_key as hash_block
+from engine.kv_keys import chain_root
 from engine.sequence import Sequence
-
-
-def hash_block(parent: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
-    """128-bit chained hash of one block: stable across processes, collisions out of reach."""
-    h = hashlib.blake2b(digest_size=16)
-    if parent is not None:
-        h.update(parent)
-    h.update(array("q", token_ids).tobytes())
-    return h.digest()
 
 
 class Block:
@@ -45,7 +38,11 @@ class BlockManager:
     """Owns the pool of `num_blocks` blocks of `block_size` tokens; the scheduler decides policy."""
 
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        model_digest: bytes = b"",
     ) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(
@@ -54,6 +51,8 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # The model fingerprint's digest (engine.kv_keys.ModelFingerprint): roots every key chain.
+        self.model_digest = model_digest
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Free blocks in eviction order: the first is handed out (and its cache entry dropped) first.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
@@ -93,7 +92,8 @@ class BlockManager:
         hashes = seq.block_hashes
         while len(hashes) <= index:
             i = len(hashes)
-            hashes.append(hash_block(hashes[i - 1] if i else None, self._block_tokens(seq, i)))
+            parent = hashes[i - 1] if i else chain_root(self.model_digest, seq.params.cache_salt)
+            hashes.append(hash_block(parent, self._block_tokens(seq, i)))
         return hashes[index]
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:

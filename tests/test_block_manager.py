@@ -8,6 +8,7 @@ import pytest
 
 import engine.block_manager as block_manager
 from engine.block_manager import BlockManager, hash_block
+from engine.kv_keys import chain_root
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
 
@@ -35,14 +36,49 @@ def check(bm: BlockManager, *holders: Sequence) -> None:
 
 def test_hash_is_chained_and_stable():
     a, b, c = list(range(BS)), list(range(100, 100 + BS)), list(range(200, 200 + BS))
-    h_a = hash_block(None, a)
-    # Stable across processes: an independent blake2b over the same bytes gives the same key.
-    expected = hashlib.blake2b(b"".join(t.to_bytes(8, "little") for t in a), digest_size=16)
+    root = chain_root(b"", None)
+    h_a = hash_block(root, a)
+    # Stable across processes: an independent BLAKE2b over the documented bytes gives the key.
+    expected = hashlib.blake2b(
+        root + b"".join(t.to_bytes(4, "little") for t in a), digest_size=32, person=b"pagechat.block"
+    )
     assert h_a == expected.digest()
-    assert hash_block(h_a, b) == hash_block(hash_block(None, a), b)
+    assert hash_block(h_a, b) == hash_block(hash_block(root, a), b)
     # Block b after a differs from block b after c: the hash names the whole prefix.
-    assert hash_block(h_a, b) != hash_block(hash_block(None, c), b)
-    assert hash_block(None, b) != hash_block(h_a, b)
+    assert hash_block(h_a, b) != hash_block(hash_block(root, c), b)
+    assert hash_block(root, b) != hash_block(h_a, b)
+
+
+def test_a_cache_salt_separates_otherwise_equal_prefixes():
+    bm = BlockManager(num_blocks=64, block_size=BS)
+    tokens = list(range(3 * BS + 1))
+
+    def salted(rid: str, salt: str | None) -> Sequence:
+        return Sequence(rid, tokens, SamplingParams(cache_salt=salt))
+
+    alice = salted("alice", "tenant-a")
+    admit_and_compute(bm, alice)
+    assert bm.find_cached_prefix(salted("alice-again", "tenant-a")) == alice.block_table[:3]
+    for rid, salt in [("bob", "tenant-b"), ("unsalted", None)]:
+        other = salted(rid, salt)
+        assert bm.find_cached_prefix(other) == [], salt
+        admit_and_compute(bm, other)  # its own copy: the same tokens, another chain
+        assert not set(other.block_table) & set(alice.block_table)
+        check(bm, alice, other)
+        bm.free(other)
+    bm.free(alice)
+    check(bm)
+
+
+def test_the_model_digest_roots_every_key():
+    tokens = list(range(2 * BS + 1))
+    seqs = []
+    for digest in (b"model-a", b"model-b"):
+        bm = BlockManager(num_blocks=8, block_size=BS, model_digest=digest)
+        seq = make_seq(tokens, digest.decode())
+        admit_and_compute(bm, seq)
+        seqs.append(seq)
+    assert not set(seqs[0].block_hashes) & set(seqs[1].block_hashes)
 
 
 def test_chained_hits_and_misses():
@@ -179,7 +215,7 @@ def test_the_block_with_the_last_token_is_always_recomputed():
 
 
 def test_a_hit_needs_equal_token_ids_not_only_an_equal_hash(monkeypatch):
-    monkeypatch.setattr(block_manager, "hash_block", lambda parent, tokens: b"\0" * 16)
+    monkeypatch.setattr(block_manager, "hash_block", lambda parent, tokens: b"\0" * 32)
     bm = BlockManager(num_blocks=16, block_size=BS)
     first = make_seq(list(range(2 * BS)) + [1], "a")
     admit_and_compute(bm, first)
