@@ -26,9 +26,10 @@ from torch import nn
 
 from engine.cpu_capability import LinearKernel, cpu_capability
 
-# float32 bytes of weight up-cast per block: sized to stay in a core's L2 / the L3 slice, so the
-# converted block is multiplied from cache (measured best of 0.5-8 MB on decode GEMVs).
-UPCAST_BLOCK_BYTES = 1 << 20
+# float32 bytes of weight up-cast per block: with the block split across the threads, each
+# thread's share stays in its core's L2, so the converted block is multiplied from cache
+# (0.5-4 MB measured on decode GEMVs, bench/cpu_linear.py: 2 MB best, 1 MB close).
+UPCAST_BLOCK_BYTES = 2 << 20
 # Above this many rows the matmul is compute-bound: one whole up-cast is amortised over the rows,
 # and one oneDNN call beats re-reading the activations once per block.
 UPCAST_BLOCKED_MAX_ROWS = 16
