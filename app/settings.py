@@ -27,6 +27,9 @@ class AppSettings(BaseSettings):
     max_request_mb: int = Field(16, ge=1, description="largest /v1 request body (413 beyond)")
     max_queued_requests: int = Field(256, ge=1, description="API answers 503 beyond this")
     cors_allow_origins: str = Field("", description="comma-separated origins; empty = closed")
+    shared_cache: bool = Field(
+        False, description="one prefix cache for all users and API keys (app.serving.tenancy)"
+    )
 
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]

@@ -56,6 +56,8 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    # vLLM's prefix-cache salt, combined with the caller's tenant (app/serving/tenancy.py).
+    cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 
 
 class ChatCompletionRequest(SamplingRequest):

@@ -43,6 +43,7 @@ from app.api.protocol import (
 from app.serving import metrics
 from app.serving.remote_engine import UpstreamError
 from app.serving.runtime import runtime_of
+from app.serving.tenancy import api_tenant, cache_salt
 from app.settings import AppSettings
 from engine.client import ChatMessage as EngineMessage
 from engine.client import EngineClient
@@ -279,8 +280,18 @@ def _check_length(n_prompt: int, max_tokens: int | None, max_model_len: int, wha
         )
 
 
+def _cache_salt(request: Request, body: SamplingRequest) -> str | None:
+    """The request's prefix-cache salt: its tenant (API key) and the body's `cache_salt`."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    key = token.strip() if scheme.lower() == "bearer" else None
+    return cache_salt(api_tenant(_settings(request), key), body.cache_salt)
+
+
 def _sampling_params(
-    body: SamplingRequest, defaults: dict[str, Any], max_tokens: int | None
+    body: SamplingRequest,
+    defaults: dict[str, Any],
+    max_tokens: int | None,
+    salt: str | None = None,
 ) -> SamplingParams:
     """SamplingParams from the request; what it leaves out comes from the model's generation config."""
 
@@ -302,6 +313,7 @@ def _sampling_params(
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=pick(body.repetition_penalty, "repetition_penalty", 1.0),
+            cache_salt=salt,
         )
     except ValueError as exc:
         text = str(exc)
@@ -643,9 +655,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     messages = _message_dicts(body.messages)
     max_tokens = _requested_max_tokens(body)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    salt = _cache_salt(request, body)
     tokenizer = engine.tokenizer
     if tokenizer is None:  # a remote engine: the messages go as they are
-        params = _sampling_params(body, engine.generation_defaults, max_tokens)
+        params = _sampling_params(body, engine.generation_defaults, max_tokens, salt)
 
         def start(rid: str) -> Stream:
             return engine.chat(messages, params, request_id=rid)
@@ -653,7 +666,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         ids = await _chat_prompt_ids(tokenizer, messages)
         _check_length(len(ids), max_tokens, engine.max_model_len, "messages")
         budget = max_tokens or engine.max_model_len - len(ids)
-        params = _sampling_params(body, engine.generation_defaults, budget)
+        params = _sampling_params(body, engine.generation_defaults, budget, salt)
 
         def start(rid: str) -> Stream:
             return engine.generate(ids, params, request_id=rid)
@@ -680,11 +693,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     prompts = _prompts(body.prompt)
     max_tokens = _requested_max_tokens(body)
     request_id = f"cmpl-{uuid.uuid4().hex}"
+    salt = _cache_salt(request, body)
     starts = []
     tokenizer = engine.tokenizer
     for prompt in prompts:
         if tokenizer is None:  # a remote engine: text or token ids go as they are
-            params = _sampling_params(body, engine.generation_defaults, max_tokens)
+            params = _sampling_params(body, engine.generation_defaults, max_tokens, salt)
             prompt_input: str | list[int] = prompt
         else:
             if isinstance(prompt, str):
@@ -695,7 +709,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                 raise APIError(400, "prompt must not be empty.", param="prompt")
             _check_length(len(prompt_input), max_tokens, engine.max_model_len, "prompt")
             budget = max_tokens or engine.max_model_len - len(prompt_input)
-            params = _sampling_params(body, engine.generation_defaults, budget)
+            params = _sampling_params(body, engine.generation_defaults, budget, salt)
         starts.append(_bind(engine, prompt_input, params))
     _check_queue(request, engine)
     return await _respond(request, engine, _job("text", request_id, model, body, starts))

@@ -35,6 +35,7 @@ from app.chat.streaming import AnswerCollector, Coalescer, answer_stats, close_o
 from app.documents.extraction import Document, DocumentError, extract_file_async
 from app.serving.metrics import track
 from app.serving.runtime import Runtime, get_runtime
+from app.serving.tenancy import cache_salt, chat_tenant
 
 if TYPE_CHECKING:
     from engine.client import EngineClient
@@ -62,6 +63,11 @@ def new_session() -> ChatSession:
     session = ChatSession(get_runtime(), _language())
     cl.user_session.set(SESSION_KEY, session)
     return session
+
+
+def _user_identifier() -> str | None:
+    """The logged-in user of the Chainlit session in context (its prefix-cache tenant)."""
+    return getattr(cl.context.session.user, "identifier", None)
 
 
 def _language() -> str:
@@ -244,6 +250,7 @@ class ChatSession:
             await self.say("\n\n".join(notes))
         try:
             params = chat_options.sampling_params(options, engine.generation_defaults, summary.max_tokens)
+            params.cache_salt = cache_salt(chat_tenant(rt.settings, _user_identifier()))
         except ValueError as exc:
             await self.say(self.t("request_refused", error=str(exc)))
             return

@@ -81,6 +81,8 @@ def sampling_body(params: SamplingParams) -> dict[str, Any]:
         body["ignore_eos"] = True
     if params.stop_token_ids:
         body["stop_token_ids"] = list(params.stop_token_ids)
+    if params.cache_salt is not None:  # vLLM's field: the upstream isolates tenants' caches too
+        body["cache_salt"] = params.cache_salt
     return body
 
 
