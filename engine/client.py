@@ -57,6 +57,10 @@ class EngineClient(Protocol):
         """Stream the continuation of `prompt` (text, or token ids of the model's tokenizer):
         deltas, then one final output (`finished=True`) with the whole answer.
 
+        `params.cache_salt` is the request's prefix-cache namespace (vLLM's `cache_salt`): it
+        reuses cached KV only of requests with the same salt (engine.kv_keys); a remote engine
+        sends it upstream as `cache_salt`. The app sets it per tenant (app.serving.tenancy).
+
         Raises ValueError before the first output when the request can never be served.
         Closing the generator (`aclose()`, or leaving `async for` by an exception or a break
         followed by closing) aborts the request.
