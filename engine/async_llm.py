@@ -74,6 +74,10 @@ class AsyncLLM:
         request_id = request_id or uuid.uuid4().hex
         if isinstance(prompt, str) and len(prompt) > LONG_PROMPT_CHARS:
             prompt = await asyncio.to_thread(self.tokenizer.encode, prompt)
+        if params.structured_output is not None:
+            # Compile (or find in the cache) in a worker thread: not on the event loop, nor on
+            # the engine thread between steps. An invalid grammar raises ValueError here.
+            await asyncio.to_thread(self.engine.structured_output.compile, params.structured_output)
         loop = asyncio.get_running_loop()
         stream = _Stream(loop, asyncio.Queue())
         with self._lock:
