@@ -30,6 +30,9 @@ class AppSettings(BaseSettings):
     shared_cache: bool = Field(
         False, description="one prefix cache for all users and API keys (app.serving.tenancy)"
     )
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, description="on SIGTERM/SIGINT, how long answers in flight may run before abort"
+    )
 
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]

@@ -468,6 +468,9 @@ class _DisconnectGuard:
         self.request, self.engine, self.request_ids = request, engine, request_ids
         self.disconnected = False
         self.task = asyncio.create_task(self._watch())
+        # In flight until stop(): a shutdown waits for it, then aborts it (app/serving/shutdown.py).
+        self.drain = runtime_of(request).drain
+        self.drain.begin(request_ids, engine.abort)
 
     async def _watch(self) -> None:
         while (await self.request.receive())["type"] != "http.disconnect":
@@ -478,6 +481,22 @@ class _DisconnectGuard:
 
     def stop(self) -> None:
         self.task.cancel()
+        self.drain.end(self.request_ids)
+
+    def cut(self) -> bool:
+        """Whether the server's shutdown aborted this job (its grace period ran out)."""
+        return any(self.drain.cut(request_id) for request_id in self.request_ids)
+
+
+def _shutdown_error() -> APIError:
+    return APIError(
+        503,
+        "The server is shutting down: this answer was cut off when its grace period ran out. "
+        "Retry shortly.",
+        type="server_error",
+        code="server_shutting_down",
+        headers={"Retry-After": "5"},
+    )
 
 
 def _sse(data: dict) -> str:
@@ -501,10 +520,13 @@ async def _respond(request: Request, engine: EngineClient, job: _Job) -> Respons
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     try:
-        return await _collect(job, first, outputs)
+        response = await _collect(job, first, outputs)
     finally:
         guard.stop()
         await outputs.aclose()
+    if guard.cut():
+        raise _shutdown_error()
+    return response
 
 
 async def _collect(
@@ -572,6 +594,9 @@ async def _stream_events(
         item = first
         while item is not None:
             i, out = item
+            if out.finished and out.finish_reason == "abort" and guard.cut():
+                yield _sse(_shutdown_error().body())
+                break
             if out.finished and out.finish_reason == "error":
                 error = APIError(
                     500, f"The engine failed this request: {out.error}", type="server_error"

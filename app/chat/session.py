@@ -220,6 +220,9 @@ class ChatSession:
 
     async def answer(self, message: cl.Message) -> None:
         rt = self.runtime
+        if rt.drain.draining:  # the server is shutting down (app/serving/shutdown.py)
+            await self.say(self.t("shutting_down"))
+            return
         if not await self._engine_ready():
             return
         engine, history, options = self._engine(), self.history, self._options()
@@ -326,6 +329,17 @@ class ChatSession:
         """
         engine = self._engine()
         request_id = uuid.uuid4().hex
+        # In flight, saved included, until it ends: a shutdown waits for it, then aborts it.
+        self.runtime.drain.begin([request_id], engine.abort)
+        try:
+            await self._generate(turn, params, reading, engine, request_id)
+        finally:
+            self.runtime.drain.end([request_id])
+
+    async def _generate(
+        self, turn: PreparedTurn, params: SamplingParams, reading: ReadingProgress,
+        engine: EngineClient, request_id: str,
+    ) -> None:
         self.request_id = request_id
         collected = AnswerCollector()
         answer: cl.Message | None = None
@@ -384,6 +398,8 @@ class ChatSession:
             answer = cl.Message(content="")
         if last is not None:
             answer.content = close_open_fence(answer.content) + "\n\n*" + self._stats_line(last, stopped) + "*"
+            if self.runtime.drain.cut(last.request_id):
+                answer.content += "\n\n**" + self.t("shutdown_cut") + "**"
         await answer.send()  # ends the stream and stores the message (update() would not date it)
         reason = "abort" if stopped else (last.finish_reason if last is not None else None)
         turn.commit(collected.answer(reason))

@@ -8,7 +8,8 @@ Chainlit 2.12 is mounted at "/" (app/serving/server.py) and used as it ships, ex
    for no content and fails a 0-byte upload with a 500; it is stored instead, so the chat can
    say the file is empty.
 3. `chainlit.config.FILES_DIRECTORY` set (`use_session_dir`): per-session upload folders live
-   under the data directory, not in the app root.
+   in this process's own scratch folder under the data directory (app/serving/datadir.py), not
+   in the app root.
 4. `config.features.spontaneous_file_upload.max_size_mb` set (`set_upload_limit`): Chainlit's
    own upload check uses PAGECHAT_MAX_UPLOAD_MB (app/documents/uploads.py refuses larger
    bodies before Chainlit reads them).
@@ -18,6 +19,9 @@ Chainlit 2.12 is mounted at "/" (app/serving/server.py) and used as it ships, ex
    every Origin with credentials, and its socket.io server checks no Origin at all. Its CORS
    middleware and config allow nothing; the websocket accepts the page's own host and the
    origins PAGECHAT_CORS_ALLOW_ORIGINS names (app/serving/cors.py has the app's CORS policy).
+7. `BaseSession.files_dir` wrapped (`recreate_session_dirs`): Chainlit creates a session's
+   upload folder with `mkdir(exist_ok=True)`, which fails with FileNotFoundError (a 500 on
+   every later upload) once the scratch folder above it has vanished; it is created again.
 
 `patch_chainlit` applies them all; each one is applied at most once per process.
 """
@@ -25,7 +29,6 @@ Chainlit 2.12 is mounted at "/" (app/serving/server.py) and used as it ships, ex
 from __future__ import annotations
 
 import re
-import shutil
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -51,6 +54,7 @@ def patch_chainlit(files_dir: Path, max_upload_mb: int, origins: list[str]) -> N
     set_upload_limit(max_upload_mb)
     set_socket_message_limit(MAX_SOCKET_MESSAGE_BYTES)
     restrict_origins(origins)
+    recreate_session_dirs()
 
 
 def strip_external_links(html: str) -> str:
@@ -103,10 +107,9 @@ def accept_empty_uploads() -> None:
 
 
 def use_session_dir(path: Path) -> None:
-    """3. Keep Chainlit's per-session upload folders under `path` (emptied first)."""
+    """3. Keep Chainlit's per-session upload folders under `path` (this process's own)."""
     import chainlit.config
 
-    shutil.rmtree(path, ignore_errors=True)  # leftovers of a previous run
     path.mkdir(parents=True, exist_ok=True)
     chainlit.config.FILES_DIRECTORY = path
 
@@ -145,3 +148,22 @@ def restrict_origins(origins: list[str]) -> None:
         return origin in allowed or same_host(origin, environ)
 
     sio.eio.cors_allowed_origins = socket_origin_allowed  # it writes its own CORS headers
+
+
+def recreate_session_dirs() -> None:
+    """7. A session's upload folder comes with its parents, even after they were deleted."""
+    from chainlit.session import BaseSession
+
+    if "files_dir" in _wrapped:
+        return
+    original = cast(property, BaseSession.files_dir)
+    assert original.fget is not None
+    get_files_dir = original.fget
+
+    def files_dir(self: BaseSession) -> Path:
+        path: Path = get_files_dir(self)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    setattr(BaseSession, "files_dir", property(files_dir))  # noqa: B010  (mypy: method-assign)
+    _wrapped.add("files_dir")

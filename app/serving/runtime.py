@@ -13,6 +13,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from app.serving.shutdown import Drain
 from app.settings import AppSettings
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ class Runtime:
     data_layer: PagechatDataLayer | None = None
     storage: LocalStorageClient | None = None
     model_name: str = ""
+    drain: Drain = field(default_factory=Drain)  # answers in flight; the shutdown's progress
     _ready: asyncio.Event | None = field(default=None, repr=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
 

@@ -4,6 +4,10 @@ The engine is loaded once, in a worker thread started by the FastAPI lifespan (C
 startup hook does not run when it is mounted), so the page is served, and says the model is
 loading, while the weights are read. The `Runtime` (app.state.runtime) holds the engine: None
 until then, or the reason loading failed.
+
+The data directory is locked for the life of the process (app/serving/datadir.py): a second
+server on it stops with `DataDirBusy` before touching anything. Shutdown drains the answers in
+flight first (app/serving/shutdown.py); the lifespan then waits for the database writes.
 """
 
 from __future__ import annotations
@@ -39,18 +43,23 @@ def create_app(settings: AppSettings | None = None, engine_config: EngineConfig 
     os.environ.setdefault("CHAINLIT_APP_ROOT", str(REPO_ROOT))  # before chainlit is imported
 
     from app.serving.auth import ensure_auth_secret
+    from app.serving.datadir import claim_data_dir, scratch_dir
     from app.serving.runtime import Runtime, set_runtime
+    from app.serving.shutdown import DrainGate, PendingWrites
     from app.storage.data_layer import PagechatDataLayer
     from app.storage.files import LocalStorageClient, files_router
     from engine.config import EngineConfig
 
     engine_config = engine_config or EngineConfig()
     data_dir = settings.data_dir.resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    claim_data_dir(data_dir)  # DataDirBusy when another server uses it; first of all
+    sessions_dir = scratch_dir(data_dir)  # this process's own Chainlit upload folders
     ensure_auth_secret(data_dir)
 
     storage = LocalStorageClient(data_dir / "files")
     data_layer = PagechatDataLayer(settings.sqlalchemy_url(), storage_provider=storage)
+    writes = PendingWrites()
+    writes.wrap(data_layer)  # the shutdown waits for the chat's last messages to be stored
     runtime = Runtime(
         settings=settings,
         engine_config=engine_config,
@@ -71,10 +80,11 @@ def create_app(settings: AppSettings | None = None, engine_config: EngineConfig 
             yield
         finally:
             loader.cancel()
+            await writes.settle()
             if runtime.engine is not None:
                 await runtime.engine.aclose()
             await data_layer.close()
-            shutil.rmtree(data_dir / "sessions", ignore_errors=True)
+            shutil.rmtree(sessions_dir, ignore_errors=True)
 
     app = FastAPI(title="pagechat", lifespan=lifespan)
     app.state.runtime = runtime  # what the routes read (app.serving.runtime.runtime_of)
@@ -110,13 +120,16 @@ def create_app(settings: AppSettings | None = None, engine_config: EngineConfig 
     from app.documents.uploads import apply_upload_limit
     from app.serving.chainlit_patches import patch_chainlit
     from app.serving.cors import apply_cors, parse_origins
+    from app.serving.disconnects import QuietDisconnects
 
     origins = parse_origins(settings.cors_allow_origins)
-    patch_chainlit(data_dir / "sessions", settings.max_upload_mb, origins)
-    # Before CORS: a 413 keeps its CORS headers.
+    patch_chainlit(sessions_dir, settings.max_upload_mb, origins)
+    # Before CORS: a 413 (or a 503 while shutting down) keeps its CORS headers.
     apply_upload_limit(app, settings.max_upload_mb)
     apply_api_body_limit(app, settings.max_request_mb)
+    app.add_middleware(DrainGate, drain=runtime.drain)
     apply_cors(app, origins)
+    app.add_middleware(QuietDisconnects)  # outermost: a client that left early logs no traceback
     mount_chainlit(app, target=str(APP_DIR / "chat" / "handlers.py"), path="/")
     return app
 
