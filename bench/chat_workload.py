@@ -34,10 +34,9 @@ class Conversation:
 
 
 def load_codec(model_dir: str | Path) -> ChatCodec:
-    from engine.model_config import ModelConfig
     from engine.tokenizer import Tokenizer
 
-    return ChatCodec(Tokenizer.from_dir(model_dir, ModelConfig.from_dir(model_dir).eos_token_ids))
+    return ChatCodec(Tokenizer.from_checkpoint(model_dir))
 
 
 def next_prompt(codec: ChatCodec, prompt: Sequence[int], generated: Sequence[int],

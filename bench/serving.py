@@ -62,7 +62,7 @@ def prompt_texts(model_dir: Path, num: int, length: int, seed: int) -> list[str]
     """Random ordinary tokens decoded to text: each server tokenizes the same strings."""
     from engine.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.from_dir(model_dir)
+    tokenizer = Tokenizer.from_checkpoint(model_dir)
     rng = random.Random(seed)
     return [tokenizer.decode([rng.randrange(10_000) for _ in range(length)]) for _ in range(num)]
 

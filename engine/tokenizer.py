@@ -22,6 +22,8 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as Backend
 
+from engine.model_config import ModelConfig
+
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 
@@ -136,6 +138,12 @@ class Tokenizer:
         ):
             eos_ids.append(eos_id)
         return cls(backend, _pick_chat_template(path, config), eos_ids, special)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path) -> Tokenizer:
+        """`from_dir` with the EOS ids `ModelConfig` reads from the checkpoint, for callers
+        that hold no ModelConfig (benchmarks, tools, tests)."""
+        return cls.from_dir(path, ModelConfig.from_dir(path).eos_token_ids)
 
     def _require_id(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)

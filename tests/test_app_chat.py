@@ -32,7 +32,7 @@ def stats_of(message: dict) -> dict:
 def tokenizer(tiny_checkpoint):
     from engine.tokenizer import Tokenizer
 
-    return Tokenizer.from_dir(tiny_checkpoint)
+    return Tokenizer.from_checkpoint(tiny_checkpoint)
 
 
 class Servers:

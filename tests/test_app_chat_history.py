@@ -17,7 +17,7 @@ from engine.outputs import RequestOutput
 def tokenizer(tiny_checkpoint):
     from engine.tokenizer import Tokenizer
 
-    return Tokenizer.from_dir(tiny_checkpoint)
+    return Tokenizer.from_checkpoint(tiny_checkpoint)
 
 
 def _answer(tokenizer, text: str) -> Answer:

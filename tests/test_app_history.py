@@ -18,7 +18,7 @@ from app.chat.token_history import (
 def codec(tiny_checkpoint):
     from engine.tokenizer import Tokenizer
 
-    return ChatCodec(Tokenizer.from_dir(tiny_checkpoint))
+    return ChatCodec(Tokenizer.from_checkpoint(tiny_checkpoint))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ FFFD = "\ufffd"
 
 @pytest.fixture(scope="module")
 def tok(tiny_checkpoint) -> Tokenizer:
-    return Tokenizer.from_dir(tiny_checkpoint)
+    return Tokenizer.from_checkpoint(tiny_checkpoint)
 
 
 def _byte_ids(tok: Tokenizer, data: bytes) -> list[int]:

@@ -9,7 +9,6 @@ import unicodedata
 import jinja2
 import pytest
 
-from engine.model_config import ModelConfig
 from engine.tiny import ADDED_TOKENS, qwen_bpe_ranks_path
 from engine.tokenizer import Tokenizer
 
@@ -136,7 +135,7 @@ def sample_texts(n_mixed: int = 1100, seed: int = 0) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tok(tiny_checkpoint) -> Tokenizer:
-    return Tokenizer.from_dir(tiny_checkpoint, ModelConfig.from_dir(tiny_checkpoint).eos_token_ids)
+    return Tokenizer.from_checkpoint(tiny_checkpoint)
 
 
 @pytest.fixture(scope="module")
