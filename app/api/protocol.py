@@ -1,7 +1,9 @@
 """Request and response bodies of the OpenAI-compatible API, as pydantic models (the OpenAPI schema).
 
 Field names and shapes follow OpenAI's API; `top_k`, `min_p`, `repetition_penalty`,
-`ignore_eos` and `stop_token_ids` are the usual vLLM extras.
+`ignore_eos`, `stop_token_ids`, `min_tokens`, ... are the usual vLLM extras. A field this server
+does not know is refused (400 naming it), except OpenAI's bookkeeping fields (`user`,
+`metadata`, `store`, `service_tier`), which are accepted and ignored.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 16  # most choices one request may ask for
 
 
 class StreamOptions(BaseModel):
@@ -36,26 +40,34 @@ class ChatMessage(BaseModel):
 class SamplingRequest(BaseModel):
     """Fields shared by chat and text completions. None means the model's default."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0, description="0: completions with echo only")
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    # OpenAI's bookkeeping fields: accepted and ignored.
     user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
     # Extras (vLLM's names).
     top_k: int | None = Field(None, description="-1 or 0 = off")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
+    min_tokens: int = Field(0, ge=0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     # vLLM's prefix-cache salt, combined with the caller's tenant (app/serving/tenancy.py).
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)
 
@@ -64,7 +76,10 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
     tools: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
 
@@ -74,7 +89,7 @@ class CompletionRequest(SamplingRequest):
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20)
 
 
 class PromptTokensDetails(BaseModel):
@@ -97,7 +112,8 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
 
 class ChatCompletionResponse(BaseModel):
@@ -113,7 +129,8 @@ class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
 
 class CompletionResponse(BaseModel):

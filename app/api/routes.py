@@ -10,11 +10,13 @@ before mounting Chainlit at "/", which would otherwise shadow these paths.
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import json
 import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -24,6 +26,12 @@ from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from app.api.keys import key_is_valid
+from app.api.logprobs import (
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    merge_completion_logprobs,
+)
 from app.api.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -95,6 +103,12 @@ def _validation_error(exc: RequestValidationError) -> APIError:
             detail = (err.get("ctx") or {}).get("error", "")
             return APIError(400, f"The request body is not valid JSON: {detail}".rstrip(": "))
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "extra_forbidden":
+            name = ".".join(loc)
+            return APIError(
+                400, f"Unrecognized request argument supplied: {name} (not served here).",
+                param=name,
+            )
         param = param or ".".join(loc) or None
         parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
     return APIError(400, "; ".join(parts) or "invalid request", param=param)
@@ -203,10 +217,23 @@ def _check_queue(request: Request, engine: EngineClient) -> None:
 
 
 def _check_unsupported(body: SamplingRequest) -> None:
-    if body.n != 1:
-        raise APIError(400, f"Only n=1 is supported, got n={body.n}.", param="n")
-    if isinstance(body, ChatCompletionRequest | CompletionRequest) and body.logprobs:
-        raise APIError(400, "logprobs are not supported by this server.", param="logprobs")
+    if body.max_tokens == 0 and not (isinstance(body, CompletionRequest) and body.echo):
+        raise APIError(400, "max_tokens must be >= 1 (0 only with echo).", param="max_tokens")
+    if isinstance(body, ChatCompletionRequest):
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
+        if body.continue_final_message and body.add_generation_prompt:
+            raise APIError(
+                400,
+                "continue_final_message and add_generation_prompt cannot both be true.",
+                param="continue_final_message",
+            )
+        if body.continue_final_message and body.messages[-1].role != "assistant":
+            raise APIError(
+                400,
+                "continue_final_message needs an assistant message last.",
+                param="continue_final_message",
+            )
     if isinstance(body, ChatCompletionRequest):
         if body.tools:
             raise APIError(400, "Tool calling is not supported by this server.", param="tools")
@@ -215,8 +242,6 @@ def _check_unsupported(body: SamplingRequest) -> None:
                 400, "Only response_format {'type': 'text'} is supported.", param="response_format"
             )
     if isinstance(body, CompletionRequest):
-        if body.echo:
-            raise APIError(400, "echo is not supported by this server.", param="echo")
         if body.suffix:
             raise APIError(400, "suffix is not supported by this server.", param="suffix")
         if body.best_of not in (None, 1):
@@ -250,10 +275,17 @@ async def _off_loop_if_long(size: int, fn: Callable, *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args) if size > LONG_TEXT_CHARS else fn(*args)
 
 
-async def _chat_prompt_ids(tokenizer: Tokenizer, messages: list[EngineMessage]) -> list[int]:
+async def _chat_prompt_ids(
+    tokenizer: Tokenizer, messages: list[EngineMessage], **options: Any
+) -> list[int]:
     size = sum(len(m["content"]) for m in messages)
+    # encode_chat: control tokens written in the messages stay plain text (issue 17).
+
+    def encode(m: list[EngineMessage], **kw: Any) -> list[int]:
+        return tokenizer.encode_chat(m, **kw, **options)
+
     try:
-        return await _off_loop_if_long(size, tokenizer.apply_chat_template, messages)
+        return await _off_loop_if_long(size, encode, messages)
     except Exception as exc:  # the template refuses some message orders (raise_exception)
         raise APIError(
             400, f"The chat template could not render these messages: {exc}", param="messages"
@@ -305,9 +337,18 @@ def _sampling_params(
             top_p=pick(body.top_p, "top_p", 1.0),
             top_k=-1 if top_k == 0 else top_k,
             min_p=pick(body.min_p, "min_p", 0.0),
-            max_tokens=max_tokens,
+            # max_tokens 0 (echo only): one token is sampled, then dropped (_prompt_only).
+            max_tokens=1 if body.max_tokens == 0 else max_tokens,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
             stop_token_ids=body.stop_token_ids,
+            min_tokens=body.min_tokens,
+            logit_bias=_logit_bias(body),
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            skip_special_tokens=body.skip_special_tokens,
+            logprobs=_logprobs_wanted(body),
+            prompt_logprobs=(
+                body.logprobs if isinstance(body, CompletionRequest) and body.echo else None
+            ),
             ignore_eos=body.ignore_eos,
             seed=body.seed,
             presence_penalty=body.presence_penalty or 0.0,
@@ -323,6 +364,55 @@ def _sampling_params(
             else None
         )
         raise APIError(400, text, param=field) from exc
+
+
+def _logprobs_wanted(body: SamplingRequest) -> int | None:
+    if isinstance(body, ChatCompletionRequest):
+        return (body.top_logprobs or 0) if body.logprobs else None
+    if isinstance(body, CompletionRequest):
+        return body.logprobs
+    return None
+
+
+def _logit_bias(body: SamplingRequest) -> dict[int, float] | None:
+    if not body.logit_bias:
+        return None
+    try:
+        return {int(token): float(value) for token, value in body.logit_bias.items()}
+    except ValueError as exc:
+        raise APIError(
+            400, "logit_bias keys must be token ids (integers as strings).", param="logit_bias"
+        ) from exc
+
+
+def _template_options(body: ChatCompletionRequest) -> dict[str, Any]:
+    """How the chat template renders the messages (vLLM's fields)."""
+    return {
+        **(body.chat_template_kwargs or {}),
+        "add_generation_prompt": body.add_generation_prompt,
+        "continue_final_message": body.continue_final_message,
+    }
+
+
+# What only the in-process engine serves: a remote engine is sent OpenAI's basic fields.
+_LOCAL_ONLY = (
+    "logprobs", "echo", "min_tokens", "logit_bias", "include_stop_str_in_output",
+    "skip_special_tokens", "chat_template_kwargs", "add_generation_prompt",
+    "continue_final_message",
+)
+_DEFAULTS: dict[str, Any] = {
+    "echo": False, "min_tokens": 0, "include_stop_str_in_output": False,
+    "skip_special_tokens": True, "add_generation_prompt": True, "continue_final_message": False,
+}
+
+
+def _check_remote(body: SamplingRequest) -> None:
+    for name in _LOCAL_ONLY:
+        value = getattr(body, name, None)
+        if value is not None and value != _DEFAULTS.get(name):
+            raise APIError(
+                400, f"{name} is not served through a remote engine.", param=name
+            )
 
 
 def _requested_max_tokens(body: SamplingRequest) -> int | None:
@@ -360,6 +450,61 @@ class _Job:
     include_usage: bool
     request_ids: list[str]
     streams: list[Stream]
+    body: SamplingRequest | None = None
+    tokens: TokenText | None = None  # set by _respond for an in-process engine
+    echo_texts: list[str] | None = None  # completions with echo: each prompt's text
+    _echoed: set[int] = field(default_factory=set)
+    _offsets: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def logprobs(self) -> int | None:
+        return _logprobs_wanted(self.body) if self.body is not None else None
+
+    def echo_text(self, index: int) -> str:
+        if self.echo_texts is None or self.body is None:
+            return ""
+        return self.echo_texts[index // self.body.n]
+
+    def choice_logprobs(self, index: int, out: RequestOutput, delta: bool) -> Any:
+        """The logprobs of one choice: this output's tokens (a stream) or all (`delta` False)."""
+        if self.logprobs is None or self.tokens is None:
+            return None
+        ids = out.delta_token_ids if delta else out.token_ids
+        entries = (out.delta_logprobs if delta else out.logprobs) or []
+        ids = ids[: len(entries)]
+        if self.kind == "chat":
+            return chat_logprobs(self.tokens, ids, entries, self.logprobs)
+        parts = []
+        offset = self._offsets.get(index, 0) if delta else 0
+        if self.echo_texts is not None and (not delta or index not in self._echoed):
+            prompt_entries = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+            part, offset = completion_logprobs(
+                self.tokens, out.prompt_token_ids, prompt_entries, offset
+            )
+            offset = len(self.echo_text(index))  # offsets in the text as the client sees it
+            parts.append(part)
+        part, offset = completion_logprobs(self.tokens, ids, entries, offset)
+        parts.append(part)
+        self._offsets[index] = offset
+        return merge_completion_logprobs(parts)
+
+    def output_chunk(self, index: int, out: RequestOutput) -> dict:
+        """A streamed chunk of one output: its text (after the prompt, with echo), logprobs
+        and, when it ends the choice, finish_reason and stop_reason."""
+        logprobs = self.choice_logprobs(index, out, delta=True)
+        text = out.delta_text
+        if self.echo_texts is not None and index not in self._echoed:
+            text = self.echo_text(index) + text
+        self._echoed.add(index)
+        data = self.chunk(index, text, out.finish_reason if out.finished else None)
+        choice = data["choices"][0]
+        choice["logprobs"] = logprobs
+        if out.finished:
+            choice["stop_reason"] = out.stop_reason
+        return data
+
+    def wants_chunk(self, out: RequestOutput) -> bool:
+        return bool(out.delta_text or out.finished or (self.logprobs is not None and out.delta_logprobs))
 
     def chunk(self, index: int, text: str, finish_reason: str | None, role: bool = False) -> dict:
         if self.kind == "chat":
@@ -504,6 +649,9 @@ def _sse(data: dict) -> str:
 
 
 async def _respond(request: Request, engine: EngineClient, job: _Job) -> Response:
+    if engine.tokenizer is None and job.body is not None:
+        _check_remote(job.body)
+    job.tokens = TokenText(engine.tokenizer) if engine.tokenizer is not None else None
     guard = _DisconnectGuard(request, engine, job.request_ids)
     outputs = _merge([metrics.track(s, kind="api") for s in job.streams])
     try:
@@ -577,6 +725,13 @@ async def _collect(
             ],
             usage=usage,
         )
+    for i, final in enumerate(finals):
+        if final is None:
+            continue
+        body.choices[i].stop_reason = final.stop_reason
+        body.choices[i].logprobs = job.choice_logprobs(i, final, delta=False)
+        if job.echo_texts is not None:
+            body.choices[i].text = job.echo_text(i) + body.choices[i].text
     return JSONResponse(body.model_dump())
 
 
@@ -603,10 +758,8 @@ async def _stream_events(
                 )
                 yield _sse(error.body())
                 break
-            if out.delta_text or out.finished:
-                yield _sse(
-                    job.chunk(i, out.delta_text, out.finish_reason if out.finished else None)
-                )
+            if job.wants_chunk(out):
+                yield _sse(job.output_chunk(i, out))
             if out.finished:
                 finals[i] = out
             item = await anext(outputs, None)
@@ -657,9 +810,31 @@ def _job(
     request_id: str,
     model: str,
     body: SamplingRequest,
-    streams: list[Callable[[str], Stream]],
+    starts: list[tuple[Callable[[str, SamplingParams], Stream], SamplingParams]],
 ) -> _Job:
-    ids = [request_id] if len(streams) == 1 else [f"{request_id}-{i}" for i in range(len(streams))]
+    """The job of a request: `n` choices per prompt (index prompt * n + choice).
+
+    A choice's seed is the request's seed + its number, so the n answers differ and each is
+    reproducible. Choices after the first start once the first has produced its first token:
+    its prompt blocks are in the prefix cache by then, so the prompt is computed once.
+    """
+    n = body.n
+    count = len(starts) * n
+    ids = [request_id] if count == 1 else [f"{request_id}-{i}" for i in range(count)]
+    streams: list[Stream] = []
+    for p, (start, params) in enumerate(starts):
+        first_ready = asyncio.Event()
+        for j in range(n):
+            choice_params = params
+            if j and params.seed is not None:
+                choice_params = copy.copy(params)
+                choice_params.seed = params.seed + j
+            stream = start(ids[p * n + j], choice_params)
+            if n > 1 and params.prompt_logprobs is None:  # prompt logprobs skip the cache
+                stream = _after_first(stream, first_ready) if j else _first(stream, first_ready)
+            if body.max_tokens == 0:
+                stream = _prompt_only(stream)
+            streams.append(stream)
     return _Job(
         kind=kind,
         response_id=request_id,
@@ -668,8 +843,44 @@ def _job(
         stream=body.stream,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
         request_ids=ids,
-        streams=[make(rid) for make, rid in zip(streams, ids, strict=True)],
+        streams=streams,
+        body=body,
     )
+
+
+async def _first(stream: Stream, ready: asyncio.Event) -> Stream:
+    """The first choice's stream; sets `ready` at its first token (or its end)."""
+    try:
+        async for out in stream:
+            if out.delta_token_ids or out.finished:
+                ready.set()
+            yield out
+    finally:
+        ready.set()
+        await stream.aclose()
+
+
+async def _after_first(stream: Stream, ready: asyncio.Event) -> Stream:
+    """A later choice's stream: its request reaches the engine once `ready` is set."""
+    await ready.wait()
+    try:
+        async for out in stream:
+            yield out
+    finally:
+        await stream.aclose()
+
+
+async def _prompt_only(stream: Stream) -> Stream:
+    """max_tokens 0 (completions with echo): the one sampled token is dropped from the answer."""
+    try:
+        async for out in stream:
+            yield dataclasses.replace(
+                out, delta_text="", delta_token_ids=[], delta_logprobs=None, text="",
+                token_ids=[], logprobs=None, num_generated_tokens=0, stop_reason=None,
+                finish_reason="length" if out.finish_reason == "stop" else out.finish_reason,
+            )
+    finally:
+        await stream.aclose()
 
 
 @v1.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
@@ -685,19 +896,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if tokenizer is None:  # a remote engine: the messages go as they are
         params = _sampling_params(body, engine.generation_defaults, max_tokens, salt)
 
-        def start(rid: str) -> Stream:
+        def start(rid: str, params: SamplingParams) -> Stream:
             return engine.chat(messages, params, request_id=rid)
     else:
-        ids = await _chat_prompt_ids(tokenizer, messages)
+        ids = await _chat_prompt_ids(tokenizer, messages, **_template_options(body))
         _check_length(len(ids), max_tokens, engine.max_model_len, "messages")
         budget = max_tokens or engine.max_model_len - len(ids)
         params = _sampling_params(body, engine.generation_defaults, budget, salt)
 
-        def start(rid: str) -> Stream:
+        def start(rid: str, params: SamplingParams) -> Stream:
             return engine.generate(ids, params, request_id=rid)
 
     _check_queue(request, engine)
-    return await _respond(request, engine, _job("chat", request_id, model, body, [start]))
+    return await _respond(request, engine, _job("chat", request_id, model, body, [(start, params)]))
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -720,6 +931,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     request_id = f"cmpl-{uuid.uuid4().hex}"
     salt = _cache_salt(request, body)
     starts = []
+    echo_texts: list[str] = []
     tokenizer = engine.tokenizer
     for prompt in prompts:
         if tokenizer is None:  # a remote engine: text or token ids go as they are
@@ -735,15 +947,25 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             _check_length(len(prompt_input), max_tokens, engine.max_model_len, "prompt")
             budget = max_tokens or engine.max_model_len - len(prompt_input)
             params = _sampling_params(body, engine.generation_defaults, budget, salt)
-        starts.append(_bind(engine, prompt_input, params))
+        starts.append((_bind(engine, prompt_input), params))
+        if body.echo:
+            echo_texts.append(
+                prompt if isinstance(prompt, str) else _decode(engine, prompt)
+            )
     _check_queue(request, engine)
-    return await _respond(request, engine, _job("text", request_id, model, body, starts))
+    job = _job("text", request_id, model, body, starts)
+    job.echo_texts = echo_texts if body.echo else None
+    return await _respond(request, engine, job)
+
+
+def _decode(engine: EngineClient, ids: list[int]) -> str:
+    return engine.tokenizer.decode(ids) if engine.tokenizer is not None else ""
 
 
 def _bind(
-    engine: EngineClient, prompt: str | list[int], params: SamplingParams
-) -> Callable[[str], Stream]:
-    return lambda rid: engine.generate(prompt, params, request_id=rid)
+    engine: EngineClient, prompt: str | list[int]
+) -> Callable[[str, SamplingParams], Stream]:
+    return lambda rid, params: engine.generate(prompt, params, request_id=rid)
 
 
 router = APIRouter()
