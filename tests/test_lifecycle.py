@@ -277,3 +277,139 @@ def test_clients_that_leave_early_leave_no_traceback(live):
     assert httpx.get(live.url + "/pagechat/status").json()["engine"] == "ready"
     log = live.output()
     assert "Traceback" not in log and "No response returned" not in log, log[-4000:]
+
+
+# ---- the pieces, in process ---------------------------------------------------------------
+
+
+async def test_drain_waits_for_answers_and_aborts_only_the_slow_ones():
+    from app.serving.shutdown import Drain
+
+    drain = Drain()
+    aborted: list[str] = []
+
+    async def abort(request_id: str) -> None:
+        aborted.append(request_id)
+        drain.end([request_id])  # the engine ends the stream; its answer unregisters
+
+    drain.begin(["quick"], abort)
+    drain.begin(["slow-0", "slow-1"], abort)
+    asyncio.get_running_loop().call_later(0.1, drain.end, ["quick"])
+    started = time.monotonic()
+    await drain.run(grace_s=0.5)
+    assert drain.draining and 0.45 < time.monotonic() - started < 3
+    assert sorted(aborted) == ["slow-0", "slow-1"] and drain.active == 0
+    assert drain.cut("slow-0") and not drain.cut("quick") and not drain.cut(None)
+
+    idle = Drain()
+    started = time.monotonic()
+    await idle.run(grace_s=30)  # nothing in flight: no wait at all
+    assert time.monotonic() - started < 0.5
+
+
+async def test_drain_hurry_ends_the_grace_period_and_aborts_are_resent():
+    from app.serving.shutdown import Drain
+
+    drain = Drain()
+    calls: list[str] = []
+
+    async def late_abort(request_id: str) -> None:  # the first abort beats the request
+        calls.append(request_id)
+        if len(calls) == 2:
+            drain.end([request_id])
+
+    drain.begin(["r"], late_abort)
+    asyncio.get_running_loop().call_later(0.1, drain.hurry)
+    started = time.monotonic()
+    await drain.run(grace_s=30)
+    assert time.monotonic() - started < 3 and calls == ["r", "r"]
+
+
+async def _asgi(app, path: str, query: bytes = b"", kind: str = "http") -> list[dict]:
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    await app({"type": kind, "path": path, "method": "GET", "query_string": query, "headers": []},
+              receive, send)
+    return sent
+
+
+async def test_drain_gate_refuses_new_work_with_503_and_retry_after():
+    from app.serving.shutdown import Drain, DrainGate
+
+    async def ok(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    drain = Drain()
+    gate = DrainGate(ok, drain)
+    assert (await _asgi(gate, "/v1/models"))[0]["status"] == 200
+    drain.draining = True
+    start, body = await _asgi(gate, "/v1/chat/completions")
+    headers = dict(start["headers"])
+    assert start["status"] == 503 and headers[b"retry-after"] == b"5"
+    assert json.loads(body["body"])["error"]["code"] == "server_shutting_down"
+    start, body = await _asgi(gate, "/")
+    assert start["status"] == 503 and "shutting down" in json.loads(body["body"])["detail"]
+    assert (await _asgi(gate, "/metrics"))[0]["status"] == 200
+    assert (await _asgi(gate, "/ws/socket.io/", b"EIO=4&transport=polling&sid=abc"))[0]["status"] == 200
+    assert (await _asgi(gate, "/ws/socket.io/", b"EIO=4&transport=polling"))[0]["status"] == 503
+    assert (await _asgi(gate, "/ws/socket.io/", b"EIO=4", "websocket")) == [
+        {"type": "websocket.close", "code": 1012}]
+
+
+async def test_quiet_disconnects_drops_only_a_departed_clients_errors():
+    from starlette.requests import ClientDisconnect
+
+    from app.serving.disconnects import QuietDisconnects
+
+    def app_raising(exc: Exception, read_disconnect: bool):
+        async def app(scope, receive, send):
+            if read_disconnect:
+                await receive()
+            raise exc
+
+        return app
+
+    async def run(app) -> None:
+        async def receive():
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            pass
+
+        await QuietDisconnects(app)({"type": "http", "path": "/x", "method": "GET"}, receive, send)
+
+    await run(app_raising(RuntimeError("No response returned."), read_disconnect=True))
+    await run(app_raising(ClientDisconnect(), read_disconnect=False))
+    with pytest.raises(RuntimeError):  # the client was still there: a real error
+        await run(app_raising(RuntimeError("No response returned."), read_disconnect=False))
+    with pytest.raises(ValueError):
+        await run(app_raising(ValueError("a bug"), read_disconnect=True))
+
+
+async def test_pending_writes_are_waited_for():
+    from app.serving.shutdown import PendingWrites
+
+    class Layer:
+        def __init__(self) -> None:
+            self.stored: list[str] = []
+
+        async def create_step(self, name: str) -> None:
+            await asyncio.sleep(0.3)
+            self.stored.append(name)
+
+        async def get_thread(self, name: str) -> str:  # a read: not counted
+            return name
+
+    layer, writes = Layer(), PendingWrites()
+    writes.wrap(layer)
+    asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(layer.create_step("last")))
+    await writes.settle(timeout=5)
+    assert layer.stored == ["last"] and writes.count == 0
+    assert await layer.get_thread("t") == "t"
