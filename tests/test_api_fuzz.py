@@ -137,6 +137,12 @@ def _overrides(model: str) -> dict[str, st.SearchStrategy]:
         # Mostly short answers, sometimes anything the schema allows.
         "max_tokens": weighted(st.integers(1, 4), st.one_of(st.none(), st.integers()), 8),
         "max_completion_tokens": weighted(st.integers(1, 4), st.one_of(st.none(), st.integers()), 8),
+        # Grammars and tools: mostly none, so most requests still reach the model unconstrained.
+        **{
+            name: weighted(st.none(), st.text(max_size=8), 6)
+            for name in ("guided_json", "guided_regex", "guided_grammar", "tool_choice")
+        },
+        "guided_choice": weighted(st.none(), st.lists(st.text(max_size=4), max_size=3), 6),
         "prompt": weighted(
             st.one_of(
                 st.text(min_size=1, max_size=40),
