@@ -48,6 +48,8 @@ from app.api.protocol import (
     SamplingRequest,
     Usage,
 )
+from app.api.structured import InvalidRequest, structured_output_of
+from app.api.tools import ToolCallStreamer, parse_tool_calls, plan_tools
 from app.serving import metrics
 from app.serving.remote_engine import UpstreamError
 from app.serving.runtime import runtime_of
@@ -234,13 +236,6 @@ def _check_unsupported(body: SamplingRequest) -> None:
                 "continue_final_message needs an assistant message last.",
                 param="continue_final_message",
             )
-    if isinstance(body, ChatCompletionRequest):
-        if body.tools:
-            raise APIError(400, "Tool calling is not supported by this server.", param="tools")
-        if body.response_format and body.response_format.get("type", "text") != "text":
-            raise APIError(
-                400, "Only response_format {'type': 'text'} is supported.", param="response_format"
-            )
     if isinstance(body, CompletionRequest):
         if body.suffix:
             raise APIError(400, "suffix is not supported by this server.", param="suffix")
@@ -276,7 +271,10 @@ async def _off_loop_if_long(size: int, fn: Callable, *args: Any) -> Any:
 
 
 async def _chat_prompt_ids(
-    tokenizer: Tokenizer, messages: list[EngineMessage], **options: Any
+    tokenizer: Tokenizer,
+    messages: list[EngineMessage],
+    tools: list[dict[str, Any]] | None = None,
+    **options: Any,
 ) -> list[int]:
     size = sum(len(m["content"]) for m in messages)
     # encode_chat: control tokens written in the messages stay plain text (issue 17).
@@ -285,7 +283,9 @@ async def _chat_prompt_ids(
         return tokenizer.encode_chat(m, **kw, **options)
 
     try:
-        return await _off_loop_if_long(size, encode, messages)
+        return await _off_loop_if_long(
+            size, lambda m: encode(m, tools=tools), messages
+        )
     except Exception as exc:  # the template refuses some message orders (raise_exception)
         raise APIError(
             400, f"The chat template could not render these messages: {exc}", param="messages"
@@ -505,6 +505,28 @@ class _Job:
 
     def wants_chunk(self, out: RequestOutput) -> bool:
         return bool(out.delta_text or out.finished or (self.logprobs is not None and out.delta_logprobs))
+    # Chat with tools: each choice's text parsed into content and tool calls (app/api/tools.py).
+    tool_streams: list[ToolCallStreamer] | None = None
+
+    def tool_chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        """Chunks of one output of a chat with tools: content and delta.tool_calls."""
+        assert self.tool_streams is not None
+        streamer = self.tool_streams[index]
+        content, calls = streamer.feed(out.delta_text)
+        if out.finished:
+            more, more_calls = streamer.finish()
+            content, calls = content + more, calls + more_calls
+        reason = out.finish_reason if out.finished else None
+        if reason == "stop" and streamer.has_calls:
+            reason = "tool_calls"
+        chunks = []
+        if content or (out.finished and not calls):
+            chunks.append(self.chunk(index, content, None if calls else reason))
+        if calls:
+            data = self.chunk(index, "", reason)
+            data["choices"][0]["delta"] = {"tool_calls": calls}
+            chunks.append(data)
+        return chunks
 
     def chunk(self, index: int, text: str, finish_reason: str | None, role: bool = False) -> dict:
         if self.kind == "chat":
@@ -708,9 +730,7 @@ async def _collect(
             created=job.created,
             model=job.model,
             choices=[
-                ChatChoice(
-                    index=i, message=AssistantMessage(content=texts[i]), finish_reason=reasons[i]
-                )
+                _chat_choice(job, i, texts[i], reasons[i])
                 for i in range(n)
             ],
             usage=usage,
@@ -733,6 +753,17 @@ async def _collect(
         if job.echo_texts is not None:
             body.choices[i].text = job.echo_text(i) + body.choices[i].text
     return JSONResponse(body.model_dump())
+
+
+def _chat_choice(job: _Job, index: int, text: str, reason: str | None) -> ChatChoice:
+    """One choice of a chat answer; with tools, its <tool_call> blocks as message.tool_calls."""
+    if job.tool_streams is None:
+        return ChatChoice(index=index, message=AssistantMessage(content=text), finish_reason=reason)
+    content, calls = parse_tool_calls(text)
+    if calls and reason == "stop":
+        reason = "tool_calls"
+    message = AssistantMessage.model_validate({"content": content, "tool_calls": calls})
+    return ChatChoice(index=index, message=message, finish_reason=reason)
 
 
 async def _stream_events(
@@ -758,7 +789,10 @@ async def _stream_events(
                 )
                 yield _sse(error.body())
                 break
-            if job.wants_chunk(out):
+            if job.tool_streams is not None:
+                for data in job.tool_chunks(i, out):
+                    yield _sse(data)
+            elif job.wants_chunk(out):
                 yield _sse(job.output_chunk(i, out))
             if out.finished:
                 finals[i] = out
@@ -888,27 +922,55 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     engine = _engine(request)
     model = await _check_model(request, engine, body.model)
     _check_unsupported(body)
+    plan, structured = _tools_and_structured_output(body)
     messages = _message_dicts(body.messages)
     max_tokens = _requested_max_tokens(body)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     salt = _cache_salt(request, body)
     tokenizer = engine.tokenizer
     if tokenizer is None:  # a remote engine: the messages go as they are
+        if plan.tools or structured:
+            raise APIError(
+                400, "Tools and structured output are not served through a remote engine.",
+                param="tools" if plan.tools else "response_format",
+            )
         params = _sampling_params(body, engine.generation_defaults, max_tokens, salt)
 
         def start(rid: str, params: SamplingParams) -> Stream:
             return engine.chat(messages, params, request_id=rid)
     else:
-        ids = await _chat_prompt_ids(tokenizer, messages, **_template_options(body))
+        ids = await _chat_prompt_ids(tokenizer, messages, plan.tools, **_template_options(body))
         _check_length(len(ids), max_tokens, engine.max_model_len, "messages")
         budget = max_tokens or engine.max_model_len - len(ids)
         params = _sampling_params(body, engine.generation_defaults, budget, salt)
+        params.structured_output = structured
 
         def start(rid: str, params: SamplingParams) -> Stream:
             return engine.generate(ids, params, request_id=rid)
 
     _check_queue(request, engine)
-    return await _respond(request, engine, _job("chat", request_id, model, body, [(start, params)]))
+    job = _job("chat", request_id, model, body, [(start, params)])
+    if plan.parse:
+        job.tool_streams = [ToolCallStreamer() for _ in job.streams]
+    return await _respond(request, engine, job)
+
+
+def _tools_and_structured_output(body: ChatCompletionRequest) -> tuple[Any, Any]:
+    """The request's ToolPlan and output constraint (forced tool calls, response_format or
+    guided_*); 400 for what cannot be served."""
+    try:
+        plan = plan_tools(body.tools, body.tool_choice, body.parallel_tool_calls)
+        structured = structured_output_of(body)
+    except InvalidRequest as exc:
+        raise APIError(400, str(exc), param=exc.param) from exc
+    if plan.structured_output is not None and structured is not None:
+        raise APIError(
+            400,
+            "tool_choice required or a named function cannot be combined with response_format "
+            "or guided_*.",
+            param="tool_choice",
+        )
+    return plan, plan.structured_output or structured
 
 
 def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -930,11 +992,20 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     max_tokens = _requested_max_tokens(body)
     request_id = f"cmpl-{uuid.uuid4().hex}"
     salt = _cache_salt(request, body)
+    try:
+        structured = structured_output_of(body)
+    except InvalidRequest as exc:
+        raise APIError(400, str(exc), param=exc.param) from exc
     starts = []
     echo_texts: list[str] = []
     tokenizer = engine.tokenizer
     for prompt in prompts:
         if tokenizer is None:  # a remote engine: text or token ids go as they are
+            if structured is not None:
+                raise APIError(
+                    400, "Structured output is not served through a remote engine.",
+                    param="guided_json",
+                )
             params = _sampling_params(body, engine.generation_defaults, max_tokens, salt)
             prompt_input: str | list[int] = prompt
         else:
@@ -947,6 +1018,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             _check_length(len(prompt_input), max_tokens, engine.max_model_len, "prompt")
             budget = max_tokens or engine.max_model_len - len(prompt_input)
             params = _sampling_params(body, engine.generation_defaults, budget, salt)
+            params.structured_output = structured
         starts.append((_bind(engine, prompt_input), params))
         if body.echo:
             echo_texts.append(
