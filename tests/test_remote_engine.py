@@ -214,3 +214,33 @@ async def test_openai_client_through_the_app_to_the_upstream(remote_app, log):
         await client.close()
         remote_app.call(runtime.engine.aclose())  # its connections belong to the server's loop
         runtime.engine = None
+
+
+async def test_fields_only_the_local_engine_serves_are_refused_remotely(remote_app, log):
+    """logprobs, echo, min_tokens, logit_bias, template fields: 400 naming them (a remote engine
+    is sent OpenAI's basic fields only); n > 1 is served as n upstream requests."""
+    runtime = remote_app.app.state.runtime
+    runtime.engine = RemoteEngine.from_settings(runtime.settings)
+    client = openai.AsyncOpenAI(base_url=remote_app.url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "a b"}]
+    try:
+        for extra, param in [
+            ({"logprobs": True}, "logprobs"),
+            ({"min_tokens": 2}, "min_tokens"),
+            ({"logit_bias": {"5": 1}}, "logit_bias"),
+            ({"chat_template_kwargs": {"x": 1}}, "chat_template_kwargs"),
+            ({"skip_special_tokens": False}, "skip_special_tokens"),
+        ]:
+            with pytest.raises(openai.BadRequestError) as info:
+                await client.chat.completions.create(
+                    model=UPSTREAM_MODEL, messages=messages, extra_body=extra
+                )
+            assert info.value.body["param"] == param
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.completions.create(model=UPSTREAM_MODEL, prompt="a", echo=True)
+        assert info.value.body["param"] == "echo"
+        done = await client.chat.completions.create(model=UPSTREAM_MODEL, messages=messages, n=2)
+        assert [(c.index, c.message.content) for c in done.choices] == [(0, "a b "), (1, "a b ")]
+    finally:
+        await client.close()
+        remote_app.call(runtime.engine.aclose())
