@@ -181,19 +181,23 @@ def test_streamed_tool_call_reassembles_to_the_same_call(client, model):
         tool_choice={"type": "function", "function": {"name": "get_weather"}},
         max_tokens=80,
         temperature=0,
+        logprobs=True,
     )
     whole = client.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
     calls: dict[int, dict] = {}
     reasons = []
+    logprobs = 0
     for chunk in client.chat.completions.create(**kwargs, stream=True):
         choice = chunk.choices[0]
         reasons.append(choice.finish_reason)
+        logprobs += len(choice.logprobs.content) if choice.logprobs else 0
         for d in choice.delta.tool_calls or []:
             call = calls.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
             if d.id:
                 call["id"], call["name"] = d.id, d.function.name
             call["arguments"] += d.function.arguments or ""
     assert reasons[-1] == "tool_calls"
+    assert logprobs > 0  # the calls' tokens keep their logprobs when streamed
     assert len(calls) == 1 and calls[0]["id"].startswith("call_")
     assert (calls[0]["name"], calls[0]["arguments"]) == (
         whole.function.name,

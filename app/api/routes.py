@@ -516,17 +516,17 @@ class _Job:
         if out.finished:
             more, more_calls = streamer.finish()
             content, calls = content + more, calls + more_calls
-        reason = out.finish_reason if out.finished else None
-        if reason == "stop" and streamer.has_calls:
-            reason = "tool_calls"
-        chunks = []
-        if content or (out.finished and not calls):
-            chunks.append(self.chunk(index, content, None if calls else reason))
+        data = self.output_chunk(index, out)  # logprobs, finish_reason and stop_reason
+        choice = data["choices"][0]
+        if out.finished and out.finish_reason == "stop" and streamer.has_calls:
+            choice["finish_reason"] = "tool_calls"
+        delta: dict[str, Any] = {"content": content} if content or not calls else {}
         if calls:
-            data = self.chunk(index, "", reason)
-            data["choices"][0]["delta"] = {"tool_calls": calls}
-            chunks.append(data)
-        return chunks
+            delta["tool_calls"] = calls
+        if not (content or calls or out.finished or choice["logprobs"]):
+            return []
+        choice["delta"] = delta
+        return [data]
 
     def chunk(self, index: int, text: str, finish_reason: str | None, role: bool = False) -> dict:
         if self.kind == "chat":
