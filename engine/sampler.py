@@ -2,8 +2,9 @@
 
 The semantics follow HF transformers and vLLM so that results can be checked against them:
 
-0. logit_bias added to the raw logits, and the stop ids a row may not pick yet (min_tokens)
-   masked to -inf, as vLLM's logits processors do before penalties;
+0. a structured-output row's grammar bitmask first (engine.structured_output: the tokens its
+   grammar forbids at -inf, on that row only), then logit_bias added, and the stop ids a row
+   may not pick yet (min_tokens) masked to -inf, as vLLM's logits processors do before penalties;
 1. penalties on those logits: repetition (HF: over prompt + output tokens, positive logits
    divided, negative multiplied), then frequency and presence (OpenAI: over output tokens,
    `logit - count * frequency - (count > 0) * presence`);
