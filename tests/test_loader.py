@@ -287,12 +287,12 @@ def test_weights_land_in_fused_parameters(sharded, dtype):
     assert model.model.rotary_emb.cos_sin_cache.dtype == torch.float32
     tensors = read_all_tensors(sharded)
     attn = model.model.layers[1].self_attn
-    q, k, v = attn.qkv_proj.weight.split(attn.qkv_proj.output_sizes)
+    q, k, v = attn.qkv_proj.dense_weight().split(attn.qkv_proj.output_sizes)
     prefix = "model.layers.1."
     assert torch.equal(q, tensors[prefix + "self_attn.q_proj.weight"].to(target))
     assert torch.equal(k, tensors[prefix + "self_attn.k_proj.weight"].to(target))
     assert torch.equal(v, tensors[prefix + "self_attn.v_proj.weight"].to(target))
-    gate, up = model.model.layers[1].mlp.gate_up_proj.weight.chunk(2)
+    gate, up = model.model.layers[1].mlp.gate_up_proj.dense_weight().chunk(2)
     assert torch.equal(gate, tensors[prefix + "mlp.gate_proj.weight"].to(target))
     assert torch.equal(up, tensors[prefix + "mlp.up_proj.weight"].to(target))
     assert torch.equal(attn.k_norm.weight, tensors[prefix + "self_attn.k_norm.weight"].to(target))

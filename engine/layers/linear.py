@@ -14,6 +14,15 @@ reports about the CPU (engine.cpu_capability), and looked up per call:
     multiplied as soon as it is converted, so memory streams only the 16-bit weights once;
     the result is the float32 product with the up-cast weights, exactly;
   - everything else (bfloat16 without native support, float16, float64): F.linear.
+
+Prepacking (`prepack_linears`, called once by the loader after the weights are in): where the
+bfloat16 kernel is oneDNN, each weight is reordered once into oneDNN's blocked layout
+(`torch.ops.mkldnn._reorder_linear_weight`); the dense copy is dropped, so memory does not grow.
+Without it oneDNN reorders the dense weight on every call. Measured on Qwen3-0.6B shapes
+(AVX512-bf16 + AMX, interleaved, 1 thread): 1.5-1.6x faster at 1 and 16 rows, the same at
+2048, bit for bit the same results. The packed weight keeps shape and dtype; `dense_weight()`
+gives the plain tensor back for the rare reader (tests, tied embeddings stay dense).
+float32 is not packed: no gain measured there.
 """
 
 from __future__ import annotations
@@ -98,8 +107,31 @@ def _kernel_table() -> dict[tuple[torch.dtype, torch.dtype], LinearKernel]:
 CPU_KERNELS = _kernel_table()
 
 
+def can_prepack(weight: torch.Tensor) -> bool:
+    """A weight the CPU bfloat16 oneDNN kernel would use, so worth reordering once at load."""
+    return (
+        weight.device.type == "cpu"
+        and not weight.is_mkldnn
+        and weight.dim() == 2
+        and weight.dtype == torch.bfloat16
+        and CPU_KERNELS.get((torch.bfloat16, torch.bfloat16)) is LinearKernel.ONEDNN
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
+
+
+def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked layout of a [N, K] bfloat16 weight (an opaque mkldnn tensor)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x W^T (+ b), on the kernel CPU_KERNELS names for a 2-d CPU input; F.linear otherwise."""
+    if weight.is_mkldnn:  # prepacked: only ever built where the kernel is oneDNN
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] == 0:
+            return x.new_empty(*x.shape[:-1], weight.shape[0])
+        out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), weight, bias, "none", [], "")
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], weight.shape[0])
     if x.device.type == "cpu":
         kernel = CPU_KERNELS.get((weight.dtype, x.dtype), LinearKernel.TORCH)
         if kernel is LinearKernel.ONEDNN and x.dim() == 2 and x.shape[0] > 0:
@@ -139,8 +171,22 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
 
+    def dense_weight(self) -> torch.Tensor:
+        """The weight as a plain [out, in] tensor (a copy when it is prepacked)."""
+        return self.weight.to_dense() if self.weight.is_mkldnn else self.weight
+
+    @torch.no_grad()
+    def prepack(self) -> bool:
+        """Swap the weight for its oneDNN-packed form where that kernel runs; True if done."""
+        if not can_prepack(self.weight):
+            return False
+        self.weight = nn.Parameter(prepack_weight(self.weight), requires_grad=False)
+        return True
+
     @torch.no_grad()
     def load_weight(self, param_name: str, loaded: torch.Tensor, shard: int, name: str) -> None:
+        if self.weight.is_mkldnn:
+            raise RuntimeError("weights are prepacked: load them before prepack()")
         copy_checked(getattr(self, param_name), loaded, name)
 
     def extra_repr(self) -> str:

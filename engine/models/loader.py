@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -260,8 +261,12 @@ def load_model(
     dtype: str | torch.dtype | Precision,
     device: str | torch.device,
     attention_backend: AttentionBackend,
+    prepack: bool = True,
 ) -> Qwen3ForCausalLM:
     """Build Qwen3ForCausalLM on `device` and fill it from the checkpoint at `path`.
+
+    `prepack`: on a CPU where bfloat16 runs on oneDNN, reorder the linear weights once into its
+    blocked layout (see engine.layers.linear; 1.5x faster decode GEMVs, same results).
 
     Every parameter is allocated in the precision's weight dtype; activations run in its compute
     dtype (the embedding casts on lookup when the two differ, and the linear layers pick their
@@ -277,6 +282,15 @@ def load_model(
             module.output_dtype = precision.compute_dtype
     model.load_weights(iter_weights(files))
     model.eval()
+    if prepack and torch.device(device).type == "cpu" and not precision.weight_only:
+        start = time.perf_counter()
+        extra = model.prepack()
+        if any(p.is_mkldnn for p in model.parameters()):
+            logger.info(
+                "prepacked linear weights for oneDNN in %.2f s (%.0f MB extra for the tied head)",
+                time.perf_counter() - start,
+                extra / 1e6,
+            )
     where = str(device)
     if torch.device(device).type == "cpu":
         where += f" ({cpu_capability().describe()})"
