@@ -116,14 +116,29 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-compare", action="store_true")
+    parser.add_argument(
+        "--compare",
+        choices=["prepack", "attention"],
+        default="prepack",
+        help="prepack: packed vs dense weights; attention: float32 vs native bf16 decode "
+        "attention (PAGECHAT_CPU_ATTENTION), both packed",
+    )
     args = parser.parse_args()
     config = ModelConfig.from_dir(args.checkpoint)
-    backend = TorchAttentionBackend()
+    backend = TorchAttentionBackend(native_decode=False)
     models = {"packed": load_model(args.checkpoint, config, "bfloat16", "cpu", backend)}
-    if not args.no_compare:
+    if args.compare == "attention":  # "dense" = the baseline: float32 attention
+        native = TorchAttentionBackend(native_decode=True)
+        models = {
+            "packed": load_model(args.checkpoint, config, "bfloat16", "cpu", native),
+            "dense": models["packed"],
+        }
+    elif not args.no_compare:
         models["dense"] = load_model(
             args.checkpoint, config, "bfloat16", "cpu", backend, prepack=False
         )
+    if args.compare == "attention":
+        print("packed = native bf16 decode attention, dense = float32 attention (both prepacked)")
     for b in args.batch:
         batches = {}
         for name, m in models.items():

@@ -105,3 +105,37 @@ def test_each_sequence_gets_the_same_bits_alone_and_batched(seed):
         q, meta, start = _single(batch, s)
         alone = paged_attention_torch(q, batch.k_cache, batch.v_cache, meta, batch.scale)
         assert torch.equal(alone, batched[start : start + q.shape[0]]), f"sequence {s} differs"
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_native_bf16_decode_is_close_and_batch_invariant(seed):
+    """PAGECHAT_CPU_ATTENTION=native: bf16 decodes in bf16 stay within bf16 rounding of the
+    float64 reference and keep their bits whatever their batch mates."""
+    batch = make_batch(
+        mixed_pairs(random.Random(seed)), num_kv_heads=2, group=4, head_dim=64,
+        block_size=16, dtype=torch.bfloat16, seed=seed, device="cpu",
+    )
+    native = paged_attention_torch(
+        batch.q, batch.k_cache, batch.v_cache, batch.meta, batch.scale, native_decode=True
+    )
+    torch.testing.assert_close(
+        native.double(), dense_reference(batch), rtol=2e-2, atol=2e-2
+    )
+    for s in range(batch.meta.num_seqs):
+        q, meta, start = _single(batch, s)
+        alone = paged_attention_torch(
+            q, batch.k_cache, batch.v_cache, meta, batch.scale, native_decode=True
+        )
+        assert torch.equal(alone, native[start : start + q.shape[0]]), f"sequence {s} differs"
+
+
+def test_cpu_attention_setting(monkeypatch):
+    from engine.layers.attention import CPU_ATTENTION_ENV, TorchAttentionBackend
+
+    monkeypatch.delenv(CPU_ATTENTION_ENV, raising=False)
+    assert not TorchAttentionBackend().native_decode
+    monkeypatch.setenv(CPU_ATTENTION_ENV, "native")
+    assert TorchAttentionBackend().native_decode
+    monkeypatch.setenv(CPU_ATTENTION_ENV, "bogus")
+    with pytest.raises(ValueError, match=CPU_ATTENTION_ENV):
+        TorchAttentionBackend()

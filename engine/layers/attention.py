@@ -9,6 +9,7 @@ query i of a sequence with `query_len` new tokens and `seq_len` keys sees keys
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -100,8 +101,15 @@ def paged_attention_torch(
     scale: float,
     new_k: torch.Tensor | None = None,
     new_v: torch.Tensor | None = None,
+    native_decode: bool = False,
 ) -> torch.Tensor:
     """Reference paged attention in plain torch ops, computed in float32.
+
+    `native_decode`: decode rows of a bfloat16/float16 model run sdpa's fused CPU kernel in
+    that dtype (float32 accumulation, probabilities rounded to 16 bits before P@V, as GPU
+    flash kernels do) instead of up-casting the gathered keys and values to float32: at
+    context 512 on Qwen3-0.6B shapes 1.7x (16 sequences) to 3.5x (one) faster attention,
+    a few bf16 ulps off. Still one call per sequence: batch mates never change the bits.
 
     One sdpa call per sequence, so a sequence's result never depends on its batch mates
     (padding a batch together would change the summation order). A prefill without a cached
@@ -120,7 +128,9 @@ def paged_attention_torch(
             decodes_by_len.setdefault(seq_len, []).append(s)
     for seq_len, seqs in decodes_by_len.items():
         tables = meta.block_tables[torch.tensor(seqs, device=q.device)]
-        group_rows = _decode_group(q, [starts[s] for s in seqs], k_cache, v_cache, tables, seq_len, scale)
+        group_rows = _decode_group(
+            q, [starts[s] for s in seqs], k_cache, v_cache, tables, seq_len, scale, native_decode
+        )
         for s, row in zip(seqs, group_rows):
             out[starts[s]] = row
     batched = {s for seqs in decodes_by_len.values() for s in seqs}
@@ -143,10 +153,19 @@ def paged_attention_torch(
             # chunk causally. Two fused-kernel calls merged by log-sum-exp skip the masked half
             # of the chunk-by-chunk scores that one masked call would compute.
             prefix = seq_len - query_len
-            keys = gather_sequence_kv(k_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
-            values = gather_sequence_kv(v_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+            keys = (
+                gather_sequence_kv(k_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+            )
+            values = (
+                gather_sequence_kv(v_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+            )
             attended = _prefix_then_causal_attention(
-                queries, keys[:, :prefix], values[:, :prefix], keys[:, prefix:], values[:, prefix:], scale
+                queries,
+                keys[:, :prefix],
+                values[:, :prefix],
+                keys[:, prefix:],
+                values[:, prefix:],
+                scale,
             )
         out[rows] = attended.transpose(0, 1).to(q.dtype)
     return out
@@ -177,7 +196,9 @@ def _prefix_then_causal_attention(
         return F.scaled_dot_product_attention(
             q[None], keys[None], values[None], attn_mask=mask, scale=scale, enable_gqa=True
         )[0]
-    out_prefix, lse_prefix = _flash_attention_cpu(q[None], prefix_k[None], prefix_v[None], scale=scale)
+    out_prefix, lse_prefix = _flash_attention_cpu(
+        q[None], prefix_k[None], prefix_v[None], scale=scale
+    )
     out_chunk, lse_chunk = _flash_attention_cpu(
         q[None], chunk_k[None], chunk_v[None], is_causal=True, scale=scale
     )
@@ -195,8 +216,11 @@ def _decode_group(
     block_tables: torch.Tensor,
     seq_len: int,
     scale: float,
+    native: bool = False,
 ) -> list[torch.Tensor]:
     """Attention of the query rows `rows` (one per sequence), all holding seq_len keys.
+
+    `native`: in q's own dtype (see paged_attention_torch); float32 otherwise.
 
     One gather for the group, viewed as [S, Hkv, L, D] without a copy: sdpa's fused kernel
     reads strided keys, and its GQA mode serves each KV head's query heads in place.
@@ -208,12 +232,13 @@ def _decode_group(
     shape = (num_seqs, num_blocks * block_size, num_kv_heads, head_dim)
     keys = torch.index_select(k_cache, 0, index).view(shape)[:, :seq_len].transpose(1, 2)
     values = torch.index_select(v_cache, 0, index).view(shape)[:, :seq_len].transpose(1, 2)
+    math = q.dtype if native and q.device.type == "cpu" else torch.float32
     results = []
     for i, row in enumerate(rows):
         attended = F.scaled_dot_product_attention(
-            q[row : row + 1, :, None].float(),
-            keys[i : i + 1].float(),
-            values[i : i + 1].float(),
+            q[row : row + 1, :, None].to(math),
+            keys[i : i + 1].to(math),
+            values[i : i + 1].to(math),
             scale=scale,
             enable_gqa=True,
         )  # [1, H, 1, D]
@@ -221,10 +246,29 @@ def _decode_group(
     return results
 
 
+# PAGECHAT_CPU_ATTENTION=native: decode attention of 16-bit models in their own dtype on the
+# CPU (faster, a few ulps off the float32 reference; see paged_attention_torch). Default float32.
+CPU_ATTENTION_ENV = "PAGECHAT_CPU_ATTENTION"
+
+
 class TorchAttentionBackend:
-    """Plain torch ops: the CPU path and the reference the Triton kernels are tested against."""
+    """Plain torch ops: the CPU path and the reference the Triton kernels are tested against.
+
+    `native_decode` (default: PAGECHAT_CPU_ATTENTION=native, else False): see
+    paged_attention_torch.
+    """
 
     name = "torch"
+
+    def __init__(self, native_decode: bool | None = None) -> None:
+        if native_decode is None:
+            setting = os.environ.get(CPU_ATTENTION_ENV, "float32").strip().lower()
+            if setting not in ("float32", "native"):
+                raise ValueError(
+                    f"{CPU_ATTENTION_ENV} must be 'float32' or 'native', got {setting!r}"
+                )
+            native_decode = setting == "native"
+        self.native_decode = native_decode
 
     def forward(
         self,
@@ -237,7 +281,9 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         store_kv_cache_torch(k, v, k_cache, v_cache, meta.slot_mapping, meta.all_slots_stored)
-        return paged_attention_torch(q, k_cache, v_cache, meta, scale, new_k=k, new_v=v)
+        return paged_attention_torch(
+            q, k_cache, v_cache, meta, scale, new_k=k, new_v=v, native_decode=self.native_decode
+        )
 
 
 class TritonAttentionBackend:
