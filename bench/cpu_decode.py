@@ -7,7 +7,7 @@ default; "dense": prepack=False) and times a decode step (forward + logits, batc
 sequence with `context` cached tokens) alternating A B A B; the median and 10th percentile of
 each are printed with the ratio dense/packed (the machine may be shared: only the ratio of
 interleaved runs means anything). --profile prints the torch profiler's op breakdown of a few
-packed steps, grouped into linear, attention, norms/rotary/activation and the rest.
+steps of each, grouped into linear, attention, norms/rotary/activation and the rest.
 """
 
 from __future__ import annotations
@@ -168,7 +168,9 @@ def main() -> None:
             )
             print(f"  dense/packed time ratio: median {ratio:.2f}, p10 {p10:.2f}")
         if args.profile:
-            profile(batches["packed"], max(3, args.steps // 4))
+            for name, batch in batches.items():
+                print(f"  [{name}]")
+                profile(batch, max(3, args.steps // 4))
 
 
 if __name__ == "__main__":
