@@ -98,3 +98,17 @@ def test_onednn_path_is_taken_on_this_build():
     # fall back to F.linear, twice as slow at decode batch sizes.
     assert cpu_capability().onednn_linear
     assert CPU_KERNELS[(torch.float32, torch.float32)] is LinearKernel.ONEDNN
+
+
+def test_upcast_scratch_made_under_inference_mode_serves_callers_outside_it():
+    """The engine thread runs under inference_mode, LLM callers and tests may not: the reused
+    up-cast buffer must stay writable from both."""
+    torch.manual_seed(0)
+    weight = torch.randn(8192, 1024).to(torch.bfloat16)  # larger than one up-cast block
+    x = torch.randn(1, 1024)
+    linear_module._scratch.__dict__.clear()
+    with torch.inference_mode():
+        inside = linear_module.linear_bf16_weight_f32_math(x, weight)
+    outside = linear_module.linear_bf16_weight_f32_math(x, weight)
+    assert torch.equal(inside, outside)
+    torch.testing.assert_close(outside, F.linear(x, weight.float()), rtol=1e-5, atol=1e-4)

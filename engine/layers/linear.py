@@ -49,7 +49,10 @@ _scratch = threading.local()
 def _scratch_buffer(numel: int) -> torch.Tensor:
     buf: torch.Tensor | None = getattr(_scratch, "buf", None)
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=torch.float32)
+        # A normal tensor even when first needed under inference_mode: an inference tensor
+        # could not be written again by a caller outside it (LLM and tests run both ways).
+        with torch.inference_mode(False):
+            buf = torch.empty(numel, dtype=torch.float32)
         _scratch.buf = buf
     return buf[:numel]
 
