@@ -31,6 +31,11 @@ class EngineConfig(BaseSettings):
     enable_prefix_caching: bool = True
     attention_backend: Literal["auto", "triton", "torch"] = "auto"
     enforce_eager: bool = False
+    cpu_attention: Literal["float32", "native"] = Field(
+        "float32",
+        description="torch backend decode attention of 16-bit models: float32 (bit-exact "
+        "reference) or native (in the model's dtype: faster, a few ulps off)",
+    )
     seed: int = 0
 
     @field_validator("block_size")

@@ -56,7 +56,7 @@ class ModelRunner:
         if self.device.type == "cpu":
             keep_freed_memory()
         backend_name = config.resolved_attention_backend()
-        self.attention_backend = get_attention_backend(backend_name)
+        self.attention_backend = get_attention_backend(backend_name, config.cpu_attention)
         torch.manual_seed(config.seed)
         self.model = load_model(
             model_path, model_config, self.precision, str(self.device), self.attention_backend

@@ -130,12 +130,18 @@ def test_native_bf16_decode_is_close_and_batch_invariant(seed):
 
 
 def test_cpu_attention_setting(monkeypatch):
-    from engine.layers.attention import CPU_ATTENTION_ENV, TorchAttentionBackend
+    from pydantic import ValidationError
 
-    monkeypatch.delenv(CPU_ATTENTION_ENV, raising=False)
-    assert not TorchAttentionBackend().native_decode
-    monkeypatch.setenv(CPU_ATTENTION_ENV, "native")
-    assert TorchAttentionBackend().native_decode
-    monkeypatch.setenv(CPU_ATTENTION_ENV, "bogus")
-    with pytest.raises(ValueError, match=CPU_ATTENTION_ENV):
-        TorchAttentionBackend()
+    from engine.config import EngineConfig
+    from engine.layers.attention import TorchAttentionBackend, get_attention_backend
+
+    monkeypatch.delenv("PAGECHAT_CPU_ATTENTION", raising=False)
+    assert EngineConfig().cpu_attention == "float32"
+    backend = get_attention_backend("torch", EngineConfig().cpu_attention)
+    assert isinstance(backend, TorchAttentionBackend) and not backend.native_decode
+    monkeypatch.setenv("PAGECHAT_CPU_ATTENTION", "native")
+    backend = get_attention_backend("torch", EngineConfig().cpu_attention)
+    assert isinstance(backend, TorchAttentionBackend) and backend.native_decode
+    monkeypatch.setenv("PAGECHAT_CPU_ATTENTION", "bogus")
+    with pytest.raises(ValidationError, match="cpu_attention"):
+        EngineConfig()

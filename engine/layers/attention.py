@@ -9,7 +9,6 @@ query i of a sequence with `query_len` new tokens and `seq_len` keys sees keys
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -246,28 +245,17 @@ def _decode_group(
     return results
 
 
-# PAGECHAT_CPU_ATTENTION=native: decode attention of 16-bit models in their own dtype on the
-# CPU (faster, a few ulps off the float32 reference; see paged_attention_torch). Default float32.
-CPU_ATTENTION_ENV = "PAGECHAT_CPU_ATTENTION"
-
-
 class TorchAttentionBackend:
     """Plain torch ops: the CPU path and the reference the Triton kernels are tested against.
 
-    `native_decode` (default: PAGECHAT_CPU_ATTENTION=native, else False): see
+    `native_decode` (EngineConfig.cpu_attention == "native"): decode attention of 16-bit
+    models in their own dtype, faster and a few ulps off the float32 reference; see
     paged_attention_torch.
     """
 
     name = "torch"
 
-    def __init__(self, native_decode: bool | None = None) -> None:
-        if native_decode is None:
-            setting = os.environ.get(CPU_ATTENTION_ENV, "float32").strip().lower()
-            if setting not in ("float32", "native"):
-                raise ValueError(
-                    f"{CPU_ATTENTION_ENV} must be 'float32' or 'native', got {setting!r}"
-                )
-            native_decode = setting == "native"
+    def __init__(self, native_decode: bool = False) -> None:
         self.native_decode = native_decode
 
     def forward(
@@ -319,10 +307,12 @@ class TritonAttentionBackend:
         )
 
 
-def get_attention_backend(name: str) -> AttentionBackend:
-    """'torch' or 'triton' (resolve 'auto' with EngineConfig.resolved_attention_backend first)."""
+def get_attention_backend(name: str, cpu_attention: str = "float32") -> AttentionBackend:
+    """'torch' or 'triton' (resolve 'auto' with EngineConfig.resolved_attention_backend first).
+
+    `cpu_attention` ("float32" or "native") is the torch backend's decode precision."""
     if name == "torch":
-        return TorchAttentionBackend()
+        return TorchAttentionBackend(native_decode=cpu_attention == "native")
     if name == "triton":
         return TritonAttentionBackend()
     raise ValueError(f"attention_backend must be 'torch' or 'triton', got {name!r}")
