@@ -27,3 +27,18 @@ def tiny_checkpoint(tmp_path_factory):
     from engine.tiny import write_checkpoint
 
     return write_checkpoint(tmp_path_factory.mktemp("tiny-qwen3"), shape="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server on a loopback port for the session (tests/postgres_server.py)."""
+    from tests.postgres_server import INSTALL_HINT, PostgresServer, postgres_bin_dir
+
+    bin_dir = postgres_bin_dir()
+    if bin_dir is None:
+        pytest.skip(INSTALL_HINT)
+    server = PostgresServer(bin_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
