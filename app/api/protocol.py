@@ -89,6 +89,7 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: str | dict[str, Any] | None = None  # none | auto | required | a named function
     parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
+    include_reasoning: bool = True  # vLLM's: false drops reasoning_content (app/api/reasoning.py)
 
 
 class CompletionRequest(SamplingRequest):
@@ -124,6 +125,7 @@ class ToolCall(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None  # None when the answer is tool calls only
+    reasoning_content: str | None = None  # a thinking model's <think> block (vLLM's field)
     tool_calls: list[ToolCall] = Field(default_factory=list)
 
 

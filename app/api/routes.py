@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -48,9 +49,11 @@ from app.api.protocol import (
     SamplingRequest,
     Usage,
 )
+from app.api.reasoning import ReasoningSplitter, thinking_mode
 from app.api.structured import InvalidRequest, structured_output_of
 from app.api.tools import ToolCallStreamer, parse_tool_calls, plan_tools
 from app.serving import metrics
+from app.serving.rate_limit import RateLimited, RateTicket, api_caller
 from app.serving.remote_engine import UpstreamError
 from app.serving.runtime import runtime_of
 from app.serving.tenancy import api_tenant, cache_salt
@@ -108,7 +111,8 @@ def _validation_error(exc: RequestValidationError) -> APIError:
         if err.get("type") == "extra_forbidden":
             name = ".".join(loc)
             return APIError(
-                400, f"Unrecognized request argument supplied: {name} (not served here).",
+                400,
+                f"Unrecognized request argument supplied: {name} (not served here).",
                 param=name,
             )
         param = param or ".".join(loc) or None
@@ -179,6 +183,8 @@ async def _model_id(request: Request, engine: EngineClient) -> str:
     model_id = engine.model_id
     if model_id is None and await engine.health():  # a remote engine reached at last
         model_id = engine.model_id
+    if model_id is not None:
+        model_id = public_model_id(model_id)
     if model_id is None:
         raise APIError(
             503,
@@ -190,8 +196,16 @@ async def _model_id(request: Request, engine: EngineClient) -> str:
     return model_id
 
 
+def public_model_id(model: str) -> str:
+    """A checkpoint directory is named by its last component: answers never show server paths."""
+    path = Path(model)
+    return path.name if path.is_absolute() or path.is_dir() else model
+
+
 async def _check_model(request: Request, engine: EngineClient, model: str) -> str:
     model_id = await _model_id(request, engine)
+    if model == engine.model_id:  # the checkpoint's path is accepted, and answered with model_id
+        return model_id
     if model != model_id:
         raise APIError(
             404,
@@ -283,9 +297,7 @@ async def _chat_prompt_ids(
         return tokenizer.encode_chat(m, **kw, **options)
 
     try:
-        return await _off_loop_if_long(
-            size, lambda m: encode(m, tools=tools), messages
-        )
+        return await _off_loop_if_long(size, lambda m: encode(m, tools=tools), messages)
     except Exception as exc:  # the template refuses some message orders (raise_exception)
         raise APIError(
             400, f"The chat template could not render these messages: {exc}", param="messages"
@@ -396,13 +408,25 @@ def _template_options(body: ChatCompletionRequest) -> dict[str, Any]:
 
 # What only the in-process engine serves: a remote engine is sent OpenAI's basic fields.
 _LOCAL_ONLY = (
-    "logprobs", "echo", "min_tokens", "logit_bias", "include_stop_str_in_output",
-    "skip_special_tokens", "chat_template_kwargs", "add_generation_prompt",
+    "logprobs",
+    "echo",
+    "min_tokens",
+    "logit_bias",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+    "chat_template_kwargs",
+    "add_generation_prompt",
     "continue_final_message",
+    "include_reasoning",
 )
 _DEFAULTS: dict[str, Any] = {
-    "echo": False, "min_tokens": 0, "include_stop_str_in_output": False,
-    "skip_special_tokens": True, "add_generation_prompt": True, "continue_final_message": False,
+    "echo": False,
+    "min_tokens": 0,
+    "include_stop_str_in_output": False,
+    "skip_special_tokens": True,
+    "add_generation_prompt": True,
+    "continue_final_message": False,
+    "include_reasoning": True,
 }
 
 
@@ -410,9 +434,7 @@ def _check_remote(body: SamplingRequest) -> None:
     for name in _LOCAL_ONLY:
         value = getattr(body, name, None)
         if value is not None and value != _DEFAULTS.get(name):
-            raise APIError(
-                400, f"{name} is not served through a remote engine.", param=name
-            )
+            raise APIError(400, f"{name} is not served through a remote engine.", param=name)
 
 
 def _requested_max_tokens(body: SamplingRequest) -> int | None:
@@ -504,26 +526,49 @@ class _Job:
         return data
 
     def wants_chunk(self, out: RequestOutput) -> bool:
-        return bool(out.delta_text or out.finished or (self.logprobs is not None and out.delta_logprobs))
+        return bool(
+            out.delta_text or out.finished or (self.logprobs is not None and out.delta_logprobs)
+        )
+
     # Chat with tools: each choice's text parsed into content and tool calls (app/api/tools.py).
     tool_streams: list[ToolCallStreamer] | None = None
+    # Chat on the in-process engine: each choice's <think> block split off (app/api/reasoning.py).
+    reasoning: list[ReasoningSplitter] | None = None
+    include_reasoning: bool = True
 
-    def tool_chunks(self, index: int, out: RequestOutput) -> list[dict]:
-        """Chunks of one output of a chat with tools: content and delta.tool_calls."""
-        assert self.tool_streams is not None
-        streamer = self.tool_streams[index]
-        content, calls = streamer.feed(out.delta_text)
-        if out.finished:
-            more, more_calls = streamer.finish()
-            content, calls = content + more, calls + more_calls
+    def parsed_chunks(self, index: int, out: RequestOutput) -> list[dict]:
+        """Chunks of one output of a parsed chat: reasoning_content, content, tool_calls."""
+        text, reasoning = out.delta_text, ""
+        if self.reasoning is not None:
+            splitter = self.reasoning[index]
+            reasoning, text = splitter.feed(text)
+            if out.finished:
+                more_reasoning, more = splitter.finish()
+                reasoning, text = reasoning + more_reasoning, text + more
+            if not self.include_reasoning:
+                reasoning = ""
+        content, calls = text, list[dict[str, Any]]()
+        if self.tool_streams is not None:
+            streamer = self.tool_streams[index]
+            content, calls = streamer.feed(text)
+            if out.finished:
+                more, more_calls = streamer.finish()
+                content, calls = content + more, calls + more_calls
         data = self.output_chunk(index, out)  # logprobs, finish_reason and stop_reason
         choice = data["choices"][0]
-        if out.finished and out.finish_reason == "stop" and streamer.has_calls:
+        if (
+            out.finished
+            and out.finish_reason == "stop"
+            and self.tool_streams is not None
+            and self.tool_streams[index].has_calls
+        ):
             choice["finish_reason"] = "tool_calls"
-        delta: dict[str, Any] = {"content": content} if content or not calls else {}
+        delta: dict[str, Any] = {"reasoning_content": reasoning} if reasoning else {}
+        if content or not (calls or reasoning):
+            delta["content"] = content
         if calls:
             delta["tool_calls"] = calls
-        if not (content or calls or out.finished or choice["logprobs"]):
+        if not (reasoning or content or calls or out.finished or choice["logprobs"]):
             return []
         choice["delta"] = delta
         return [data]
@@ -673,9 +718,10 @@ def _sse(data: dict) -> str:
 async def _respond(request: Request, engine: EngineClient, job: _Job) -> Response:
     if engine.tokenizer is None and job.body is not None:
         _check_remote(job.body)
+    ticket = _admit(request, len(job.request_ids))  # each prompt x n is one request
     job.tokens = TokenText(engine.tokenizer) if engine.tokenizer is not None else None
     guard = _DisconnectGuard(request, engine, job.request_ids)
-    outputs = _merge([metrics.track(s, kind="api") for s in job.streams])
+    outputs = _merge([metrics.track(ticket.meter(s), kind="api") for s in job.streams])
     try:
         # Wait for the first output before answering, so a refused request gets its real status.
         first = await anext(outputs, None)
@@ -687,7 +733,7 @@ async def _respond(request: Request, engine: EngineClient, job: _Job) -> Respons
         return StreamingResponse(
             _stream_events(job, first, outputs, guard),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **ticket.headers},
         )
     try:
         response = await _collect(job, first, outputs)
@@ -696,7 +742,25 @@ async def _respond(request: Request, engine: EngineClient, job: _Job) -> Respons
         await outputs.aclose()
     if guard.cut():
         raise _shutdown_error()
+    response.headers.update(ticket.headers)
     return response
+
+
+def _admit(request: Request, requests: int) -> RateTicket:
+    """The caller's rate limits (app/serving/rate_limit.py): 429 in OpenAI's shape when over."""
+    settings = _settings(request)
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    caller = api_caller(settings, token.strip() if scheme.lower() == "bearer" else None)
+    try:
+        return runtime_of(request).rate_limits.admit(settings, caller, requests)
+    except RateLimited as exc:
+        raise APIError(
+            429,
+            exc.message,
+            type=exc.kind,
+            code="rate_limit_exceeded",
+            headers=exc.response_headers(),
+        ) from None
 
 
 async def _collect(
@@ -721,7 +785,9 @@ async def _collect(
         raise _engine_error(exc) from exc
     for final in finals:
         if final is not None and final.finish_reason == "error":
-            raise APIError(500, f"The engine failed this request: {final.error}", type="server_error")
+            raise APIError(
+                500, f"The engine failed this request: {final.error}", type="server_error"
+            )
     reasons = [final.finish_reason if final else "abort" for final in finals]
     usage = _usage(finals)
     if job.kind == "chat":
@@ -729,10 +795,7 @@ async def _collect(
             id=job.response_id,
             created=job.created,
             model=job.model,
-            choices=[
-                _chat_choice(job, i, texts[i], reasons[i])
-                for i in range(n)
-            ],
+            choices=[_chat_choice(job, i, texts[i], reasons[i]) for i in range(n)],
             usage=usage,
         )
     else:
@@ -756,13 +819,23 @@ async def _collect(
 
 
 def _chat_choice(job: _Job, index: int, text: str, reason: str | None) -> ChatChoice:
-    """One choice of a chat answer; with tools, its <tool_call> blocks as message.tool_calls."""
-    if job.tool_streams is None:
-        return ChatChoice(index=index, message=AssistantMessage(content=text), finish_reason=reason)
-    content, calls = parse_tool_calls(text)
+    """One choice of a chat answer: its <think> block as message.reasoning_content and, with
+    tools, the <tool_call> blocks after it as message.tool_calls."""
+    reasoning: str | None = None
+    content: str | None = text
+    if job.reasoning is not None:
+        reasoning, content = job.reasoning[index].split(text)
+        if not job.include_reasoning:
+            reasoning = None
+    if job.tool_streams is None or content is None:
+        message = AssistantMessage(content=content, reasoning_content=reasoning)
+        return ChatChoice(index=index, message=message, finish_reason=reason)
+    content, calls = parse_tool_calls(content)
     if calls and reason == "stop":
         reason = "tool_calls"
-    message = AssistantMessage.model_validate({"content": content, "tool_calls": calls})
+    message = AssistantMessage.model_validate(
+        {"content": content, "reasoning_content": reasoning, "tool_calls": calls}
+    )
     return ChatChoice(index=index, message=message, finish_reason=reason)
 
 
@@ -789,8 +862,8 @@ async def _stream_events(
                 )
                 yield _sse(error.body())
                 break
-            if job.tool_streams is not None:
-                for data in job.tool_chunks(i, out):
+            if job.tool_streams is not None or job.reasoning is not None:
+                for data in job.parsed_chunks(i, out):
                     yield _sse(data)
             elif job.wants_chunk(out):
                 yield _sse(job.output_chunk(i, out))
@@ -909,8 +982,15 @@ async def _prompt_only(stream: Stream) -> Stream:
     try:
         async for out in stream:
             yield dataclasses.replace(
-                out, delta_text="", delta_token_ids=[], delta_logprobs=None, text="",
-                token_ids=[], logprobs=None, num_generated_tokens=0, stop_reason=None,
+                out,
+                delta_text="",
+                delta_token_ids=[],
+                delta_logprobs=None,
+                text="",
+                token_ids=[],
+                logprobs=None,
+                num_generated_tokens=0,
+                stop_reason=None,
                 finish_reason="length" if out.finish_reason == "stop" else out.finish_reason,
             )
     finally:
@@ -931,7 +1011,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if tokenizer is None:  # a remote engine: the messages go as they are
         if plan.tools or structured:
             raise APIError(
-                400, "Tools and structured output are not served through a remote engine.",
+                400,
+                "Tools and structured output are not served through a remote engine.",
                 param="tools" if plan.tools else "response_format",
             )
         params = _sampling_params(body, engine.generation_defaults, max_tokens, salt)
@@ -941,6 +1022,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     else:
         ids = await _chat_prompt_ids(tokenizer, messages, plan.tools, **_template_options(body))
         _check_length(len(ids), max_tokens, engine.max_model_len, "messages")
+        mode = thinking_mode(
+            tokenizer, ids, body.chat_template_kwargs or {}, constrained=structured is not None
+        )
         budget = max_tokens or engine.max_model_len - len(ids)
         params = _sampling_params(body, engine.generation_defaults, budget, salt)
         params.structured_output = structured
@@ -952,6 +1036,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     job = _job("chat", request_id, model, body, [(start, params)])
     if plan.parse:
         job.tool_streams = [ToolCallStreamer() for _ in job.streams]
+    if tokenizer is not None:
+        job.reasoning = [ReasoningSplitter(mode) for _ in job.streams]
+        job.include_reasoning = body.include_reasoning
     return await _respond(request, engine, job)
 
 
@@ -1003,7 +1090,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         if tokenizer is None:  # a remote engine: text or token ids go as they are
             if structured is not None:
                 raise APIError(
-                    400, "Structured output is not served through a remote engine.",
+                    400,
+                    "Structured output is not served through a remote engine.",
                     param="guided_json",
                 )
             params = _sampling_params(body, engine.generation_defaults, max_tokens, salt)
@@ -1021,9 +1109,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             params.structured_output = structured
         starts.append((_bind(engine, prompt_input), params))
         if body.echo:
-            echo_texts.append(
-                prompt if isinstance(prompt, str) else _decode(engine, prompt)
-            )
+            echo_texts.append(prompt if isinstance(prompt, str) else _decode(engine, prompt))
     _check_queue(request, engine)
     job = _job("text", request_id, model, body, starts)
     job.echo_texts = echo_texts if body.echo else None
@@ -1034,9 +1120,7 @@ def _decode(engine: EngineClient, ids: list[int]) -> str:
     return engine.tokenizer.decode(ids) if engine.tokenizer is not None else ""
 
 
-def _bind(
-    engine: EngineClient, prompt: str | list[int]
-) -> Callable[[str, SamplingParams], Stream]:
+def _bind(engine: EngineClient, prompt: str | list[int]) -> Callable[[str, SamplingParams], Stream]:
     return lambda rid, params: engine.generate(prompt, params, request_id=rid)
 
 
