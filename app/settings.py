@@ -33,6 +33,12 @@ class AppSettings(BaseSettings):
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM/SIGINT, how long answers in flight may run before abort"
     )
+    rate_limit_rpm: int = Field(
+        0, ge=0, description="requests per minute per API key and chat user; 0 = off"
+    )
+    rate_limit_tpm: int = Field(
+        0, ge=0, description="tokens (prompt + answer) per minute per API key and chat user; 0 = off"
+    )
 
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]

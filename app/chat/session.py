@@ -34,6 +34,7 @@ from app.chat.progress import ReadingProgress
 from app.chat.streaming import AnswerCollector, Coalescer, answer_stats, close_open_fence
 from app.documents.extraction import Document, DocumentError, extract_file_async
 from app.serving.metrics import track
+from app.serving.rate_limit import RateLimited, RateTicket, chat_caller
 from app.serving.runtime import Runtime, get_runtime
 from app.serving.tenancy import cache_salt, chat_tenant
 
@@ -223,6 +224,12 @@ class ChatSession:
         if rt.drain.draining:  # the server is shutting down (app/serving/shutdown.py)
             await self.say(self.t("shutting_down"))
             return
+        try:  # PAGECHAT_RATE_LIMIT_RPM / _TPM, per chat user (app/serving/rate_limit.py)
+            ticket = rt.rate_limits.admit(rt.settings, chat_caller(_user_identifier()))
+        except RateLimited as exc:
+            wait = exc.response_headers().get("Retry-After", "60")
+            await self.say(self.t("rate_limited_" + exc.kind, seconds=wait))
+            return
         if not await self._engine_ready():
             return
         engine, history, options = self._engine(), self.history, self._options()
@@ -257,7 +264,7 @@ class ChatSession:
         except ValueError as exc:
             await self.say(self.t("request_refused", error=str(exc)))
             return
-        await self._stream_answer(turn, params, self._reading(summary, documents))
+        await self._stream_answer(turn, params, self._reading(summary, documents), ticket)
         if not question and documents and rt.data_layer is not None:
             with contextlib.suppress(Exception):  # name the chat after its files
                 await rt.data_layer.update_thread(
@@ -321,7 +328,13 @@ class ChatSession:
 
     # ---- generation ----------------------------------------------------------------------
 
-    async def _stream_answer(self, turn: PreparedTurn, params: SamplingParams, reading: ReadingProgress) -> None:
+    async def _stream_answer(
+        self,
+        turn: PreparedTurn,
+        params: SamplingParams,
+        reading: ReadingProgress,
+        ticket: RateTicket,
+    ) -> None:
         """Stream deltas into a coalesced message; stop, errors and refusals end it cleanly.
 
         The turn is committed with its (possibly partial) answer, except on an error or a
@@ -332,13 +345,13 @@ class ChatSession:
         # In flight, saved included, until it ends: a shutdown waits for it, then aborts it.
         self.runtime.drain.begin([request_id], engine.abort)
         try:
-            await self._generate(turn, params, reading, engine, request_id)
+            await self._generate(turn, params, reading, engine, request_id, ticket)
         finally:
             self.runtime.drain.end([request_id])
 
     async def _generate(
         self, turn: PreparedTurn, params: SamplingParams, reading: ReadingProgress,
-        engine: EngineClient, request_id: str,
+        engine: EngineClient, request_id: str, ticket: RateTicket,
     ) -> None:
         self.request_id = request_id
         collected = AnswerCollector()
@@ -348,7 +361,8 @@ class ChatSession:
         try:
             await reading.open_if_needed()
             # track(): the chat's requests count in /metrics (latencies, finished requests).
-            async with contextlib.aclosing(track(turn.stream(engine, params, request_id), "chat")) as stream:
+            outputs = ticket.meter(turn.stream(engine, params, request_id))  # tokens per minute
+            async with contextlib.aclosing(track(outputs, "chat")) as stream:
                 async for out in stream:
                     last = out
                     collected.add(out)

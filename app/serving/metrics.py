@@ -9,6 +9,7 @@ latency cover every request, and `pagechat_requests_served_total{kind}` says whe
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import AsyncGenerator, Iterable
 from typing import Literal
@@ -20,13 +21,15 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from app.serving.rate_limit import RateLimits
 from app.serving.runtime import runtime_of
 from engine.client import EngineClient
-from engine.outputs import RequestOutput
+from engine.outputs import EngineStats, RequestOutput
 
 StreamKind = Literal["chat", "api"]
 
@@ -40,6 +43,7 @@ class _EngineCollector:
 
     def __init__(self) -> None:
         self.engine: EngineClient | None = None
+        self.rate_limits: RateLimits | None = None
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -51,6 +55,16 @@ class _EngineCollector:
             "1 once the model is loaded and serving",
             value=int(engine is not None),
         )
+        refused = CounterMetricFamily(
+            "pagechat_rate_limited_requests",
+            "Requests refused by PAGECHAT_RATE_LIMIT_RPM / _TPM (API 429s and chat messages), "
+            "by the limit that refused them",
+            labels=["limit"],
+        )
+        counts = self.rate_limits.refused if self.rate_limits is not None else {}
+        for limit in ("requests", "tokens"):
+            refused.add_metric([limit], counts.get(limit, 0))
+        yield refused
         if engine is None:
             return
         s = engine.stats()
@@ -96,6 +110,59 @@ class _EngineCollector:
         ]
         for name, doc, value in counters:
             yield CounterMetricFamily(f"pagechat_{name}", doc, value=value)
+        yield from _tier_metrics(s)
+        yield from _gpu_memory()
+
+
+def _tier_metrics(s: EngineStats) -> Iterable[Metric]:
+    """KV blocks by tier: the device pool always; the host and disk tiers when they are on."""
+    tiers = getattr(s, "kv_tiers", None)  # engine.kv_tiers.KVTierStats, or None when off
+    used = GaugeMetricFamily(
+        "pagechat_kv_tier_blocks_used", "KV blocks held in each tier", labels=["tier"]
+    )
+    total = GaugeMetricFamily(
+        "pagechat_kv_tier_blocks_total", "KV blocks each tier can hold", labels=["tier"]
+    )
+    hits = CounterMetricFamily(
+        "pagechat_kv_tier_hit_tokens",
+        "Prompt tokens whose KV was found in each tier at admission",
+        labels=["tier"],
+    )
+    used.add_metric(["device"], s.kv_blocks_used)
+    total.add_metric(["device"], s.kv_blocks_total)
+    hits.add_metric(["device"], tiers.device_hit_tokens if tiers else s.prefix_cache_hits)
+    if tiers is not None and tiers.host_blocks_total:
+        used.add_metric(["host"], tiers.host_blocks_used)
+        total.add_metric(["host"], tiers.host_blocks_total)
+        hits.add_metric(["host"], tiers.host_hit_tokens)
+    if tiers is not None and tiers.disk_capacity_bytes:
+        used.add_metric(["disk"], tiers.disk_blocks)
+        hits.add_metric(["disk"], tiers.disk_hit_tokens)
+    yield from (used, total, hits)
+
+
+def _gpu_memory() -> Iterable[Metric]:
+    """This process's CUDA memory per device (weights, activations, KV cache), when on a GPU.
+
+    Read only if torch is already loaded with CUDA initialised (an in-process engine on a GPU);
+    a CPU or remote engine exports nothing here (the process_* metrics cover host memory).
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return
+    used = GaugeMetricFamily(
+        "pagechat_gpu_memory_used_bytes",
+        "GPU memory this process holds (reserved by torch's allocator)",
+        labels=["device"],
+    )
+    total = GaugeMetricFamily(
+        "pagechat_gpu_memory_total_bytes", "GPU memory of the device", labels=["device"]
+    )
+    for index in range(torch.cuda.device_count()):
+        device = f"cuda:{index}"
+        used.add_metric([device], float(torch.cuda.memory_reserved(index)))
+        total.add_metric([device], float(torch.cuda.get_device_properties(index).total_memory))
+    yield from (used, total)
 
 
 def _ratio(a: float, b: float) -> float:
@@ -109,6 +176,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._engine = _EngineCollector()
         self.registry.register(self._engine)
+        ProcessCollector(registry=self.registry)  # process_* (CPU seconds, resident memory, fds)
         self.time_to_first_token = Histogram(
             "pagechat_time_to_first_token_seconds",
             "From the request reaching the server to its first generated token",
@@ -139,6 +207,12 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
+        # Every known label value exists from the start (at 0), so rates and dashboards have a
+        # series before the first error or the first chat.
+        for reason in ("stop", "length", "abort", "error"):
+            self.requests_finished.labels(reason)
+        for kind in ("chat", "api"):
+            self.requests_served.labels(kind)
 
     def recorder(self, kind: StreamKind = "chat") -> RequestRecorder:
         return RequestRecorder(self, kind)
@@ -159,13 +233,13 @@ class Metrics:
             recorder.close()
             await outputs.aclose()
 
-    def render(self, engine: EngineClient | None) -> bytes:
+    def render(self, engine: EngineClient | None, rate_limits: RateLimits | None = None) -> bytes:
         """The exposition text, with engine gauges read from `engine.stats()` now."""
-        self._engine.engine = engine
+        self._engine.engine, self._engine.rate_limits = engine, rate_limits
         try:
             return generate_latest(self.registry)
         finally:
-            self._engine.engine = None
+            self._engine.engine, self._engine.rate_limits = None, None
 
 
 class RequestRecorder:
@@ -174,7 +248,9 @@ class RequestRecorder:
     Times are taken as the consumer sees the outputs, which is what a user waits for.
     """
 
-    def __init__(self, metrics: Metrics, kind: StreamKind = "chat", start: float | None = None) -> None:
+    def __init__(
+        self, metrics: Metrics, kind: StreamKind = "chat", start: float | None = None
+    ) -> None:
         self.metrics = metrics
         self.kind = kind
         self.start = time.monotonic() if start is None else start
@@ -235,7 +311,10 @@ router = APIRouter()
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics(request: Request) -> Response:
-    return Response(METRICS.render(runtime_of(request).engine), media_type=CONTENT_TYPE_LATEST)
+    runtime = runtime_of(request)
+    return Response(
+        METRICS.render(runtime.engine, runtime.rate_limits), media_type=CONTENT_TYPE_LATEST
+    )
 
 
 @router.get("/health", tags=["ops"])

@@ -13,6 +13,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from app.serving.rate_limit import RateLimits
 from app.serving.shutdown import Drain
 from app.settings import AppSettings
 
@@ -35,6 +36,7 @@ class Runtime:
     storage: LocalStorageClient | None = None
     model_name: str = ""
     drain: Drain = field(default_factory=Drain)  # answers in flight; the shutdown's progress
+    rate_limits: RateLimits = field(default_factory=RateLimits)  # PAGECHAT_RATE_LIMIT_*
     _ready: asyncio.Event | None = field(default=None, repr=False)
     _loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
 
