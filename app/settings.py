@@ -30,6 +30,12 @@ class AppSettings(BaseSettings):
     shared_cache: bool = Field(
         False, description="one prefix cache for all users and API keys (app.serving.tenancy)"
     )
+    max_unpacked_mb: int = Field(
+        100, ge=1, description="XML an uploaded Office file may inflate to (app.documents.limits)"
+    )
+    parse_memory_mb: int = Field(2048, ge=64, description="memory of each document-parsing process")
+    parse_timeout_s: float = Field(300.0, gt=0, description="wall time to parse one document")
+    parse_workers: int = Field(2, ge=1, description="documents parsed at once (worker processes)")
     shutdown_grace_s: float = Field(
         30.0, ge=0, description="on SIGTERM/SIGINT, how long answers in flight may run before abort"
     )

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 
 from app.documents import extraction as documents
-from app.documents.extraction import DocumentError, extract_bytes, extract_file_async
+from app.documents.extraction import DocumentError, ParseLimits, extract_bytes, extract_file_async
 from tests.app_helpers import encrypt_pdf, make_docx, make_pdf
 
 MB = 1024 * 1024
@@ -49,16 +49,17 @@ def test_pdf_without_text_layer():
 
 
 def test_docx_paragraphs_and_tables_in_order():
-    data = make_docx(["First paragraph.", "第二段：中文。"], table=[["name", "qty"], ["apple", "3"]])
+    data = make_docx(
+        ["First paragraph.", "第二段：中文。"], table=[["name", "qty"], ["apple", "3"]]
+    )
     doc = extract_bytes("notes.docx", data, 10 * MB)
     assert doc.kind == "docx"
-    lines = doc.text.splitlines()
-    assert lines[:2] == ["First paragraph.", "第二段：中文。"]
-    assert "name | qty" in lines and "apple | 3" in lines
+    blocks = doc.text.split("\n\n")
+    assert blocks[:2] == ["First paragraph.", "第二段：中文。"]
+    assert blocks[2].splitlines() == ["| name | qty |", "|---|---|", "| apple | 3 |"]
 
 
 def test_docx_zip_bomb_refused_before_parsing(monkeypatch):
-    monkeypatch.setattr(documents, "MAX_DOCX_UNCOMPRESSED", 1 * MB)
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("word/document.xml", b"<" + b"a" * (3 * MB))
@@ -70,8 +71,9 @@ def test_docx_zip_bomb_refused_before_parsing(monkeypatch):
 
     monkeypatch.setattr(docx, "Document", must_not_parse)
     with pytest.raises(DocumentError) as err:
-        extract_bytes("bomb.docx", buf.getvalue(), 10 * MB)
-    assert err.value.code == "zip_bomb"
+        extract_bytes("bomb.docx", buf.getvalue(), 10 * MB, limits=ParseLimits(max_unpacked_mb=1))
+    assert err.value.code == "too_much_unpacked"
+    assert "PAGECHAT_MAX_UNPACKED_MB" in str(err.value) and err.value.params["limit_mb"] == 1
 
 
 def test_docx_corrupt():
@@ -141,18 +143,19 @@ def test_size_limit_checked_before_reading(tmp_path):
     assert err.value.code == "too_large"
 
 
-async def test_extraction_runs_in_a_worker_thread(tmp_path, monkeypatch):
-    import threading
+async def test_extraction_runs_in_a_worker_process(tmp_path):
+    import psutil
 
-    seen = []
-    real = documents.extract_bytes
+    workers = []
 
-    def spy(*args, **kwargs):
-        seen.append(threading.current_thread() is threading.main_thread())
-        return real(*args, **kwargs)
+    def seen(step):
+        workers.extend(
+            child.pid
+            for child in psutil.Process().children()
+            if "app.documents.worker" in " ".join(child.cmdline())
+        )
 
-    monkeypatch.setattr(documents, "extract_bytes", spy)
-    path = tmp_path / "x.md"
-    path.write_text("# hi")
-    doc = await extract_file_async(path, "x.md", 1024)
-    assert doc.text == "# hi" and seen == [False]
+    path = tmp_path / "x.pdf"
+    path.write_bytes(make_pdf(["hello from page one"]))
+    doc = await extract_file_async(path, "x.pdf", MB, progress=seen)
+    assert "hello from page one" in doc.text and workers

@@ -1,0 +1,269 @@
+"""PDF text through PDFium (pypdfium2), tables through pdfplumber, scans through OCR.
+
+PDFium reads the text layer in content order (a two-column page comes out column by column)
+and is many times faster than pure-Python parsers, without their warning floods. Only pages
+that draw ruling lines are handed to pdfplumber's table finder; a table found there replaces
+its characters in the page's text by a Markdown table at the same place. Pages without a text
+layer but with an image are rendered and OCR'd (app.documents.ocr). Then lines of CJK text are
+joined and repeated headers and footers dropped (app.documents.layout).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pypdfium2 as pdfium
+import pypdfium2.raw as pdfium_c
+
+from app.documents.document import (
+    Document,
+    DocumentError,
+    DocumentNote,
+    ExtractionProgress,
+    page_ranges,
+)
+from app.documents.layout import drop_repeated_lines, join_lines
+from app.documents.markdown import markdown_table
+from app.documents.ocr import OcrUnavailable, PageReader
+
+MAX_PDF_PAGES = 5000
+# A page with fewer visible characters than this and an image on it is treated as a scan.
+MIN_TEXT_CHARS = 20
+# Pages drawing at least this many paths (lines, rectangles) are searched for ruled tables.
+MIN_TABLE_PATHS = 4
+# OCR renders the page so that its longer side has about this many pixels (~150 dpi on A4).
+OCR_LONG_SIDE_PX = 1700
+
+Progress = Callable[[ExtractionProgress], None]
+Box = tuple[float, float, float, float]  # left, bottom, right, top in PDF points
+
+
+def extract_pdf(
+    name: str, data: bytes, progress: Progress | None = None, ocr: bool = True
+) -> Document:
+    """Text of every page, `[page N]`-marked; raises DocumentError for unreadable PDFs."""
+    if b"%PDF-" not in data[:1024]:
+        raise _corrupt(name)
+    try:
+        pdf = pdfium.PdfDocument(data)
+    except pdfium.PdfiumError as exc:
+        if getattr(exc, "err_code", None) == pdfium_c.FPDF_ERR_PASSWORD:
+            raise DocumentError(
+                "encrypted",
+                f"{name}: this PDF is password-protected; remove the password first",
+                name=name,
+            ) from exc
+        raise _corrupt(name) from exc
+    try:
+        return _extract(name, data, pdf, progress or (lambda _: None), ocr)
+    finally:
+        pdf.close()
+
+
+def _extract(
+    name: str, data: bytes, pdf: pdfium.PdfDocument, progress: Progress, ocr: bool
+) -> Document:
+    total = len(pdf)
+    if total > MAX_PDF_PAGES:
+        raise DocumentError(
+            "too_many_pages",
+            f"{name}: {total:,} pages is more than the {MAX_PDF_PAGES:,} allowed",
+            name=name,
+            pages=total,
+            limit=MAX_PDF_PAGES,
+        )
+    tables = _TableFinder(data)
+    texts: list[str] = []
+    scans: list[int] = []  # 0-based pages to OCR
+    start = time.monotonic()
+    try:
+        for i in range(total):
+            text, scanned = _page_text(pdf, i, tables)
+            texts.append(text)
+            if scanned:
+                scans.append(i)
+            progress(
+                ExtractionProgress(name, "pages", i + 1, total, time.monotonic() - start, i + 1)
+            )
+    finally:
+        tables.close()
+    notes: list[DocumentNote] = []
+    ocr_pages: list[int] = []
+    if scans and ocr:
+        ocr_pages = _ocr_pages(name, pdf, scans, texts, progress, notes)
+    elif scans:
+        notes.append(_note("ocr_unavailable", name, [i + 1 for i in scans]))
+    cleaned, dropped = drop_repeated_lines([_tidy(join_lines(t)) for t in texts])
+    if dropped:
+        notes.append(DocumentNote("repeated_lines", {"name": name, "count": dropped}))
+    empty = [i + 1 for i, t in enumerate(cleaned) if not t.strip()]
+    if len(empty) == total:
+        raise DocumentError(
+            "pdf_no_text",
+            f"{name}: no text found in this PDF, neither in a text layer nor by OCR",
+            name=name,
+        )
+    if empty:
+        notes.append(_note("empty_pages", name, empty))
+    text = "\n\n".join(f"[page {n}]\n{t}" for n, t in enumerate(cleaned, start=1))
+    return Document(
+        name=name,
+        kind="pdf",
+        text=text,
+        pages=total,
+        size_bytes=len(data),
+        page_texts=cleaned,
+        ocr_pages=ocr_pages,
+        empty_pages=empty,
+        notes=notes,
+    )
+
+
+def _tidy(text: str) -> str:
+    """No trailing spaces, at most one blank line in a row (tables leave gaps around them)."""
+    return re.sub(r"\n{3,}", "\n\n", re.sub(r"[ \t]+\n", "\n", text)).strip()
+
+
+def _note(code: str, name: str, pages: list[int]) -> DocumentNote:
+    return DocumentNote(code, {"name": name, "pages": page_ranges(pages), "count": len(pages)})
+
+
+def _page_text(pdf: pdfium.PdfDocument, index: int, tables: _TableFinder) -> tuple[str, bool]:
+    """(text, looks scanned) of one page; a damaged page reads as empty, not as a failure."""
+    try:
+        page = pdf[index]
+    except pdfium.PdfiumError:
+        return "", False
+    try:
+        textpage = page.get_textpage()
+        try:
+            found = tables.find(index, page) if _draws_lines(page) else []
+            text = _text_around(textpage, found) if found else textpage.get_text_range()
+        finally:
+            textpage.close()
+        scanned = len("".join(text.split())) < MIN_TEXT_CHARS and _has_image(page)
+        return text, scanned
+    except pdfium.PdfiumError:
+        return "", False
+    finally:
+        page.close()
+
+
+def _draws_lines(page: pdfium.PdfPage) -> bool:
+    paths = page.get_objects(filter=(pdfium_c.FPDF_PAGEOBJ_PATH,), max_depth=2)
+    return sum(1 for _ in itertools.islice(paths, MIN_TABLE_PATHS)) >= MIN_TABLE_PATHS
+
+
+def _has_image(page: pdfium.PdfPage) -> bool:
+    images = page.get_objects(filter=(pdfium_c.FPDF_PAGEOBJ_IMAGE,), max_depth=3)
+    return next(iter(images), None) is not None
+
+
+def _text_around(textpage: pdfium.PdfTextPage, tables: list[tuple[Box, str]]) -> str:
+    """The page's text in content order, each table's characters replaced by its Markdown."""
+    count = textpage.count_chars()
+    full = textpage.get_text_range()
+    aligned = len(full) == count
+    out: list[str] = []
+    placed: set[int] = set()
+    for i in range(count):
+        char = full[i] if aligned else textpage.get_text_range(i, 1)
+        left, bottom, right, top = textpage.get_charbox(i)
+        x, y = (left + right) / 2, (bottom + top) / 2
+        hit = next((n for n, (box, _) in enumerate(tables) if _inside(x, y, box)), None)
+        if hit is None:
+            out.append(char)
+        elif hit not in placed:
+            placed.add(hit)
+            out.append(f"\n\n{tables[hit][1]}\n\n")
+    out.extend(f"\n\n{markdown}\n\n" for n, (_, markdown) in enumerate(tables) if n not in placed)
+    return "".join(out)
+
+
+def _inside(x: float, y: float, box: Box) -> bool:
+    left, bottom, right, top = box
+    return left - 1 <= x <= right + 1 and bottom - 1 <= y <= top + 1
+
+
+class _TableFinder:
+    """pdfplumber, opened once per document and only if some page draws lines."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pdf: Any = None
+
+    def find(self, index: int, page: pdfium.PdfPage) -> list[tuple[Box, str]]:
+        """Ruled tables of one page: (box in PDF coordinates, Markdown)."""
+        import pdfplumber
+
+        try:
+            if self.pdf is None:
+                self.pdf = pdfplumber.open(io.BytesIO(self.data))
+            plumb = self.pdf.pages[index]
+            found = []
+            height = float(plumb.height)
+            for table in plumb.find_tables():
+                rows = [[cell or "" for cell in row] for row in table.extract()]
+                if len(rows) < 2 or max(len(r) for r in rows) < 2:
+                    continue  # a framed paragraph, not a table
+                x0, top, x1, bottom = table.bbox
+                found.append(
+                    (
+                        (float(x0), height - float(bottom), float(x1), height - float(top)),
+                        markdown_table(rows),
+                    )
+                )
+            plumb.close()
+            return [t for t in found if t[1]]
+        except Exception:  # pdfminer raises many types on odd pages: keep the plain text then
+            return []
+
+    def close(self) -> None:
+        if self.pdf is not None:
+            self.pdf.close()
+
+
+def _ocr_pages(
+    name: str,
+    pdf: pdfium.PdfDocument,
+    scans: list[int],
+    texts: list[str],
+    progress: Progress,
+    notes: list[DocumentNote],
+) -> list[int]:
+    """OCR the scanned pages in place in `texts`; returns the 1-based pages read by OCR."""
+    reader = PageReader()
+    done: list[int] = []
+    start = time.monotonic()
+    for n, index in enumerate(scans, start=1):
+        page = pdf[index]
+        try:
+            width, height = page.get_size()
+            scale = min(3.0, OCR_LONG_SIDE_PX / max(width, height, 1.0))
+            image = page.render(scale=scale).to_numpy()[:, :, :3]
+            text = reader.read(image)
+        except OcrUnavailable:
+            notes.append(_note("ocr_unavailable", name, [i + 1 for i in scans[n - 1 :]]))
+            break
+        finally:
+            page.close()
+        if len(text.strip()) > len(texts[index].strip()):
+            texts[index] = text
+            done.append(index + 1)
+        progress(
+            ExtractionProgress(name, "ocr", n, len(scans), time.monotonic() - start, index + 1)
+        )
+    if done:
+        notes.append(_note("ocr_pages", name, done))
+    return done
+
+
+def _corrupt(name: str) -> DocumentError:
+    return DocumentError(
+        "corrupt", f"{name}: this file is damaged or is not a real PDF", name=name, kind="PDF"
+    )
