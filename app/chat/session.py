@@ -33,6 +33,7 @@ from app.chat.i18n import t
 from app.chat.progress import ReadingProgress
 from app.chat.streaming import AnswerCollector, Coalescer, answer_stats, close_open_fence
 from app.documents.extraction import Document, DocumentError, extract_file_async
+from app.documents.progress_line import ExtractionLine
 from app.serving.metrics import track
 from app.serving.rate_limit import RateLimited, RateTicket, chat_caller
 from app.serving.runtime import Runtime, get_runtime
@@ -287,13 +288,18 @@ class ChatSession:
         documents = []
         for element in files:
             name = element.name or "document"
+            line = ExtractionLine(self.t, name)  # live page / OCR numbers while it is read
+            document = None
             try:
-                documents.append(await extract_file_async(element.path, name, max_bytes))
+                document = await extract_file_async(element.path, name, max_bytes, progress=line.update)
+                documents.append(document)
             except DocumentError as exc:
                 await self.say(self.t(f"doc_error_{exc.code}", **exc.params))
             except Exception as exc:  # a parser bug must not end the chat
                 logger.exception("reading %s failed", name)
                 await self.say(self.t("doc_error_other", name=name, error=type(exc).__name__))
+            for note in await line.close(document):  # pages OCR'd or empty, with their numbers
+                await self.say(note)
         return documents
 
     def _plan_notes(self, summary: TurnSummary, max_model_len: int) -> list[str]:
