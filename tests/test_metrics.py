@@ -63,7 +63,7 @@ def test_health_and_engine_gauges(server):
     m = scrape(server)
     stats = server.engine.stats()
     assert m["pagechat_model_loaded"] == 1
-    assert m["pagechat_kv_cache_blocks_total"] == stats.kv_blocks_total == 512
+    assert m["pagechat_kv_cache_blocks_capacity"] == stats.kv_blocks_total == 512
     for name in [
         "time_to_first_token_seconds",
         "inter_token_latency_seconds",

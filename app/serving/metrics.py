@@ -80,7 +80,7 @@ class _EngineCollector:
                 s.num_waiting,
             ),
             ("kv_cache_blocks_used", "KV cache blocks held by requests", s.kv_blocks_used),
-            ("kv_cache_blocks_total", "KV cache blocks in the pool", s.kv_blocks_total),
+            ("kv_cache_blocks_capacity", "KV cache blocks in the pool", s.kv_blocks_total),
             (
                 "kv_cache_usage_ratio",
                 "Fraction of KV cache blocks in use",
@@ -121,7 +121,7 @@ def _tier_metrics(s: EngineStats) -> Iterable[Metric]:
         "pagechat_kv_tier_blocks_used", "KV blocks held in each tier", labels=["tier"]
     )
     total = GaugeMetricFamily(
-        "pagechat_kv_tier_blocks_total", "KV blocks each tier can hold", labels=["tier"]
+        "pagechat_kv_tier_blocks_capacity", "KV blocks each tier can hold", labels=["tier"]
     )
     hits = CounterMetricFamily(
         "pagechat_kv_tier_hit_tokens",
@@ -156,7 +156,7 @@ def _gpu_memory() -> Iterable[Metric]:
         labels=["device"],
     )
     total = GaugeMetricFamily(
-        "pagechat_gpu_memory_total_bytes", "GPU memory of the device", labels=["device"]
+        "pagechat_gpu_memory_capacity_bytes", "GPU memory of the device", labels=["device"]
     )
     for index in range(torch.cuda.device_count()):
         device = f"cuda:{index}"
