@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level,
         timeout_graceful_shutdown=CONNECTIONS_CLOSE_S,
+        # X-Forwarded-For/-Proto from these addresses set the client's address (login throttle)
+        # and scheme (Secure cookies); anyone else's are ignored.
+        proxy_headers=True, forwarded_allow_ips=settings.trusted_proxies,
     )
     server = GracefulServer(config, get_runtime().drain, settings.shutdown_grace_s)
     server.run()

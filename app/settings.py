@@ -24,6 +24,10 @@ class AppSettings(BaseSettings):
     engine_api_key: str | None = Field(None, description="bearer key for engine_url")
     served_model_name: str | None = Field(None, description="model id shown by /v1/models")
     max_upload_mb: int = Field(50, ge=1)
+    passage_share: float = Field(
+        0.6, gt=0, le=0.9,
+        description="share of the context that passages of over-context documents may take (app.chat.long_documents)",
+    )
     max_request_mb: int = Field(16, ge=1, description="largest /v1 request body (413 beyond)")
     max_queued_requests: int = Field(256, ge=1, description="API answers 503 beyond this")
     cors_allow_origins: str = Field("", description="comma-separated origins; empty = closed")
@@ -45,9 +49,35 @@ class AppSettings(BaseSettings):
     rate_limit_tpm: int = Field(
         0, ge=0, description="tokens (prompt + answer) per minute per API key and chat user; 0 = off"
     )
+    # Sign-in, sessions and the endpoints around them (app/serving/sessions.py, login_guard.py,
+    # ops_access.py, security_headers.py).
+    session_hours: float = Field(24.0, gt=0, description="lifetime of a login (its token and cookie)")
+    cookie_secure: bool = Field(
+        False, description="Secure cookies always (else only on requests that came over HTTPS)"
+    )
+    trusted_proxies: str = Field(
+        "127.0.0.1", description="addresses whose X-Forwarded-For/-Proto are believed (uvicorn)"
+    )
+    metrics_token: str = Field("", description="bearer token for /metrics and /pagechat/status")
+    api_docs: str = Field("auto", description="/docs and /openapi.json: auto (off with keys or users), true, false")
+    # Upload quotas (app/serving/upload_quota.py); 0 = no limit.
+    upload_files_per_chat: int = Field(50, ge=0)
+    upload_mb_per_chat: int = Field(500, ge=0)
+    upload_files_per_day: int = Field(500, ge=0)
+    upload_mb_per_day: int = Field(2000, ge=0)
 
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+    def is_shared(self) -> bool:
+        """Keys or password users are set: the server is meant for more than one person."""
+        return bool(self.api_key_list() or self.auth_users.strip())
+
+    def docs_enabled(self) -> bool:
+        choice = self.api_docs.strip().lower()
+        if choice not in ("auto", "true", "false", "1", "0"):
+            raise ValueError(f"PAGECHAT_API_DOCS must be auto, true or false, got {self.api_docs!r}")
+        return choice in ("true", "1") or (choice == "auto" and not self.is_shared())
 
     def sqlalchemy_url(self) -> str:
         if self.database_url:

@@ -10,6 +10,10 @@ Chainlit keeps each browser session's uploads under `FILES_DIRECTORY`; here that
 `<data dir>/sessions/<pid>-<random>/`, one folder per process (`scratch_dir`). A server
 deletes only its own folder, and, at start while it holds the lock, the leftovers of servers
 that are gone.
+
+Everything in the data directory is private to the server's user (`make_private`): the
+directory 0700, files 0600, and the process's umask 077, so the database, its WAL, uploads and
+secrets are created that way; a directory made by an older version is brought in line at start.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ class DataDirLock:
     def acquire(self) -> None:
         # os.open's descriptors are not inherited by child processes (O_CLOEXEC since 3.4):
         # a subprocess cannot keep the lock alive after this process is gone.
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -85,6 +89,31 @@ def claim_data_dir(data_dir: Path) -> DataDirLock:
         lock.acquire()
         _held[data_dir] = lock
     return lock
+
+
+PRIVATE_UMASK = 0o077
+
+
+def make_private(data_dir: Path) -> None:
+    """Directories 0700 and files 0600 under `data_dir`, now and for what this process creates.
+
+    The umask is process-wide: the data directory is not the only thing a server writes, and
+    nothing it writes is meant for other local users. Symlinks are left alone.
+    """
+    os.umask(PRIVATE_UMASK)
+    root = data_dir.resolve()
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(root, 0o700)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o700)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(path, 0o600)
 
 
 def scratch_dir(data_dir: Path) -> Path:

@@ -28,6 +28,8 @@ from app.settings import AppSettings
 if TYPE_CHECKING:
     from app.serving.remote_engine import RemoteEngine
     from app.serving.runtime import Runtime
+    from app.serving.sessions import SessionTokens
+    from app.serving.upload_quota import UploadQuota
     from engine.client import EngineClient
     from engine.config import EngineConfig
 
@@ -43,7 +45,7 @@ def create_app(settings: AppSettings | None = None, engine_config: EngineConfig 
     os.environ.setdefault("CHAINLIT_APP_ROOT", str(REPO_ROOT))  # before chainlit is imported
 
     from app.serving.auth import ensure_auth_secret
-    from app.serving.datadir import claim_data_dir, scratch_dir
+    from app.serving.datadir import claim_data_dir, make_private, scratch_dir
     from app.serving.runtime import Runtime, set_runtime
     from app.serving.shutdown import DrainGate, PendingWrites
     from app.storage.data_layer import PagechatDataLayer
@@ -52,9 +54,12 @@ def create_app(settings: AppSettings | None = None, engine_config: EngineConfig 
 
     engine_config = engine_config or EngineConfig()
     data_dir = settings.data_dir.resolve()
+    if engine_config.kv_disk_dir is None:  # the disk KV tier keeps documents' KV across restarts
+        engine_config = engine_config.model_copy(update={"kv_disk_dir": data_dir / "kv-cache"})
     claim_data_dir(data_dir)  # DataDirBusy when another server uses it; first of all
+    make_private(data_dir)  # 0700 / 0600, and the umask for what comes
     sessions_dir = scratch_dir(data_dir)  # this process's own Chainlit upload folders
-    ensure_auth_secret(data_dir)
+    tokens = _session_tokens(settings, ensure_auth_secret(data_dir), data_dir)
 
     storage = LocalStorageClient(data_dir / "files")
     data_layer = PagechatDataLayer(settings.sqlalchemy_url(), storage_provider=storage)
@@ -86,7 +91,11 @@ def create_app(settings: AppSettings | None = None, engine_config: EngineConfig 
             await data_layer.close()
             shutil.rmtree(sessions_dir, ignore_errors=True)
 
-    app = FastAPI(title="pagechat", lifespan=lifespan)
+    docs = settings.docs_enabled()  # off by default once keys or users are set
+    app = FastAPI(
+        title="pagechat", lifespan=lifespan, docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None,
+    )
     app.state.runtime = runtime  # what the routes read (app.serving.runtime.runtime_of)
 
     # Every route of this app is included BEFORE the Chainlit mount: its catch-all GET would
@@ -121,17 +130,42 @@ def create_app(settings: AppSettings | None = None, engine_config: EngineConfig 
     from app.serving.chainlit_patches import patch_chainlit
     from app.serving.cors import apply_cors, parse_origins
     from app.serving.disconnects import QuietDisconnects
+    from app.serving.ops_access import OpsAccess
+    from app.serving.security_headers import SecurityHeaders
 
     origins = parse_origins(settings.cors_allow_origins)
-    patch_chainlit(sessions_dir, settings.max_upload_mb, origins)
+    patch_chainlit(sessions_dir, settings.max_upload_mb, origins, tokens=tokens,
+                   quota=_upload_quota(settings))
     # Before CORS: a 413 (or a 503 while shutting down) keeps its CORS headers.
     apply_upload_limit(app, settings.max_upload_mb)
     apply_api_body_limit(app, settings.max_request_mb)
+    app.add_middleware(OpsAccess, keys=settings.api_key_list(), token=settings.metrics_token,
+                       users=bool(settings.auth_users.strip()), tokens=tokens)
     app.add_middleware(DrainGate, drain=runtime.drain)
     apply_cors(app, origins)
+    app.add_middleware(SecurityHeaders, cookie_secure=settings.cookie_secure)
     app.add_middleware(QuietDisconnects)  # outermost: a client that left early logs no traceback
     mount_chainlit(app, target=str(APP_DIR / "chat" / "handlers.py"), path="/")
     return app
+
+
+def _session_tokens(settings: AppSettings, secret: str, data_dir: Path) -> SessionTokens:
+    """Login tokens whose credential version follows PAGECHAT_AUTH_USERS (app/serving/sessions.py)."""
+    from app.serving.auth import LOCAL_USER, parse_users
+    from app.serving.sessions import SessionTokens, credential_version
+
+    users = parse_users(settings.auth_users) or {LOCAL_USER: ""}
+    versions = {name: credential_version(secret, name, password) for name, password in users.items()}
+    return SessionTokens(secret, versions.get, data_dir, settings.session_hours * 3600)
+
+
+def _upload_quota(settings: AppSettings) -> UploadQuota:
+    from app.serving.upload_quota import MB, QuotaLimits, UploadQuota
+
+    return UploadQuota(QuotaLimits(
+        files_per_chat=settings.upload_files_per_chat, bytes_per_chat=settings.upload_mb_per_chat * MB,
+        files_per_day=settings.upload_files_per_day, bytes_per_day=settings.upload_mb_per_day * MB,
+    ))
 
 
 async def _load_engine(runtime: Runtime) -> None:

@@ -26,6 +26,8 @@ from chainlit.step import StepDict
 from sqlalchemy import event, inspect, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from app.storage.ownership import OwnerChecks
+
 logger = logging.getLogger(__name__)
 
 # The schema Chainlit 2.12's SQLAlchemyDataLayer writes (docs schema + autoCollapse + the
@@ -155,8 +157,9 @@ def _engine_kwargs(url: str) -> dict:
     return {"connect_args": {"timeout": 30}} if _is_sqlite(url) else {}
 
 
-class PagechatDataLayer(SQLAlchemyDataLayer):
-    """Chainlit's SQLAlchemy layer plus our token histories, deleted along with their thread."""
+class PagechatDataLayer(OwnerChecks, SQLAlchemyDataLayer):
+    """Chainlit's SQLAlchemy layer plus our token histories, deleted along with their thread;
+    writes by id are checked against the thread's owner (app/storage/ownership.py)."""
 
     def __init__(self, url: str, storage_provider: BaseStorageClient | None = None) -> None:
         kwargs = _engine_kwargs(url)

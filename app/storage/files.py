@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import mimetypes
+import os
 import shutil
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from fastapi.responses import FileResponse
 
 FILES_ROUTE = "/pagechat/files"
 # Served with their own type; anything else (HTML, SVG, scripts...) is served as bytes.
+MAX_NAME_BYTES = 255  # a file name's limit on ext4, XFS, btrfs, APFS, NTFS (in UTF-16 units)
 INLINE_TYPES = {"application/pdf", "text/plain", "image/png", "image/jpeg", "image/gif", "image/webp"}
 
 
@@ -87,17 +90,56 @@ def safe_key(object_key: str) -> str:
     """A key whose parts are plain names (user-chosen file names may be anything)."""
     parts = []
     for part in object_key.replace("\\", "/").replace("\x00", "").split("/"):
-        part = part.strip()
+        part = display_name(part)
         if part in ("", ".", ".."):
             part = "_"
-        parts.append(part[:200])
+        parts.append(part)
     return "/".join(parts)
 
 
+# Characters that reorder text (a right-to-left override turns "report\u202efdp.exe" into what
+# reads as "reportexe.pdf") or are invisible controls: removed from every shown or stored name.
+_BIDI_AND_CONTROLS = dict.fromkeys(
+    [*range(0x00, 0x20), 0x7F, 0x061C, 0x200E, 0x200F, *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+)
+
+
+def display_name(name: str, max_bytes: int = MAX_NAME_BYTES) -> str:
+    """A file name as it is shown and stored: no bidi or control characters, at most
+    `max_bytes` of UTF-8 (what file systems allow), cut on a character boundary with the
+    extension kept."""
+    name = name.translate(_BIDI_AND_CONTROLS).strip()
+    if len(name.encode("utf-8")) <= max_bytes:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not dot or not stem or len(ext.encode("utf-8")) > 16:
+        stem, dot, ext = name, "", ""
+    room = max_bytes - len((dot + ext).encode("utf-8"))
+    cut = stem.encode("utf-8")[:room].decode("utf-8", errors="ignore")
+    return cut + dot + ext
+
+
+def file_response(path: Path, filename: str) -> FileResponse:
+    """A stored upload sent back to its owner: a few harmless types inline, everything else
+    (HTML, SVG, scripts...) as bytes to download; never sniffed, never run in our origin."""
+    mime = mimetypes.guess_type(filename)[0] or "application/octet-stream"
+    if mime not in INLINE_TYPES:
+        mime = "application/octet-stream"
+    return FileResponse(
+        path,
+        media_type=mime,
+        filename=filename,
+        content_disposition_type="attachment" if mime == "application/octet-stream" else "inline",
+        headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"},
+    )
+
+
 def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_bytes(data)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{uuid.uuid4().hex}.part")  # path's own name may use all 255 bytes
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
     tmp.replace(path)
 
 
@@ -136,15 +178,6 @@ def files_router(storage: LocalStorageClient, owner_of: Callable[[str], Awaitabl
             raise HTTPException(status_code=404, detail="Not found") from None
         if not path.is_file():
             raise HTTPException(status_code=404, detail="Not found")
-        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-        if mime not in INLINE_TYPES:
-            mime = "application/octet-stream"
-        return FileResponse(
-            path,
-            media_type=mime,
-            filename=path.name,
-            content_disposition_type="attachment" if mime == "application/octet-stream" else "inline",
-            headers={"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox"},
-        )
+        return file_response(path, path.name)
 
     return router
