@@ -42,6 +42,7 @@ class Server:
             **env,
         }
         full_env.pop("CHAINLIT_AUTH_SECRET", None)
+        self.env = full_env
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(self.port), "--log-level", log_level],
@@ -55,13 +56,27 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
             try:
-                status = httpx.get(self.url + "/pagechat/status", timeout=2).json()
-                if status["engine"] != "loading":
-                    return status
-            except (httpx.HTTPError, ValueError):
+                response = httpx.get(self.url + "/pagechat/status", headers=self.ops_auth(), timeout=2)
+                if response.status_code == 401:  # users but no key: /health says enough
+                    health = httpx.get(self.url + "/health", timeout=2).json()
+                    if health["status"] == "ok":
+                        return {"engine": "ready"}
+                    if health["status"] == "error":
+                        return {"engine": "error", "error": health.get("error")}
+                else:
+                    status = response.json()
+                    if status["engine"] != "loading":
+                        return status
+            except (httpx.HTTPError, ValueError, KeyError):
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"server not ready: {self.log_path.read_text()[-3000:]}")
+
+    def ops_auth(self) -> dict[str, str]:
+        """The Authorization header /metrics and /pagechat/status need once keys are set."""
+        keys = [k for k in self.env.get("PAGECHAT_API_KEYS", "").split(",") if k.strip()]
+        token = self.env.get("PAGECHAT_METRICS_TOKEN") or (keys[0].strip() if keys else "")
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -535,7 +535,7 @@ async def test_crash_mid_answer_loses_no_finished_chat(guarded):
     assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     db.close()
-    status = httpx.get(server.url + "/pagechat/status").json()
+    status = httpx.get(server.url + "/pagechat/status", headers=server.ops_auth()).json()
     assert status["running"] == 0 and status["kv_blocks_used"] == 0
 
     client = await alice(server)
