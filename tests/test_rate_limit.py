@@ -105,6 +105,19 @@ def test_prompts_times_n_count_as_that_many_requests():
     assert "11 requests" in refused.value.message and "smaller n" in refused.value.message
 
 
+def test_check_refuses_an_exhausted_caller_without_taking_anything():
+    clock = FakeClock()
+    limits, s = RateLimits(clock), settings(rpm=2)
+    limits.check(s, "a")
+    limits.check(s, "a")  # checks take nothing
+    limits.admit(s, "a", 2)
+    with pytest.raises(RateLimited):
+        limits.check(s, "a")
+    clock.now += 30
+    limits.check(s, "a")
+    assert limits.admit(s, "a").headers["x-ratelimit-remaining-requests"] == "0"
+
+
 def _outputs(prompt: int, generated: int):
     async def stream():
         for i in range(1, generated + 1):
@@ -277,6 +290,10 @@ async def test_a_key_over_its_limit_gets_429_while_the_other_keeps_its_latency(s
     assert response.headers["x-ratelimit-remaining-requests"] == "0"
     assert response.headers["x-ratelimit-limit-requests"] == str(RPM)
     assert response.headers["x-ratelimit-reset-requests"].endswith("s")
+    # Refused where the key is checked, before any body is read: even /v1/models.
+    with pytest.raises(openai.RateLimitError):
+        await a.models.list()
+    assert (await b.models.list()).data[0].id == model
 
     async def flood_one() -> tuple[int, float]:
         started = time.monotonic()

@@ -158,6 +158,7 @@ async def require_api_key(
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    _admit(request, 0)  # a caller over its rate limit is refused before its body is read
 
 
 def _engine(request: Request) -> EngineClient:
@@ -751,8 +752,11 @@ def _admit(request: Request, requests: int) -> RateTicket:
     settings = _settings(request)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     caller = api_caller(settings, token.strip() if scheme.lower() == "bearer" else None)
+    limits = runtime_of(request).rate_limits
     try:
-        return runtime_of(request).rate_limits.admit(settings, caller, requests)
+        if not requests:  # only check that one request could be admitted now
+            limits.check(settings, caller)
+        return limits.admit(settings, caller, requests)
     except RateLimited as exc:
         raise APIError(
             429,

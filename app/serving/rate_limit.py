@@ -122,11 +122,19 @@ class RateLimits:
         self._tokens: dict[str, Bucket] = {}
         self.refused: dict[str, int] = {"requests": 0, "tokens": 0}  # for /metrics
 
+    def check(self, settings: AppSettings, caller: str) -> None:
+        """Raise RateLimited if the caller could not be admitted for one request now; takes
+        nothing. Run before a request's body is read, so a caller over its limit costs little."""
+        self._admit(settings, caller, 1, take=False)
+
     def admit(self, settings: AppSettings, caller: str, requests: int = 1) -> RateTicket:
         """Take `requests` from the caller's request bucket, or raise RateLimited.
 
         With both limits off this does nothing and the ticket meters nothing.
         """
+        return self._admit(settings, caller, requests, take=True)
+
+    def _admit(self, settings: AppSettings, caller: str, requests: int, take: bool) -> RateTicket:
         rpm, tpm = settings.rate_limit_rpm, settings.rate_limit_tpm
         if not rpm and not tpm:
             return RateTicket(None, caller, {})
@@ -164,7 +172,7 @@ class RateLimits:
                 wait,
                 _headers(req, tok, now),
             )
-        if req is not None:
+        if req is not None and take:
             req.level -= requests
         return RateTicket(self, caller, _headers(req, tok, now))
 
