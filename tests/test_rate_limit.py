@@ -290,7 +290,7 @@ async def test_a_key_over_its_limit_gets_429_while_the_other_keeps_its_latency(s
     assert response.headers["x-ratelimit-remaining-requests"] == "0"
     assert response.headers["x-ratelimit-limit-requests"] == str(RPM)
     assert response.headers["x-ratelimit-reset-requests"].endswith("s")
-    # Refused where the key is checked, before any body is read: even /v1/models.
+    # Refused where the key is checked, before the request is parsed: even /v1/models.
     with pytest.raises(openai.RateLimitError):
         await a.models.list()
     assert (await b.models.list()).data[0].id == model

@@ -158,7 +158,7 @@ async def require_api_key(
             code="invalid_api_key",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    _admit(request, 0)  # a caller over its rate limit is refused before its body is read
+    _admit(request, 0)  # a caller over its rate limit is refused before its request is parsed
 
 
 def _engine(request: Request) -> EngineClient:

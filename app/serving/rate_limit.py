@@ -124,7 +124,8 @@ class RateLimits:
 
     def check(self, settings: AppSettings, caller: str) -> None:
         """Raise RateLimited if the caller could not be admitted for one request now; takes
-        nothing. Run before a request's body is read, so a caller over its limit costs little."""
+        nothing. Run before a request is validated and tokenized, so that a caller over its
+        limit costs the server little."""
         self._admit(settings, caller, 1, take=False)
 
     def admit(self, settings: AppSettings, caller: str, requests: int = 1) -> RateTicket:
