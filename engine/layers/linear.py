@@ -15,14 +15,18 @@ reports about the CPU (engine.cpu_capability), and looked up per call:
     the result is the float32 product with the up-cast weights, exactly;
   - everything else (bfloat16 without native support, float16, float64): F.linear.
 
-Prepacking (`prepack_linears`, called once by the loader after the weights are in): where the
-bfloat16 kernel is oneDNN, each weight is reordered once into oneDNN's blocked layout
-(`torch.ops.mkldnn._reorder_linear_weight`); the dense copy is dropped, so memory does not grow.
-Without it oneDNN reorders the dense weight on every call. Measured on Qwen3-0.6B shapes
-(AVX512-bf16 + AMX, interleaved, 1 thread): 1.5-1.6x faster at 1 and 16 rows, the same at
-2048, bit for bit the same results. The packed weight keeps shape and dtype; `dense_weight()`
-gives the plain tensor back for the rare reader (tests, tied embeddings stay dense).
-float32 is not packed: no gain measured there.
+Prepacking (`Linear.prepack`, called once by the loader after the weights are in) stores each
+bfloat16 weight in the layout its fastest kernel reads, dropping the dense copy (memory does not
+grow):
+  - the engine's own C kernels (engine.cpu_kernels: built for this CPU on first use) where they
+    build: a 4-d packed tensor read by AVX512-BF16 / AMX / portable float32 loops; decode GEMVs
+    stream the weight at close to memory speed, for bfloat16 and for float32 activations
+    (bench/cpu_linear.py has the figures against oneDNN);
+  - else, where the bfloat16 kernel is oneDNN, oneDNN's blocked layout
+    (`torch.ops.mkldnn._reorder_linear_weight`): 1.5-1.6x faster than the dense weight at 1
+    and 16 rows, bit for bit the same results.
+`dense_weight()` gives the plain tensor back for the rare reader (tests). float32 is not
+packed: no gain measured there.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.cpu_capability import LinearKernel, cpu_capability
+from engine.cpu_kernels import packed_bf16
 
 # float32 bytes of weight up-cast per block: with the block split across the threads, each
 # thread's share stays in its core's L2, so the converted block is multiplied from cache
@@ -127,8 +132,33 @@ def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
 
 
+def pack_for_cpu(weight: torch.Tensor) -> torch.Tensor | None:
+    """The weight in the layout of its fastest CPU kernel, or None to keep it dense."""
+    if packed_bf16.can_pack(weight):
+        return packed_bf16.pack(weight)
+    if can_prepack(weight):
+        return prepack_weight(weight)
+    return None
+
+
+def dense(weight: torch.Tensor) -> torch.Tensor:
+    """A weight as a plain [out, in] tensor, whatever its packing (a copy when packed)."""
+    if packed_bf16.is_packed(weight):
+        return packed_bf16.unpack(weight)
+    return weight.to_dense() if weight.is_mkldnn else weight
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T (+ b), on the kernel CPU_KERNELS names for a 2-d CPU input; F.linear otherwise."""
+    """y = x W^T (+ b), on the kernel CPU_KERNELS names for a 2-d CPU input; F.linear otherwise.
+
+    A weight packed for the engine's C kernels (4-d) or for oneDNN (mkldnn) takes its kernel."""
+    if packed_bf16.is_packed(weight):
+        n = packed_bf16.out_features(weight)
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] == 0:
+            return x.new_empty(*x.shape[:-1], n)
+        out = packed_bf16.linear(flat, weight, bias)
+        return out if x.dim() == 2 else out.view(*x.shape[:-1], n)
     if weight.is_mkldnn:  # prepacked: only ever built where the kernel is oneDNN
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] == 0:
@@ -176,19 +206,21 @@ class Linear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The weight as a plain [out, in] tensor (a copy when it is prepacked)."""
-        return self.weight.to_dense() if self.weight.is_mkldnn else self.weight
+        return dense(self.weight)
 
     @torch.no_grad()
     def prepack(self) -> bool:
-        """Swap the weight for its oneDNN-packed form where that kernel runs; True if done."""
-        if not can_prepack(self.weight):
+        """Swap the weight for the packed form its fastest kernel reads (see the module
+        docstring); True if done."""
+        packed = pack_for_cpu(self.weight)
+        if packed is None:
             return False
-        self.weight = nn.Parameter(prepack_weight(self.weight), requires_grad=False)
+        self.weight = nn.Parameter(packed, requires_grad=False)
         return True
 
     @torch.no_grad()
     def load_weight(self, param_name: str, loaded: torch.Tensor, shard: int, name: str) -> None:
-        if self.weight.is_mkldnn:
+        if self.weight.is_mkldnn or packed_bf16.is_packed(self.weight):
             raise RuntimeError("weights are prepacked: load them before prepack()")
         copy_checked(getattr(self, param_name), loaded, name)
 

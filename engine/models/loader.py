@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from engine.cpu_capability import Precision, cpu_capability
+from engine.cpu_kernels import packed_bf16
 from engine.layers.attention import AttentionBackend
 from engine.layers.embedding import VocabEmbedding
 from engine.model_config import ModelConfig
@@ -265,8 +266,9 @@ def load_model(
 ) -> Qwen3ForCausalLM:
     """Build Qwen3ForCausalLM on `device` and fill it from the checkpoint at `path`.
 
-    `prepack`: on a CPU where bfloat16 runs on oneDNN, reorder the linear weights once into its
-    blocked layout (see engine.layers.linear; 1.5x faster decode GEMVs, same results).
+    `prepack`: on a CPU, store bfloat16 linear weights once in the layout of their fastest
+    kernel: the engine's own C kernels where they build, else oneDNN's blocked layout where
+    bfloat16 runs on oneDNN (see engine.layers.linear).
 
     Every parameter is allocated in the precision's weight dtype; activations run in its compute
     dtype (the embedding casts on lookup when the two differ, and the linear layers pick their
@@ -282,12 +284,18 @@ def load_model(
             module.output_dtype = precision.compute_dtype
     model.load_weights(iter_weights(files))
     model.eval()
-    if prepack and torch.device(device).type == "cpu" and not precision.weight_only:
+    if prepack and torch.device(device).type == "cpu":
         start = time.perf_counter()
         extra = model.prepack()
-        if any(p.is_mkldnn for p in model.parameters()):
+        own = sum(packed_bf16.is_packed(p) for p in model.parameters())
+        onednn = sum(p.is_mkldnn for p in model.parameters())
+        if own or onednn:
             logger.info(
-                "prepacked linear weights for oneDNN in %.2f s (%.0f MB extra for the tied head)",
+                "packed %d weights for the engine's CPU kernels (%s) and %d for oneDNN "
+                "in %.2f s (%.0f MB extra for the tied head)",
+                own,
+                packed_bf16.describe(),
+                onednn,
                 time.perf_counter() - start,
                 extra / 1e6,
             )

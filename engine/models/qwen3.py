@@ -29,6 +29,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from engine.cpu_kernels import packed_bf16
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import AttentionBackend, AttentionMetadata
 from engine.layers.embedding import VocabEmbedding
@@ -231,17 +232,23 @@ class Qwen3ForCausalLM(nn.Module):
 
     @torch.no_grad()
     def prepack(self, tied_head: bool = True) -> int:
-        """Reorder every linear weight once into oneDNN's layout where the CPU bf16 kernel runs.
+        """Store every linear weight once in its CPU kernel's layout (engine.layers.linear).
 
-        Call after loading. The dense copies are dropped; with tied embeddings and `tied_head`
-        the output projection gets a packed copy of the table too (the embedding lookup keeps
-        the dense one): vocab x hidden x 2 bytes more memory for the largest GEMV of a decode
-        step. Returns the bytes of extra memory (0 without a tied copy).
+        Call after loading. The dense copies are dropped. With tied embeddings and `tied_head`,
+        the table serves the output projection packed too: in the engine's own layout the
+        lookup reads the same packed table (no extra memory); in oneDNN's the output projection
+        gets a packed copy (the lookup keeps the dense one): vocab x hidden x 2 bytes more for
+        the largest GEMV of a decode step. Returns the bytes of extra memory.
         """
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepack()
         table = self.model.embed_tokens.weight
+        if tied_head and self.lm_head is None and packed_bf16.can_pack(table):
+            self.model.embed_tokens.weight = nn.Parameter(
+                packed_bf16.pack(table), requires_grad=False
+            )
+            return 0
         if tied_head and self.lm_head is None and can_prepack(table):
             self.packed_tied_head = prepack_weight(table)
             return table.numel() * table.element_size()

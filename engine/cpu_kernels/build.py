@@ -1,0 +1,134 @@
+"""Compile the engine's C kernels for this CPU once, cache the library, load it with ctypes.
+
+The kernels (packed_linear.c) are plain C with OpenMP, built with `-O3 -march=native`, so the
+compiler targets exactly the vector units this CPU has (AVX512-BF16 and AMX, AVX2, NEON). A
+build takes about a second; the library is cached under the user's cache directory, keyed by a
+digest of the source, the compiler and the instruction-set macros it defines for this CPU, so
+a copied home directory on another CPU builds its own. Written to a temporary name and renamed:
+concurrent processes never load a half-written file.
+
+OpenMP: the library links `libgomp.so.1`, the soname torch's own bundled runtime is loaded
+under, so the dynamic loader reuses torch's copy: one thread pool, no second runtime spinning
+against it.
+
+No compiler, or a build that fails: `load()` returns None with one warning naming the reason,
+and the linear layers keep torch's kernels (engine.cpu_capability describes the choice).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("packed_linear.c")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+
+
+def cache_dir() -> Path:
+    """PAGECHAT_KERNEL_CACHE, else $XDG_CACHE_HOME/pagechat/cpu-kernels (~/.cache/...)."""
+    explicit = os.environ.get("PAGECHAT_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "pagechat" / "cpu-kernels"
+
+
+def compiler() -> str | None:
+    """$CC, else the first of cc, gcc, clang on PATH."""
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _target_macros(cc: str, march: str) -> str:
+    """The instruction-set macros `-march=<march>` defines here (what the build depends on)."""
+    out = subprocess.run(
+        [cc, f"-march={march}", "-dM", "-E", "-x", "c", os.devnull],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    keep = ("__AVX", "__AMX", "__ARM_FEATURE", "__SSE", "__FMA", "__F16C", "__GNUC__", "__clang")
+    return "\n".join(sorted(line for line in out.splitlines() if any(k in line for k in keep)))
+
+
+def library_path(cc: str, march: str) -> Path:
+    digest = hashlib.sha256()
+    digest.update(SOURCE.read_bytes())
+    digest.update(" ".join(FLAGS).encode())
+    digest.update(_target_macros(cc, march).encode())
+    return cache_dir() / f"packed_linear-{march}-{digest.hexdigest()[:16]}.so"
+
+
+def _compile(cc: str, march: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run(
+            [cc, *FLAGS, f"-march={march}", "-o", tmp, str(SOURCE)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr.strip()[-2000:] or f"{cc} exited {result.returncode}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def load(march: str = "native") -> ctypes.CDLL | None:
+    """The compiled kernel library (built on first use), or None where it cannot be built.
+
+    `march`: the engine uses "native"; tests and benchmarks also build e.g. "x86-64-v3"
+    (AVX2) to run the portable kernels of CPUs without AVX512-BF16 on this one."""
+    import torch  # noqa: F401  (torch's libgomp must be loaded first: see the module docstring)
+
+    cc = compiler()
+    if cc is None:
+        logger.warning(
+            "no C compiler (cc, gcc or clang) found: CPU linear layers use torch's kernels"
+        )
+        return None
+    try:
+        path = library_path(cc, march)
+        if not path.exists():
+            _compile(cc, march, path)
+            logger.info("compiled the CPU kernels with %s into %s", cc, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        logger.warning(
+            "could not build the CPU kernels (%s): linear layers use torch's kernels", err
+        )
+        return None
+    _declare(lib)
+    if lib.pc_init() != 0:  # AMX permission refused (old kernel): the AMX path must not run
+        logger.warning("the kernel refused AMX tile data: CPU kernels left unused")
+        return None
+    return lib
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    ptr, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.pc_kernel_level.restype = i32
+    lib.pc_kernel_level.argtypes = []
+    lib.pc_init.restype = i32
+    lib.pc_init.argtypes = []
+    lib.pc_linear_bf16.restype = None
+    lib.pc_linear_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, i64]
+    lib.pc_linear_bf16w_f32.restype = None
+    lib.pc_linear_bf16w_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32]

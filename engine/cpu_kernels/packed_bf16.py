@@ -1,0 +1,127 @@
+"""bfloat16 weights in the packed layout of packed_linear.c, and the matmuls that read it.
+
+A packed weight is a 4-d tensor [N / 16, K / 2, 16, 2] holding W[N, K]: 16 output columns by
+2 consecutive k per 64-byte row (see packed_linear.c for why one layout serves every kernel).
+Being 4-d is what marks it: the linear layers dispatch on `is_packed`. The model keeps only
+this copy; `unpack` gives the dense [N, K] view back (a copy) for readers such as tests.
+
+Kernels by activation dtype and rows M:
+  bfloat16 x: C kernels for every M (few-rows kernel below AMX_MIN_ROWS, AMX from there where
+              the CPU has it; without AVX512-BF16 a portable float32 loop, still bf16 out);
+  float32 x:  the C widening kernel up to WIDEN_MAX_ROWS rows (decode: bytes bound), above it
+              one dense float32 copy of the weight and torch's float32 matmul (prefill: math
+              bound; the copy is amortised over the rows).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from engine.cpu_kernels.build import load
+
+BLOCK_COLS = 16
+# From this many rows on the AMX tile kernel beats the few-rows one (bench/cpu_linear.py).
+AMX_MIN_ROWS = 5
+# Above this many rows the float32-activation path multiplies a dense float32 copy instead.
+WIDEN_MAX_ROWS = 16
+
+
+@functools.cache
+def kernel_level() -> int:
+    """0: portable C; 1: AVX512-BF16; 2: AVX512-BF16 and AMX; -1: no library (not built)."""
+    lib = load()
+    return -1 if lib is None else int(lib.pc_kernel_level())
+
+
+def describe() -> str:
+    return {
+        -1: "unavailable (torch's kernels)",
+        0: "portable C (float32 math)",
+        1: "AVX512-BF16",
+        2: "AVX512-BF16 + AMX",
+    }[kernel_level()]
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """A 2-d bfloat16 CPU weight whose shape the kernels take, with the library built."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype == torch.bfloat16
+        and weight.dim() == 2
+        and not weight.is_mkldnn
+        and weight.shape[0] % BLOCK_COLS == 0
+        and weight.shape[1] % 32 == 0
+        and kernel_level() >= 0
+    )
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] bfloat16 -> packed [N / 16, K / 2, 16, 2] (a new tensor)."""
+    n, k = weight.shape
+    return (
+        weight.detach()
+        .reshape(n // BLOCK_COLS, BLOCK_COLS, k // 2, 2)
+        .permute(0, 2, 1, 3)
+        .contiguous()
+    )
+
+
+def is_packed(weight: torch.Tensor) -> bool:
+    return weight.dim() == 4
+
+
+def out_features(packed: torch.Tensor) -> int:
+    return packed.shape[0] * BLOCK_COLS
+
+
+def in_features(packed: torch.Tensor) -> int:
+    return packed.shape[1] * 2
+
+
+def unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The dense [N, K] weight (a copy)."""
+    return packed.permute(0, 2, 1, 3).reshape(out_features(packed), in_features(packed))
+
+
+def rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` of the dense weight, [len(ids), K]: the embedding lookup of a packed table."""
+    return packed[ids // BLOCK_COLS, :, ids % BLOCK_COLS].reshape(ids.shape[0], in_features(packed))
+
+
+def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
+    return ctypes.c_void_p(t.data_ptr())
+
+
+def linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    lib: ctypes.CDLL | None = None,
+) -> torch.Tensor:
+    """x [M, K] (bfloat16 or float32, contiguous) times the packed weight -> [M, N] in x's dtype.
+
+    `lib`: another build of the kernels (tests and benchmarks); this CPU's own by default."""
+    lib = lib or load()
+    assert lib is not None, "packed weights exist only where the kernels were built"
+    m, k = x.shape
+    n = out_features(packed)
+    if k != in_features(packed):
+        raise ValueError(f"input has {k} features, the packed weight expects {in_features(packed)}")
+    x = x.contiguous()
+    threads = torch.get_num_threads()
+    if x.dtype == torch.bfloat16:
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+        lib.pc_linear_bf16(_ptr(x), _ptr(packed), _ptr(out), m, n, k, threads, AMX_MIN_ROWS)
+    elif x.dtype == torch.float32 and m <= WIDEN_MAX_ROWS:
+        out = torch.empty(m, n, dtype=torch.float32)
+        lib.pc_linear_bf16w_f32(_ptr(x), _ptr(packed), _ptr(out), m, n, k, threads)
+    elif x.dtype == torch.float32:
+        out = torch.nn.functional.linear(x, unpack(packed).float())
+    else:
+        raise TypeError(f"packed bfloat16 weights take bfloat16 or float32 inputs, not {x.dtype}")
+    if bias is not None:
+        out += bias.to(out.dtype)
+    return out

@@ -1,0 +1,269 @@
+/* Matmuls with bfloat16 weights on the CPU, on one packed weight layout.
+ *
+ * y[M, N] = x[M, K] W[N, K]^T. The weight is stored once, at load, as
+ *     packed[n / 16][k / 2][n % 16][k % 2]
+ * (16 output columns by 2 consecutive k per 64-byte row: the "VNNI" pairs of the bf16 dot
+ * instructions). The same bytes feed every kernel below, so the model keeps one copy:
+ *   - few rows (decode): each thread streams its range of 16-column blocks front to back, once,
+ *     and broadcasts each pair of x to all 16 columns: one vdpbf16ps per 64 bytes of weight
+ *     with AVX512-BF16, a widening float32 loop elsewhere (AVX2, NEON: the compiler vectorises
+ *     it over the 16 columns, no horizontal sums);
+ *   - many rows with AMX: 16x32 tiles of x times 16x32 tiles of the weight (its 64-byte rows
+ *     are exactly AMX's B-tile rows), blocks of columns kept in L2 while all row tiles pass.
+ * Every output is summed in float32 in an order fixed by K and the kernel (the kernel depends
+ * on M: few rows or AMX); it does not depend on the thread count.
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define PC_AVX512_BF16 1
+#else
+#define PC_AVX512_BF16 0
+#endif
+
+#if PC_AVX512_BF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define PC_AMX 1
+#else
+#define PC_AMX 0
+#endif
+
+#define BLOCK_COLS 16
+#define SMALL_ROWS 4 /* activation rows served per pass of the few-rows kernel */
+#define SMALL_BLOCKS 4 /* column blocks in flight per pass of the few-rows kernel */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+/* 1 if this build has the AVX512-BF16 few-rows kernel, 2 if also AMX; 0 = portable only. */
+int pc_kernel_level(void) { return PC_AMX ? 2 : PC_AVX512_BF16; }
+
+/* AMX needs the kernel's permission once per process (Linux >= 5.16); 0 on success. */
+int pc_init(void) {
+#if PC_AMX
+    return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */);
+#else
+    return 0;
+#endif
+}
+
+/* ---- portable few-rows kernel: float32 math on widened weights (any M, meant for small) ---- */
+
+static void block_f32(const float *x, const uint16_t *wb, float *y, int64_t m, int64_t n,
+                      int64_t k, int64_t col0) {
+    for (int64_t j = 0; j < m; j++) {
+        const float *xj = x + j * k;
+        float acc[BLOCK_COLS] = {0};
+        for (int64_t p = 0; p < k / 2; p++) {
+            const uint16_t *wp = wb + p * 2 * BLOCK_COLS;
+            float x0 = xj[2 * p], x1 = xj[2 * p + 1];
+#pragma omp simd
+            for (int t = 0; t < BLOCK_COLS; t++)
+                acc[t] += bf16_to_f32(wp[2 * t]) * x0 + bf16_to_f32(wp[2 * t + 1]) * x1;
+        }
+        for (int t = 0; t < BLOCK_COLS; t++) y[j * n + col0 + t] = acc[t];
+    }
+}
+
+/* x float32 [m, k], packed bf16 weight, y float32 [m, n]. */
+void pc_linear_bf16w_f32(const float *x, const uint16_t *w, float *y, int64_t m, int64_t n,
+                         int64_t k, int threads) {
+    int64_t blocks = n / BLOCK_COLS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) block_f32(x, w + b * k * BLOCK_COLS, y, m, n, k, b * BLOCK_COLS);
+}
+
+/* ---- bf16 activations ---- */
+
+#if PC_AVX512_BF16
+/* Up to SMALL_ROWS rows of x against `nb` consecutive column blocks. */
+static void blocks_small_bf16(const uint16_t *x, const uint16_t *wb, uint16_t *y, int64_t m,
+                              int64_t n, int64_t k, int64_t col0, int nb) {
+    __m512 acc[SMALL_ROWS][SMALL_BLOCKS];
+    for (int j = 0; j < SMALL_ROWS; j++)
+        for (int b = 0; b < SMALL_BLOCKS; b++) acc[j][b] = _mm512_setzero_ps();
+    const int64_t block_elems = k * BLOCK_COLS;
+    for (int64_t p = 0; p < k / 2; p++) {
+        __m512bh wv[SMALL_BLOCKS];
+        for (int b = 0; b < nb; b++)
+            wv[b] = (__m512bh)_mm512_loadu_si512(wb + b * block_elems + p * 2 * BLOCK_COLS);
+        for (int j = 0; j < m; j++) {
+            uint32_t pair;
+            memcpy(&pair, x + j * k + 2 * p, sizeof pair);
+            __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int b = 0; b < nb; b++) acc[j][b] = _mm512_dpbf16_ps(acc[j][b], wv[b], xv);
+        }
+    }
+    for (int j = 0; j < m; j++)
+        for (int b = 0; b < nb; b++) {
+            float out[BLOCK_COLS];
+            _mm512_storeu_ps(out, acc[j][b]);
+            for (int t = 0; t < BLOCK_COLS; t++)
+                y[j * n + col0 + b * BLOCK_COLS + t] = f32_to_bf16(out[t]);
+        }
+}
+
+static void linear_small_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m,
+                              int64_t n, int64_t k, int threads) {
+    int64_t groups = (n / BLOCK_COLS + SMALL_BLOCKS - 1) / SMALL_BLOCKS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t g = 0; g < groups; g++) {
+        int64_t b0 = g * SMALL_BLOCKS;
+        int nb = (int)(n / BLOCK_COLS - b0 < SMALL_BLOCKS ? n / BLOCK_COLS - b0 : SMALL_BLOCKS);
+        for (int64_t m0 = 0; m0 < m; m0 += SMALL_ROWS) {
+            int64_t rows = m - m0 < SMALL_ROWS ? m - m0 : SMALL_ROWS;
+            blocks_small_bf16(x + m0 * k, w + b0 * k * BLOCK_COLS, y + m0 * n, rows, n, k,
+                              b0 * BLOCK_COLS, nb);
+        }
+    }
+}
+#endif
+
+#if PC_AMX
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* tmm0, tmm1: C (rows x 16 float32); tmm2: A (rows x 32 bf16); tmm3, tmm4: B (16 x 32 bf16). */
+static void configure_tiles(int rows) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 5; t++) {
+        c.colsb[t] = 64;
+        c.rows[t] = (uint8_t)(t < 3 ? rows : 16);
+    }
+    _tile_loadconfig(&c);
+}
+
+static void store_tile_rows(const float *c, uint16_t *y, int64_t n, int64_t col0, int rows) {
+    for (int r = 0; r < rows; r++)
+        for (int t = 0; t < BLOCK_COLS; t++) y[r * n + col0 + t] = f32_to_bf16(c[r * BLOCK_COLS + t]);
+}
+
+static void linear_amx_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m,
+                            int64_t n, int64_t k, int threads) {
+    const int64_t blocks = n / BLOCK_COLS, block_elems = k * BLOCK_COLS;
+    /* Column blocks per group: the group's weights (k * 32 bytes a block) stay in L2 while
+     * every 16-row tile of x passes over them. Even, so blocks go in pairs. */
+    int64_t group = (1 << 20) / (k * 2 * BLOCK_COLS);
+    group = group < 2 ? 2 : group - group % 2;
+    const int64_t groups = (blocks + group - 1) / group;
+    const int64_t x_stride = k * 2;
+#pragma omp parallel num_threads(threads)
+    {
+        float c0[16 * BLOCK_COLS], c1[16 * BLOCK_COLS];
+        int configured = 0;
+#pragma omp for schedule(static)
+        for (int64_t g = 0; g < groups; g++) {
+            int64_t b_end = (g + 1) * group < blocks ? (g + 1) * group : blocks;
+            for (int64_t m0 = 0; m0 < m; m0 += 16) {
+                int rows = (int)(m - m0 < 16 ? m - m0 : 16);
+                if (rows != configured) {
+                    configure_tiles(rows);
+                    configured = rows;
+                }
+                const uint16_t *xa = x + m0 * k;
+                int64_t b = g * group;
+                for (; b + 1 < b_end; b += 2) {
+                    const uint16_t *w0 = w + b * block_elems, *w1 = w0 + block_elems;
+                    _tile_zero(0);
+                    _tile_zero(1);
+                    for (int64_t kk = 0; kk < k; kk += 32) {
+                        _tile_loadd(2, xa + kk, x_stride);
+                        _tile_loadd(3, w0 + kk * BLOCK_COLS, 64);
+                        _tile_loadd(4, w1 + kk * BLOCK_COLS, 64);
+                        _tile_dpbf16ps(0, 2, 3);
+                        _tile_dpbf16ps(1, 2, 4);
+                    }
+                    _tile_stored(0, c0, 64);
+                    _tile_stored(1, c1, 64);
+                    store_tile_rows(c0, y + m0 * n, n, b * BLOCK_COLS, rows);
+                    store_tile_rows(c1, y + m0 * n, n, (b + 1) * BLOCK_COLS, rows);
+                }
+                if (b < b_end) {
+                    const uint16_t *w0 = w + b * block_elems;
+                    _tile_zero(0);
+                    for (int64_t kk = 0; kk < k; kk += 32) {
+                        _tile_loadd(2, xa + kk, x_stride);
+                        _tile_loadd(3, w0 + kk * BLOCK_COLS, 64);
+                        _tile_dpbf16ps(0, 2, 3);
+                    }
+                    _tile_stored(0, c0, 64);
+                    store_tile_rows(c0, y + m0 * n, n, b * BLOCK_COLS, rows);
+                }
+            }
+        }
+        if (configured) _tile_release();
+    }
+}
+#endif
+
+/* Portable bf16 x bf16 -> bf16: widen, then the float32 block kernel, row by row of x. */
+#if !PC_AVX512_BF16
+static void linear_portable_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m,
+                                 int64_t n, int64_t k, int threads) {
+    int64_t blocks = n / BLOCK_COLS;
+#pragma omp parallel num_threads(threads)
+    {
+        float xf[4096];
+        for (int64_t j = 0; j < m; j++) {
+            const uint16_t *xj = x + j * k;
+#pragma omp for schedule(static)
+            for (int64_t b = 0; b < blocks; b++) {
+                const uint16_t *wb = w + b * k * BLOCK_COLS;
+                float acc[BLOCK_COLS] = {0};
+                for (int64_t p0 = 0; p0 < k / 2; p0 += 2048) { /* x widened in 4096-wide chunks */
+                    int64_t pn = k / 2 - p0 < 2048 ? k / 2 - p0 : 2048;
+                    for (int64_t i = 0; i < 2 * pn; i++) xf[i] = bf16_to_f32(xj[2 * p0 + i]);
+                    for (int64_t p = 0; p < pn; p++) {
+                        const uint16_t *wp = wb + (p0 + p) * 2 * BLOCK_COLS;
+                        float x0 = xf[2 * p], x1 = xf[2 * p + 1];
+#pragma omp simd
+                        for (int t = 0; t < BLOCK_COLS; t++)
+                            acc[t] += bf16_to_f32(wp[2 * t]) * x0 + bf16_to_f32(wp[2 * t + 1]) * x1;
+                    }
+                }
+                for (int t = 0; t < BLOCK_COLS; t++) y[j * n + b * BLOCK_COLS + t] = f32_to_bf16(acc[t]);
+            }
+        }
+    }
+}
+#endif
+
+/* x bf16 [m, k], packed bf16 weight, y bf16 [m, n]; `amx_min_rows`: from this many rows on,
+ * AMX (where built); below it the few-rows kernel. */
+void pc_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m, int64_t n,
+                    int64_t k, int threads, int64_t amx_min_rows) {
+#if PC_AMX
+    if (m >= amx_min_rows) {
+        linear_amx_bf16(x, w, y, m, n, k, threads);
+        return;
+    }
+#endif
+    (void)amx_min_rows;
+#if PC_AVX512_BF16
+    linear_small_bf16(x, w, y, m, n, k, threads);
+#else
+    linear_portable_bf16(x, w, y, m, n, k, threads);
+#endif
+}

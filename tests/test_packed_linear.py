@@ -1,0 +1,130 @@
+"""The engine's C kernels on packed bfloat16 weights (engine.cpu_kernels), against torch.
+
+Every kernel is checked against a float64 matmul of the same bf16 inputs: the few-rows kernel
+(decode), AMX tiles (more rows, where the CPU has them), and the portable float32 loops that
+CPUs without AVX512-BF16 run, built here for AVX2 (x86-64-v3) so this machine runs them too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.cpu_kernels import packed_bf16
+from engine.cpu_kernels.build import compiler, load
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on this machine")
+
+# (N, K): blocks that fill the few-rows kernel's groups of 4 and that leave a remainder, an odd
+# number of 16-column blocks (AMX pairs plus one), K a multiple of 32 but not of 64.
+SHAPES = [(64, 64), (48, 96), (80, 1056), (1040, 256)]
+ROWS = [1, 2, 3, 4, 5, 7, 16, 17, 40]
+
+
+def builds() -> list[str]:
+    marches = ["native"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"):
+        marches.append("x86-64-v3")  # the portable kernels, as an AVX2 CPU compiles them
+    return marches
+
+
+def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return x.double() @ w.double().t()
+
+
+def test_the_build_matches_what_torch_reports_about_this_cpu():
+    lib = load()
+    assert lib is not None
+    level = lib.pc_kernel_level()
+    avx512_bf16 = torch.cpu._is_avx512_bf16_supported()
+    amx = torch.cpu._is_amx_tile_supported()
+    assert level == (2 if avx512_bf16 and amx else 1 if avx512_bf16 else 0)
+
+
+def test_pack_round_trip_and_row_lookup():
+    w = torch.randn(48, 96).bfloat16()
+    packed = packed_bf16.pack(w)
+    assert packed.shape == (3, 48, 16, 2) and packed_bf16.is_packed(packed)
+    assert torch.equal(packed_bf16.unpack(packed), w)
+    ids = torch.tensor([0, 15, 16, 47, 3])
+    assert torch.equal(packed_bf16.rows(packed, ids), w[ids])
+
+
+def test_can_pack_only_shapes_the_kernels_take():
+    assert packed_bf16.can_pack(torch.zeros(32, 64, dtype=torch.bfloat16))
+    assert not packed_bf16.can_pack(torch.zeros(40, 64, dtype=torch.bfloat16))  # N % 16
+    assert not packed_bf16.can_pack(torch.zeros(32, 48, dtype=torch.bfloat16))  # K % 32
+    assert not packed_bf16.can_pack(torch.zeros(32, 64))  # float32 stays dense
+
+
+@pytest.mark.parametrize("march", builds())
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_bf16_activations_match_float64_up_to_output_rounding(march, n, k):
+    lib = load(march)
+    assert lib is not None
+    torch.manual_seed(n + k)
+    w = torch.randn(n, k).bfloat16()
+    packed = packed_bf16.pack(w)
+    for m in ROWS:
+        x = torch.randn(m, k).bfloat16()
+        out = packed_bf16.linear(x, packed, lib=lib)
+        assert out.dtype == torch.bfloat16 and out.shape == (m, n)
+        ref = _reference(x, w)
+        # float32 sums of exact bf16 products, then one rounding to bf16 (2^-8 relative).
+        bound = ref.abs() * 2**-8 + 1e-5 * (x.double().abs() @ w.double().abs().t())
+        assert ((out.double() - ref).abs() <= bound).all(), (march, m)
+
+
+@pytest.mark.parametrize("march", builds())
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_float32_activations_equal_a_float32_matmul_on_the_up_cast_weight(march, n, k):
+    lib = load(march)
+    assert lib is not None
+    torch.manual_seed(n * k)
+    w = torch.randn(n, k).bfloat16()
+    packed = packed_bf16.pack(w)
+    bias = torch.randn(n)
+    for m in (1, 3, 16, 17, 64):
+        x = torch.randn(m, k)
+        out = packed_bf16.linear(x, packed, bias, lib=lib)
+        assert out.dtype == torch.float32
+        ref = _reference(x, w) + bias.double()
+        scale = x.double().abs() @ w.double().abs().t() + bias.double().abs()
+        assert ((out.double() - ref).abs() <= 1e-6 * scale + 1e-6).all(), (march, m)
+
+
+def test_an_output_does_not_depend_on_the_thread_count_or_its_batch_mates_within_a_kernel():
+    torch.manual_seed(0)
+    w = torch.randn(1040, 256).bfloat16()
+    packed = packed_bf16.pack(w)
+    x = torch.randn(4, 256).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = packed_bf16.linear(x, packed)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, packed_bf16.linear(x, packed))
+    # The few-rows kernel sums each row on its own: a row alone gives the same bits.
+    for row in range(4):
+        assert torch.equal(packed_bf16.linear(x[row : row + 1], packed)[0], one[row])
+
+
+def test_a_model_with_packed_weights_matches_the_dense_model(tiny_checkpoint):
+    """The loader packs every bf16 linear and the tied table; logits stay the dense model's
+    within bf16 noise and the greedy choice is the same."""
+    from engine.layers.attention import TorchAttentionBackend
+    from engine.model_config import ModelConfig
+    from engine.models.loader import load_model
+
+    path = tiny_checkpoint
+    config = ModelConfig.from_dir(path)
+    packed = load_model(path, config, "bfloat16", "cpu", TorchAttentionBackend())
+    dense = load_model(path, config, "bfloat16", "cpu", TorchAttentionBackend(), prepack=False)
+    assert packed_bf16.is_packed(packed.model.layers[0].mlp.down_proj.weight)
+    assert packed_bf16.is_packed(packed.model.embed_tokens.weight)  # tied: one packed table
+    assert torch.equal(packed.model.embed_tokens.dense_weight(), dense.model.embed_tokens.weight)
+    hidden = torch.randn(3, config.hidden_size).bfloat16()
+    a, b = packed.compute_logits(hidden), dense.compute_logits(hidden)
+    assert torch.allclose(a, b, rtol=2e-2, atol=2e-2)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
