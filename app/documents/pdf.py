@@ -1,8 +1,8 @@
 """PDF text through PDFium (pypdfium2), tables through pdfplumber, scans through OCR.
 
 PDFium reads the text layer in content order (a two-column page comes out column by column)
-and is many times faster than pure-Python parsers, without their warning floods. Only pages
-that draw ruling lines are handed to pdfplumber's table finder; a table found there replaces
+and is many times faster than pure-Python parsers, without their warning floods. Pages that
+draw ruling lines are searched for tables (app.documents.pdf_tables); a table found replaces
 its characters in the page's text by a Markdown table at the same place. Pages without a text
 layer but with an image are rendered and OCR'd (app.documents.ocr). Then lines of CJK text are
 joined and repeated headers and footers dropped (app.documents.layout).
@@ -10,12 +10,10 @@ joined and repeated headers and footers dropped (app.documents.layout).
 
 from __future__ import annotations
 
-import io
 import itertools
 import re
 import time
 from collections.abc import Callable
-from typing import Any
 
 import pypdfium2 as pdfium
 import pypdfium2.raw as pdfium_c
@@ -28,8 +26,8 @@ from app.documents.document import (
     page_ranges,
 )
 from app.documents.layout import drop_repeated_lines, join_lines
-from app.documents.markdown import markdown_table
 from app.documents.ocr import OcrUnavailable, PageReader
+from app.documents.pdf_tables import page_text_with_tables
 
 MAX_PDF_PAGES = 5000
 # A page with fewer visible characters than this and an image on it is treated as a scan.
@@ -40,7 +38,6 @@ MIN_TABLE_PATHS = 4
 OCR_LONG_SIDE_PX = 1700
 
 Progress = Callable[[ExtractionProgress], None]
-Box = tuple[float, float, float, float]  # left, bottom, right, top in PDF points
 
 
 def extract_pdf(
@@ -77,21 +74,15 @@ def _extract(
             pages=total,
             limit=MAX_PDF_PAGES,
         )
-    tables = _TableFinder(data)
     texts: list[str] = []
     scans: list[int] = []  # 0-based pages to OCR
     start = time.monotonic()
-    try:
-        for i in range(total):
-            text, scanned = _page_text(pdf, i, tables)
-            texts.append(text)
-            if scanned:
-                scans.append(i)
-            progress(
-                ExtractionProgress(name, "pages", i + 1, total, time.monotonic() - start, i + 1)
-            )
-    finally:
-        tables.close()
+    for i in range(total):
+        text, scanned = _page_text(pdf, i)
+        texts.append(text)
+        if scanned:
+            scans.append(i)
+        progress(ExtractionProgress(name, "pages", i + 1, total, time.monotonic() - start, i + 1))
     notes: list[DocumentNote] = []
     ocr_pages: list[int] = []
     if scans and ocr:
@@ -133,7 +124,7 @@ def _note(code: str, name: str, pages: list[int]) -> DocumentNote:
     return DocumentNote(code, {"name": name, "pages": page_ranges(pages), "count": len(pages)})
 
 
-def _page_text(pdf: pdfium.PdfDocument, index: int, tables: _TableFinder) -> tuple[str, bool]:
+def _page_text(pdf: pdfium.PdfDocument, index: int) -> tuple[str, bool]:
     """(text, looks scanned) of one page; a damaged page reads as empty, not as a failure."""
     try:
         page = pdf[index]
@@ -142,8 +133,8 @@ def _page_text(pdf: pdfium.PdfDocument, index: int, tables: _TableFinder) -> tup
     try:
         textpage = page.get_textpage()
         try:
-            found = tables.find(index, page) if _draws_lines(page) else []
-            text = _text_around(textpage, found) if found else textpage.get_text_range()
+            with_tables = page_text_with_tables(page, textpage) if _draws_lines(page) else None
+            text = with_tables if with_tables is not None else textpage.get_text_range()
         finally:
             textpage.close()
         scanned = len("".join(text.split())) < MIN_TEXT_CHARS and _has_image(page)
@@ -155,77 +146,24 @@ def _page_text(pdf: pdfium.PdfDocument, index: int, tables: _TableFinder) -> tup
 
 
 def _draws_lines(page: pdfium.PdfPage) -> bool:
-    paths = page.get_objects(filter=(pdfium_c.FPDF_PAGEOBJ_PATH,), max_depth=2)
-    return sum(1 for _ in itertools.islice(paths, MIN_TABLE_PATHS)) >= MIN_TABLE_PATHS
+    """At least MIN_TABLE_PATHS path objects, counted with PDFium's raw calls (no wrapper
+    object per text object); a page with form XObjects is searched through them too."""
+    paths = forms = 0
+    for i in range(pdfium_c.FPDFPage_CountObjects(page.raw)):
+        kind = pdfium_c.FPDFPageObj_GetType(pdfium_c.FPDFPage_GetObject(page.raw, i))
+        paths += kind == pdfium_c.FPDF_PAGEOBJ_PATH
+        forms += kind == pdfium_c.FPDF_PAGEOBJ_FORM
+        if paths >= MIN_TABLE_PATHS:
+            return True
+    if not forms:
+        return False
+    nested = page.get_objects(filter=(pdfium_c.FPDF_PAGEOBJ_PATH,), max_depth=2)
+    return sum(1 for _ in itertools.islice(nested, MIN_TABLE_PATHS)) >= MIN_TABLE_PATHS
 
 
 def _has_image(page: pdfium.PdfPage) -> bool:
     images = page.get_objects(filter=(pdfium_c.FPDF_PAGEOBJ_IMAGE,), max_depth=3)
     return next(iter(images), None) is not None
-
-
-def _text_around(textpage: pdfium.PdfTextPage, tables: list[tuple[Box, str]]) -> str:
-    """The page's text in content order, each table's characters replaced by its Markdown."""
-    count = textpage.count_chars()
-    full = textpage.get_text_range()
-    aligned = len(full) == count
-    out: list[str] = []
-    placed: set[int] = set()
-    for i in range(count):
-        char = full[i] if aligned else textpage.get_text_range(i, 1)
-        left, bottom, right, top = textpage.get_charbox(i)
-        x, y = (left + right) / 2, (bottom + top) / 2
-        hit = next((n for n, (box, _) in enumerate(tables) if _inside(x, y, box)), None)
-        if hit is None:
-            out.append(char)
-        elif hit not in placed:
-            placed.add(hit)
-            out.append(f"\n\n{tables[hit][1]}\n\n")
-    out.extend(f"\n\n{markdown}\n\n" for n, (_, markdown) in enumerate(tables) if n not in placed)
-    return "".join(out)
-
-
-def _inside(x: float, y: float, box: Box) -> bool:
-    left, bottom, right, top = box
-    return left - 1 <= x <= right + 1 and bottom - 1 <= y <= top + 1
-
-
-class _TableFinder:
-    """pdfplumber, opened once per document and only if some page draws lines."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pdf: Any = None
-
-    def find(self, index: int, page: pdfium.PdfPage) -> list[tuple[Box, str]]:
-        """Ruled tables of one page: (box in PDF coordinates, Markdown)."""
-        import pdfplumber
-
-        try:
-            if self.pdf is None:
-                self.pdf = pdfplumber.open(io.BytesIO(self.data))
-            plumb = self.pdf.pages[index]
-            found = []
-            height = float(plumb.height)
-            for table in plumb.find_tables():
-                rows = [[cell or "" for cell in row] for row in table.extract()]
-                if len(rows) < 2 or max(len(r) for r in rows) < 2:
-                    continue  # a framed paragraph, not a table
-                x0, top, x1, bottom = table.bbox
-                found.append(
-                    (
-                        (float(x0), height - float(bottom), float(x1), height - float(top)),
-                        markdown_table(rows),
-                    )
-                )
-            plumb.close()
-            return [t for t in found if t[1]]
-        except Exception:  # pdfminer raises many types on odd pages: keep the plain text then
-            return []
-
-    def close(self) -> None:
-        if self.pdf is not None:
-            self.pdf.close()
 
 
 def _ocr_pages(

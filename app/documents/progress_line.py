@@ -25,7 +25,7 @@ from app.documents.document import (
 )
 
 Translate = Callable[..., str]
-OPEN_AFTER_S = 0.5  # a document read faster than this shows no line
+OPEN_AFTER_S = 0.5  # a document read faster than this (after its worker started) shows no line
 INTERVAL_S = 0.5  # the line is updated at most this often
 # Notes said in the chat; the others (headers and footers dropped) go into the line's output.
 SAID_NOTES = {"ocr_pages", "empty_pages", "ocr_unavailable", "html_full_text"}
@@ -39,12 +39,22 @@ class ExtractionLine:
         self.name = name
         self.started = time.monotonic()
         self.last_update = 0.0
+        self.first_event: float | None = None
         self.step: cl.Step | None = None
 
     async def update(self, step: ExtractionProgress) -> None:
         now = time.monotonic()
-        # OCR is slow: its line opens at once; a fast text layer may finish before OPEN_AFTER_S.
-        if self.step is None and step.stage != "ocr" and now - self.started < OPEN_AFTER_S:
+        if self.first_event is None:
+            self.first_event = now  # the worker has started: time from here, not from the upload
+        # OCR is slow: its line opens at once. A text layer opens it once reading has taken
+        # OPEN_AFTER_S, or at once when the pace so far says that much is left.
+        left = step.seconds_left or 0.0
+        if (
+            self.step is None
+            and step.stage != "ocr"
+            and now - self.first_event < OPEN_AFTER_S
+            and left < OPEN_AFTER_S
+        ):
             return
         if self.step is not None and now - self.last_update < INTERVAL_S and step.done < step.total:
             return
