@@ -21,11 +21,9 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import EngineStats, RequestOutput
 from engine.sampling_params import SamplingParams
+from engine.tokenizer_process import TokenizerProcess
 
 logger = logging.getLogger(__name__)
-
-# Prompts longer than this many characters are tokenized in a worker thread.
-LONG_PROMPT_CHARS = 20_000
 
 
 @dataclass
@@ -72,8 +70,8 @@ class AsyncLLM:
             raise RuntimeError("engine is shut down")
         params = params or SamplingParams()
         request_id = request_id or uuid.uuid4().hex
-        if isinstance(prompt, str) and len(prompt) > LONG_PROMPT_CHARS:
-            prompt = await asyncio.to_thread(self.tokenizer.encode, prompt)
+        if isinstance(prompt, str):  # a long one in a worker process: it holds the GIL
+            prompt = await TokenizerProcess.of(self.tokenizer).encode(prompt)
         if params.structured_output is not None:
             # Compile (or find in the cache) in a worker thread: not on the event loop, nor on
             # the engine thread between steps. An invalid grammar raises ValueError here.
@@ -108,12 +106,11 @@ class AsyncLLM:
         params: SamplingParams | None = None,
         request_id: str | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
-        """`generate` for the prompt that the model's chat template makes of `messages`."""
-        size = sum(len(str(m.get("content") or "")) for m in messages)
-        if size > LONG_PROMPT_CHARS:
-            prompt = await asyncio.to_thread(self.tokenizer.apply_chat_template, messages)
-        else:
-            prompt = self.tokenizer.apply_chat_template(messages)
+        """`generate` for the prompt that the model's chat template makes of `messages`.
+
+        The messages are untrusted text: control tokens written in them stay plain text
+        (`Tokenizer.encode_chat`)."""
+        prompt = await TokenizerProcess.of(self.tokenizer).encode_chat(messages)
         stream = self.generate(prompt, params, request_id)
         try:
             async for out in stream:

@@ -22,8 +22,6 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as Backend
 
-from engine.model_config import ModelConfig
-
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 
@@ -143,6 +141,9 @@ class Tokenizer:
     def from_checkpoint(cls, path: str | Path) -> Tokenizer:
         """`from_dir` with the EOS ids `ModelConfig` reads from the checkpoint, for callers
         that hold no ModelConfig (benchmarks, tools, tests)."""
+        # Imported here: ModelConfig needs torch, which a tokenizer worker process never loads.
+        from engine.model_config import ModelConfig
+
         return cls.from_dir(path, ModelConfig.from_dir(path).eos_token_ids)
 
     def _require_id(self, token: str) -> int:

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.api.errors import APIError
+
 MAX_N = 16  # most choices one request may ask for
 
 
@@ -35,6 +37,29 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages as the chat template wants them: content joined into one string."""
+    out = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise APIError(
+                        400,
+                        f"Content part type `{part.type}` is not supported; only text parts are.",
+                        param=f"messages.{i}.content",
+                    )
+                texts.append(part.text)
+            content = "\n".join(texts)
+        item = message.model_dump(exclude_none=True)
+        item["role"] = "system" if message.role == "developer" else message.role
+        item["content"] = content or ""
+        out.append(item)
+    return out
 
 
 class SamplingRequest(BaseModel):

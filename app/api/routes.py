@@ -15,17 +15,16 @@ import dataclasses
 import json
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.api.errors import APIError, OpenAIRoute
 from app.api.keys import key_is_valid
 from app.api.logprobs import (
     TokenText,
@@ -38,7 +37,6 @@ from app.api.protocol import (
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessage,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
@@ -48,9 +46,12 @@ from app.api.protocol import (
     PromptTokensDetails,
     SamplingRequest,
     Usage,
+    template_messages,
 )
 from app.api.reasoning import ReasoningSplitter, thinking_mode
+from app.api.served_model import check_model, engine_of, served_model_id
 from app.api.structured import InvalidRequest, structured_output_of
+from app.api.tokenize import router as tokenize_router
 from app.api.tools import ToolCallStreamer, parse_tool_calls, plan_tools
 from app.serving import metrics
 from app.serving.rate_limit import RateLimited, RateTicket, api_caller
@@ -63,78 +64,11 @@ from engine.client import EngineClient
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
+from engine.tokenizer_process import TokenizerProcess
 
 Stream = AsyncGenerator[RequestOutput, None]
 
-# Prompts longer than this many characters are tokenized off the event loop.
-LONG_TEXT_CHARS = 20_000
 STARTED_AT = int(time.time())
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type = status, message, type
-        self.param, self.code, self.headers = param, code, headers
-
-    def body(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def _validation_error(exc: RequestValidationError) -> APIError:
-    parts, param = [], None
-    for err in exc.errors():
-        if err.get("type") == "json_invalid":
-            detail = (err.get("ctx") or {}).get("error", "")
-            return APIError(400, f"The request body is not valid JSON: {detail}".rstrip(": "))
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
-        if err.get("type") == "extra_forbidden":
-            name = ".".join(loc)
-            return APIError(
-                400,
-                f"Unrecognized request argument supplied: {name} (not served here).",
-                param=name,
-            )
-        param = param or ".".join(loc) or None
-        parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
-    return APIError(400, "; ".join(parts) or "invalid request", param=param)
-
-
-class OpenAIRoute(APIRoute):
-    """A route whose errors, request validation included, come back as OpenAI error JSON (400, not 422)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                return _validation_error(exc).response()
-            except APIError as exc:
-                return exc.response()
-
-        return route
 
 
 # ---- app state ------------------------------------------------------------------------------
@@ -159,62 +93,6 @@ async def require_api_key(
             headers={"WWW-Authenticate": "Bearer"},
         )
     _admit(request, 0)  # a caller over its rate limit is refused before its request is parsed
-
-
-def _engine(request: Request) -> EngineClient:
-    runtime = runtime_of(request)
-    engine = runtime.engine
-    if engine is None:
-        error = runtime.engine_error
-        message = (
-            f"The model failed to load: {error}"
-            if error
-            else "The model is still loading; retry shortly."
-        )
-        raise APIError(
-            503, message, type="server_error", code="model_not_ready", headers={"Retry-After": "5"}
-        )
-    return engine
-
-
-async def _model_id(request: Request, engine: EngineClient) -> str:
-    served = _settings(request).served_model_name
-    if served:
-        return served
-    model_id = engine.model_id
-    if model_id is None and await engine.health():  # a remote engine reached at last
-        model_id = engine.model_id
-    if model_id is not None:
-        model_id = public_model_id(model_id)
-    if model_id is None:
-        raise APIError(
-            503,
-            "The engine server is not reachable yet; retry shortly.",
-            type="server_error",
-            code="model_not_ready",
-            headers={"Retry-After": "5"},
-        )
-    return model_id
-
-
-def public_model_id(model: str) -> str:
-    """A checkpoint directory is named by its last component: answers never show server paths."""
-    path = Path(model)
-    return path.name if path.is_absolute() or path.is_dir() else model
-
-
-async def _check_model(request: Request, engine: EngineClient, model: str) -> str:
-    model_id = await _model_id(request, engine)
-    if model == engine.model_id:  # the checkpoint's path is accepted, and answered with model_id
-        return model_id
-    if model != model_id:
-        raise APIError(
-            404,
-            f"The model `{model}` does not exist. This server serves `{model_id}`.",
-            param="model",
-            code="model_not_found",
-        )
-    return model_id
 
 
 def _check_queue(request: Request, engine: EngineClient) -> None:
@@ -258,47 +136,16 @@ def _check_unsupported(body: SamplingRequest) -> None:
             raise APIError(400, "Only best_of=1 is supported.", param="best_of")
 
 
-def _message_dicts(messages: list[ChatMessage]) -> list[EngineMessage]:
-    """OpenAI messages as the chat template wants them: content joined into one string."""
-    out = []
-    for i, message in enumerate(messages):
-        content = message.content
-        if isinstance(content, list):
-            texts = []
-            for part in content:
-                if part.type != "text" or part.text is None:
-                    raise APIError(
-                        400,
-                        f"Content part type `{part.type}` is not supported; only text parts are.",
-                        param=f"messages.{i}.content",
-                    )
-                texts.append(part.text)
-            content = "\n".join(texts)
-        item = message.model_dump(exclude_none=True)
-        item["role"] = "system" if message.role == "developer" else message.role
-        item["content"] = content or ""
-        out.append(item)
-    return out
-
-
-async def _off_loop_if_long(size: int, fn: Callable, *args: Any) -> Any:
-    return await asyncio.to_thread(fn, *args) if size > LONG_TEXT_CHARS else fn(*args)
-
-
 async def _chat_prompt_ids(
     tokenizer: Tokenizer,
     messages: list[EngineMessage],
     tools: list[dict[str, Any]] | None = None,
     **options: Any,
 ) -> list[int]:
-    size = sum(len(m["content"]) for m in messages)
-    # encode_chat: control tokens written in the messages stay plain text (issue 17).
-
-    def encode(m: list[EngineMessage], **kw: Any) -> list[int]:
-        return tokenizer.encode_chat(m, **kw, **options)
-
+    # encode_chat: control tokens written in the messages stay plain text (issue 17); a long
+    # conversation is encoded in a worker process (tokenizing holds the GIL).
     try:
-        return await _off_loop_if_long(size, lambda m: encode(m, tools=tools), messages)
+        return await TokenizerProcess.of(tokenizer).encode_chat(messages, tools=tools, **options)
     except Exception as exc:  # the template refuses some message orders (raise_exception)
         raise APIError(
             400, f"The chat template could not render these messages: {exc}", param="messages"
@@ -904,15 +751,23 @@ v1 = APIRouter(
 
 @v1.get("/models", response_model=ModelList, responses=ERRORS)
 async def list_models(request: Request) -> ModelList:
-    engine = _engine(request)
-    return ModelList(
-        data=[
-            ModelCard(
-                id=await _model_id(request, engine),
-                created=STARTED_AT,
-                max_model_len=engine.max_model_len,
-            )
-        ]
+    engine = engine_of(request)
+    return ModelList(data=[await _model_card(request, engine)])
+
+
+@v1.get("/models/{model:path}", response_model=ModelCard, responses=ERRORS)
+async def retrieve_model(model: str, request: Request) -> ModelCard:
+    """OpenAI's `models.retrieve`: the served model under any of its names, else 404."""
+    engine = engine_of(request)
+    await check_model(request, engine, model)
+    return await _model_card(request, engine)
+
+
+async def _model_card(request: Request, engine: EngineClient) -> ModelCard:
+    return ModelCard(
+        id=await served_model_id(request, engine),
+        created=STARTED_AT,
+        max_model_len=engine.max_model_len,
     )
 
 
@@ -1003,11 +858,11 @@ async def _prompt_only(stream: Stream) -> Stream:
 
 @v1.post("/chat/completions", response_model=ChatCompletionResponse, responses=ERRORS)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    engine = _engine(request)
-    model = await _check_model(request, engine, body.model)
+    engine = engine_of(request)
+    model = await check_model(request, engine, body.model)
     _check_unsupported(body)
     plan, structured = _tools_and_structured_output(body)
-    messages = _message_dicts(body.messages)
+    messages = template_messages(body.messages)
     max_tokens = _requested_max_tokens(body)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     salt = _cache_salt(request, body)
@@ -1076,8 +931,8 @@ def _prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str 
 
 @v1.post("/completions", response_model=CompletionResponse, responses=ERRORS)
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    engine = _engine(request)
-    model = await _check_model(request, engine, body.model)
+    engine = engine_of(request)
+    model = await check_model(request, engine, body.model)
     _check_unsupported(body)
     prompts = _prompts(body.prompt)
     max_tokens = _requested_max_tokens(body)
@@ -1102,7 +957,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             prompt_input: str | list[int] = prompt
         else:
             if isinstance(prompt, str):
-                prompt_input = await _off_loop_if_long(len(prompt), tokenizer.encode, prompt)
+                prompt_input = await TokenizerProcess.of(tokenizer).encode(prompt)
             else:
                 prompt_input = prompt
             if not prompt_input:
@@ -1128,6 +983,38 @@ def _bind(engine: EngineClient, prompt: str | list[int]) -> Callable[[str, Sampl
     return lambda rid, params: engine.generate(prompt, params, request_id=rid)
 
 
+@v1.api_route(
+    "/{path:path}",
+    methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+    include_in_schema=False,
+)
+async def unknown_path(path: str, request: Request) -> Response:
+    """Any other /v1 path or method: 404 (405 for a known path) in OpenAI's shape, not the
+    chat page Chainlit would serve. Registered last, so every real route matches first."""
+    for route in v1.routes:
+        if isinstance(route, APIRoute) and route.endpoint is not unknown_path:
+            if route.path_regex.match(request.url.path):
+                allowed = ", ".join(sorted(route.methods or ()))
+                raise APIError(
+                    405,
+                    f"Method {request.method} is not allowed on {request.url.path} (use {allowed}).",
+                    headers={"Allow": allowed},
+                )
+    raise APIError(
+        404,
+        f"Unknown path {request.url.path}: this server serves /v1/models, "
+        "/v1/chat/completions and /v1/completions.",
+        code="not_found",
+    )
+
+
 router = APIRouter()
 router.include_router(v1)
+router.include_router(tokenize_router, dependencies=[Depends(require_api_key)])
 router.include_router(metrics.router)
+
+
+@router.head("/health", include_in_schema=False)
+async def health_head(request: Request) -> Response:
+    """HEAD /health for load balancers: /health's status, no body."""
+    return Response(status_code=(await metrics.health(request)).status_code)

@@ -1,0 +1,142 @@
+"""Long texts tokenized in a worker process, so one huge prompt cannot stall the server.
+
+HF `tokenizers` holds the GIL while it encodes one string: a 10 MB prompt (5M tokens) kept
+every other thread of the process, the event loop included, waiting ~15-20 s, and
+`asyncio.to_thread` does not help. A worker process has its own GIL. It is started (spawned,
+never forked from a process running an engine thread) on first use, loads the same
+tokenizer.json and chat template, and imports neither torch nor the model. Ids come back as
+one packed array, which the caller unpacks in milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+import weakref
+from array import array
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from tokenizers import Tokenizer as Backend
+
+from engine.tokenizer import Tokenizer
+
+# Texts longer than this (characters) are encoded in the worker; shorter ones take under a
+# few milliseconds and are encoded in the caller's thread.
+LONG_TEXT_CHARS = 20_000
+
+_worker_tokenizer: Tokenizer | None = None  # in the worker process
+
+
+def _init_worker(spec: tuple[str, str | None, list[int], dict[str, str]]) -> None:
+    global _worker_tokenizer
+    backend_json, template, eos_ids, special = spec
+    _worker_tokenizer = Tokenizer(Backend.from_str(backend_json), template, eos_ids, special)
+
+
+def _pack(ids: list[int]) -> bytes:
+    return array("I", ids).tobytes()
+
+
+def _unpack(data: bytes) -> list[int]:
+    ids = array("I")
+    ids.frombytes(data)
+    return ids.tolist()
+
+
+def _encode(text: str) -> bytes:
+    assert _worker_tokenizer is not None
+    return _pack(_worker_tokenizer.encode(text))
+
+
+def _encode_chat(messages: list[dict[str, Any]], options: dict[str, Any]) -> bytes:
+    assert _worker_tokenizer is not None
+    return _pack(_worker_tokenizer.encode_chat(messages, **options))
+
+
+class TokenizerProcess:
+    """`encode` and `encode_chat` of one Tokenizer, off the caller's process for long texts."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        # Weak: the registry's entry must not keep its own key (the tokenizer) alive.
+        self._tokenizer = weakref.ref(tokenizer)
+        self._pool: ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def of(cls, tokenizer: Tokenizer) -> TokenizerProcess:
+        """The one TokenizerProcess of `tokenizer` (its worker ends with the tokenizer)."""
+        with _registry_lock:
+            process = _registry.get(tokenizer)
+            if process is None:
+                process = _registry[tokenizer] = cls(tokenizer)
+                weakref.finalize(tokenizer, process.close)
+            return process
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                t = self.tokenizer
+                spec = (t.backend.to_str(), t.chat_template, t.eos_token_ids, t.special_tokens)
+                self._pool = ProcessPoolExecutor(
+                    max_workers=1,
+                    mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_worker,
+                    initargs=(spec,),
+                )
+            return self._pool
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        tokenizer = self._tokenizer()
+        if tokenizer is None:
+            raise RuntimeError("the tokenizer is gone")
+        return tokenizer
+
+    async def _run(self, fn: Any, *args: Any) -> list[int]:
+        pool = self._executor()
+        try:
+            data = await asyncio.wrap_future(pool.submit(fn, *args))
+        except BrokenProcessPool as exc:  # the worker died (e.g. killed for memory): start anew
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise RuntimeError("the tokenizer worker process died; retry the request") from exc
+        return _unpack(data)
+
+    async def encode(self, text: str) -> list[int]:
+        """`Tokenizer.encode`; in the worker when `text` is long."""
+        if len(text) <= LONG_TEXT_CHARS:
+            return self.tokenizer.encode(text)
+        return await self._run(_encode, text)
+
+    async def encode_chat(self, messages: Sequence[dict[str, Any]], **options: Any) -> list[int]:
+        """`Tokenizer.encode_chat`; in the worker when the messages' text is long."""
+        if _text_size(messages) <= LONG_TEXT_CHARS:
+            return self.tokenizer.encode_chat(messages, **options)
+        return await self._run(_encode_chat, list(messages), options)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _text_size(value: Any) -> int:
+    """Characters of every string inside `value` (message contents, tool-call arguments)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_text_size(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_text_size(v) for v in value)
+    return 0
+
+
+_registry: weakref.WeakKeyDictionary[Tokenizer, TokenizerProcess] = weakref.WeakKeyDictionary()
+_registry_lock = threading.Lock()
