@@ -139,5 +139,5 @@ def test_reading_progress_is_told_numbers():
     doc = ReadingProgress("en-US", 400, 400, ["memo.txt"], ["memo.txt: 390 tokens"], min_tokens=2048,
                           interval=0.5)
     assert doc.wanted and doc.what == "memo.txt"
-    assert doc._text(100).startswith("memo.txt: 390 tokens") and "25%" in doc._text(100)
+    assert doc.title(100).startswith("memo.txt: 100 / 400 tokens (25%")
     assert not ReadingProgress.hidden("en-US").wanted

@@ -96,7 +96,7 @@ async def test_reading_a_document_shows_prefill_progress(emitter, engine, tmp_pa
     await chat.answer(message)
 
     steps = [s for s in _outputs(emitter.send_step) + _outputs(emitter.update_step) if s["type"] == "tool"]
-    progress = [s["output"] for s in steps if "tokens (" in s["output"] and "%" in s["output"]]
+    progress = [s["name"] for s in steps if " tokens (" in s["name"] and "%" in s["name"]]  # the live line
     assert steps[0]["name"].startswith("report.txt (")
     assert len({p for p in progress}) >= 2  # the count grew while the prompt was read
     assert steps[-1]["name"].startswith("report.txt (") and " s)" in steps[-1]["name"]

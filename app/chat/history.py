@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from app.chat.long_documents import Source
+    from app.chat.summaries import SummaryJob
     from engine.client import EngineClient
     from engine.outputs import RequestOutput
     from engine.sampling_params import SamplingParams
@@ -55,13 +57,20 @@ class NewDocument:
 
 @dataclass
 class Excerpt:
-    """A document cut down to passages because it did not fit."""
+    """An over-context document as one question reads it: the passages retrieved for it, or
+    (`summarized`) the engine's summaries of `parts_kept` of its `parts_total` parts."""
 
     name: str
     full_tokens: int
     kept_tokens: int
     passages_kept: int
     passages_total: int
+    pages: list[int] = field(default_factory=list)  # pages the kept passages (or parts) come from
+    summarized: bool = False
+    parts_kept: int = 0
+    parts_total: int = 0
+    document_pages: int | None = None  # the document's pages (None: no page markers)
+    matched: bool = True  # False: no passage matched the question (its beginning was kept)
 
 
 @dataclass
@@ -86,6 +95,11 @@ class TurnSummary:
     document_room: int = 0  # tokens the new documents could take
     dropped_turns: int = 0
     dropped_documents: list[str] = field(default_factory=list)
+    # Passages (or section summaries) handed to the model for this answer, shown under it.
+    sources: list[Source] = field(default_factory=list)
+    # Over-context documents this question is about as a whole: the engine summarizes their
+    # parts first (app.chat.summaries), then `PreparedTurn.with_summaries` rebuilds the turn.
+    summary_jobs: list[SummaryJob] = field(default_factory=list)
 
 
 @dataclass
@@ -111,6 +125,11 @@ class PreparedTurn(Protocol):
 
     def commit(self, answer: Answer) -> None:
         """Keep the turn and its answer (a stopped answer too) in the history it came from."""
+        ...
+
+    def with_summaries(self, summaries: dict[str, list[Source]]) -> PreparedTurn:
+        """The same turn with these section summaries (by document name) in place of the
+        passages of `summary.summary_jobs`; blocking (tokenizes): run it in a thread."""
         ...
 
 
@@ -155,12 +174,15 @@ class ChatHistory(Protocol):
         ...
 
 
-def new_history(tokenizer: Tokenizer | None) -> ChatHistory:
+def new_history(tokenizer: Tokenizer | None, passage_share: float | None = None) -> ChatHistory:
     """An empty history of the kind the engine needs: token ids when it has a tokenizer (the
-    in-process engine), messages when it has none (a remote engine)."""
+    in-process engine), messages when it has none (a remote engine). `passage_share`: the
+    share of the context passages of over-context documents may take (token ids only)."""
+    from app.chat.long_documents import PassageBudget
     from app.chat.message_history import MessageHistory
     from app.chat.token_history import ChatCodec, TokenHistory
 
     if tokenizer is None:
         return MessageHistory()
-    return TokenHistory(ChatCodec(tokenizer))
+    budget = PassageBudget(passage_share) if passage_share is not None else None
+    return TokenHistory(ChatCodec(tokenizer), passage_budget=budget)

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from app.chat.history import Answer, DocumentRead, NewDocument, TurnSummary, document_block
 
 if TYPE_CHECKING:
+    from app.chat.long_documents import Source
     from engine.client import ChatMessage, EngineClient
     from engine.outputs import RequestOutput
     from engine.sampling_params import SamplingParams
@@ -113,6 +114,9 @@ class MessageTurn:
         self, engine: EngineClient, params: SamplingParams, request_id: str
     ) -> AsyncGenerator[RequestOutput, None]:
         return engine.chat(self.messages, params, request_id=request_id)
+
+    def with_summaries(self, summaries: dict[str, list[Source]]) -> MessageTurn:
+        return self  # documents travel whole to a remote engine: nothing is summarized
 
     def commit(self, answer: Answer) -> None:
         self.base.commit(

@@ -30,8 +30,10 @@ from app.chat.history import (
     new_history,
 )
 from app.chat.i18n import t
-from app.chat.progress import ReadingProgress
+from app.chat.progress import ReadingProgress, SummaryProgress
+from app.chat.sources import excerpt_note, source_elements
 from app.chat.streaming import AnswerCollector, Coalescer, answer_stats, close_open_fence
+from app.chat.summaries import MapProgress, Summarizer
 from app.documents.extraction import Document, DocumentError, extract_file_async
 from app.documents.progress_line import ExtractionLine
 from app.serving.metrics import track
@@ -108,7 +110,7 @@ class ChatSession:
         """Choose the history's kind from the engine and restore a resumed chat's; False when
         a resumed chat's history is missing or unreadable (it starts empty then)."""
         engine = self._engine()
-        history = new_history(engine.tokenizer)
+        history = new_history(engine.tokenizer, self.runtime.settings.passage_share)
         saved, self._saved = self._saved, None
         restored = False
         if saved is not None:
@@ -255,16 +257,18 @@ class ChatSession:
         except ContextOverflow as exc:
             await self.say(self.t("message_too_long", **exc.params))
             return
-        summary = turn.summary
-        notes = self._plan_notes(summary, engine.max_model_len)
-        if notes:
-            await self.say("\n\n".join(notes))
         try:
-            params = chat_options.sampling_params(options, engine.generation_defaults, summary.max_tokens)
+            params = chat_options.sampling_params(options, engine.generation_defaults, turn.summary.max_tokens)
             params.cache_salt = cache_salt(chat_tenant(rt.settings, _user_identifier()))
         except ValueError as exc:
             await self.say(self.t("request_refused", error=str(exc)))
             return
+        turn = await self._summarize_documents(turn, params, question or self.t("default_question"))
+        summary = turn.summary
+        params.max_tokens = summary.max_tokens
+        notes = self._plan_notes(summary, engine.max_model_len)
+        if notes:
+            await self.say("\n\n".join(notes))
         await self._stream_answer(turn, params, self._reading(summary, documents), ticket)
         if not question and documents and rt.data_layer is not None:
             with contextlib.suppress(Exception):  # name the chat after its files
@@ -302,14 +306,40 @@ class ChatSession:
                 await self.say(note)
         return documents
 
-    def _plan_notes(self, summary: TurnSummary, max_model_len: int) -> list[str]:
-        notes = [
-            self.t(
-                "excerpt", name=e.name, full_tokens=e.full_tokens, room=summary.document_room,
-                kept=e.passages_kept, total=e.passages_total, kept_tokens=e.kept_tokens,
+    async def _summarize_documents(self, turn: PreparedTurn, params: SamplingParams, question: str) -> PreparedTurn:
+        """A question about a whole over-context document: the engine summarizes its parts
+        (app.chat.summaries, with a live line), then the turn reads those summaries. A failed
+        map step leaves the turn with its retrieved passages."""
+        jobs = turn.summary.summary_jobs
+        if not jobs:
+            return turn
+        engine, drain = self._engine(), self.runtime.drain
+        summaries = {}
+        for job in jobs:
+            progress = SummaryProgress(self.language)
+
+            async def show(p: MapProgress, progress: SummaryProgress = progress) -> None:
+                await progress.update(p.document, p.done, p.total, p.started)
+
+            summarizer = Summarizer(
+                engine, job.codec, params,
+                track=lambda request_id: drain.begin([request_id], engine.abort),
+                untrack=lambda request_id: drain.end([request_id]),
+                on_progress=show,
             )
-            for e in summary.excerpts
-        ]
+            try:
+                summaries[job.document.name] = await summarizer.run(job, question)
+            except (RuntimeError, ValueError) as exc:
+                logger.warning("summarizing %s failed: %s", job.document.name, exc)
+                await progress.close(job.document.name, 0, failed=str(exc))
+                continue
+            await progress.close(job.document.name, len(job.parts))
+        if not summaries:
+            return turn
+        return await asyncio.to_thread(turn.with_summaries, summaries)
+
+    def _plan_notes(self, summary: TurnSummary, max_model_len: int) -> list[str]:
+        notes = [excerpt_note(e, self.language) for e in summary.excerpts]
         if summary.dropped_turns:
             notes.append(self.t("trimmed", max_model_len=max_model_len, count=summary.dropped_turns))
         if summary.dropped_documents:
@@ -373,7 +403,7 @@ class ChatSession:
                     last = out
                     collected.add(out)
                     if out.first_token_time is None and not out.finished:
-                        await reading.progress(out.num_computed_prompt_tokens)
+                        await reading.progress(out.num_computed_prompt_tokens, out.num_cached_tokens)
                         continue
                     await reading.close(out.num_cached_tokens, _seconds_to_first_token(out))
                     if coalescer is None:  # dated now: a streamed message gets no date of its own
@@ -416,6 +446,11 @@ class ChatSession:
         stopped = stopped or (last is not None and last.finish_reason == "abort")
         if answer is None:
             answer = cl.Message(content="")
+        # The passages (or part summaries) the model was given, under the answer.
+        sources, elements = source_elements(turn.summary.sources, self.language)
+        if sources:
+            answer.content = close_open_fence(answer.content) + "\n\n" + sources
+            answer.elements = list(answer.elements or []) + elements  # type: ignore[operator]
         if last is not None:
             answer.content = close_open_fence(answer.content) + "\n\n*" + self._stats_line(last, stopped) + "*"
             if self.runtime.drain.cut(last.request_id):

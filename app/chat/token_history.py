@@ -7,8 +7,11 @@ re-tokenized: re-tokenized text can differ from what was generated and would mis
 
 Documents enter inside the user's turn, before the question, so later questions share their
 prefix. When the chat outgrows the context, the oldest turns are dropped but their documents
-are carried into the first remaining turn while they fit; a new document too large for the
-context is cut down to the passages most relevant to the question (`app.documents.retrieval`).
+are carried into the first remaining turn while they fit. A document too large for the context
+is kept as passages (`app.chat.long_documents.LongDocument`, in `Conversation.library`) and
+searched for every question: the passages for a question enter that question's turn, so the
+turns before it stay a cached prefix; a question about the whole document gets the engine's
+summaries of its parts instead (`app.chat.summaries`).
 
 `Conversation` is the data (and what is stored, under "conversation"); `TokenHistory` is the
 `app.chat.history.ChatHistory` a chat session holds when the engine has a tokenizer.
@@ -30,7 +33,15 @@ from app.chat.history import (
     TurnSummary,
     document_block,
 )
-from app.documents import retrieval
+from app.chat.long_documents import (
+    DEFAULT_PASSAGE_SHARE,
+    LongDocument,
+    PassageBudget,
+    Source,
+    passage_chars,
+    passage_sources,
+)
+from app.chat.summaries import SummaryJob, summary_body
 
 if TYPE_CHECKING:
     from engine.client import EngineClient
@@ -45,6 +56,9 @@ __all__ = [  # the shared pieces live in app.chat.history; tests and bench impor
 # Chat-format control tokens typed by a user must stay text, never become control tokens.
 _CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
 FORMAT_VERSION = 1
+# A document with this many characters per token of room is not read whole (no tokenizer
+# packs more than a few characters into a token on real text); it is cut into passages first.
+SURELY_LONG_CHARS = 8
 
 
 class TokenizerLike(Protocol):
@@ -104,19 +118,25 @@ class ChatCodec:
 
 @dataclass
 class Piece:
-    """Part of a user turn: a document block or the question."""
+    """Part of a user turn: a whole document, the passages (or part summaries) of an
+    over-context document retrieved for this turn's question, or the question."""
 
-    kind: str  # "document" | "question"
+    kind: str  # "document" | "passages" | "question"
     ids: list[int]
     name: str = ""
     full_tokens: int | None = None  # an excerpted document: its whole size
+    sources: list[Source] = field(default_factory=list)  # "passages": what they came from
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "ids": self.ids, "name": self.name, "full_tokens": self.full_tokens}
+        data: dict[str, Any] = {"kind": self.kind, "ids": self.ids, "name": self.name, "full_tokens": self.full_tokens}
+        if self.sources:
+            data["sources"] = [s.to_dict() for s in self.sources]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> Piece:
-        return cls(data["kind"], list(data["ids"]), data.get("name", ""), data.get("full_tokens"))
+        sources = [Source.from_dict(s) for s in data.get("sources") or []]
+        return cls(data["kind"], list(data["ids"]), data.get("name", ""), data.get("full_tokens"), sources)
 
 
 @dataclass
@@ -129,7 +149,12 @@ class Turn:
 
     @property
     def documents(self) -> list[Piece]:
+        """Whole documents (carried when the turn leaves the prompt; passages are not)."""
         return [p for p in self.pieces if p.kind == "document"]
+
+    @property
+    def passage_tokens(self) -> int:
+        return sum(len(p.ids) for p in self.pieces if p.kind == "passages")
 
     def to_dict(self) -> dict:
         return {
@@ -166,6 +191,20 @@ class Plan:
     excerpts: list[Excerpt] = field(default_factory=list)
     reused_tokens: int = 0  # leading prompt ids identical to the previous request's ids
     document_room: int = 0  # tokens the new documents could take
+    library: list[LongDocument] = field(default_factory=list)  # the chat's, with this turn's
+    summary_jobs: list[SummaryJob] = field(default_factory=list)
+
+    @property
+    def sources(self) -> list[Source]:
+        return [s for p in self.turn.pieces for s in p.sources]
+
+
+@dataclass
+class Ingested:
+    """New documents, tokenized: whole pieces, and those too large as long documents."""
+
+    whole: list[Piece] = field(default_factory=list)
+    long: list[LongDocument] = field(default_factory=list)
 
 
 @dataclass
@@ -177,10 +216,14 @@ class Conversation:
     turns: list[Turn] = field(default_factory=list)
     first_turn: int = 0  # turns before this one no longer enter the prompt
     carried: list[Piece] = field(default_factory=list)  # their documents that still do
+    library: list[LongDocument] = field(default_factory=list)  # over-context documents
 
     def copy(self) -> Conversation:
         """A copy whose turn lists can change without changing this one (the turns are shared)."""
-        return replace(self, system_ids=list(self.system_ids), turns=list(self.turns), carried=list(self.carried))
+        return replace(
+            self, system_ids=list(self.system_ids), turns=list(self.turns), carried=list(self.carried),
+            library=list(self.library),
+        )
 
     def set_system_prompt(self, prompt: str, codec: ChatCodec) -> None:
         if prompt.strip() != self.system_prompt:
@@ -203,11 +246,19 @@ class Conversation:
         max_model_len: int,
         max_tokens: int,
         reuse_documents: Sequence[Piece] = (),
+        passage_budget: PassageBudget | None = None,
+        summaries: dict[str, list[Source]] | None = None,
+        ingested: Ingested | None = None,
     ) -> Plan:
         """Tokenize the new turn and fit everything into the context. Blocking: use a thread.
 
         `reuse_documents` are already tokenized document pieces (an edited turn keeps its files).
+        Over-context documents (new ones and the chat's library) are searched for `question`
+        within `passage_budget`; `summaries` (by document name) replace the passages of a
+        document the question is about as a whole. `ingested`: the new documents as an earlier
+        call tokenized them (the same turn again, with summaries).
         """
+        policy = passage_budget or PassageBudget(DEFAULT_PASSAGE_SHARE)
         reserve = max(1, min(max_tokens, max_model_len // 4))
         budget = max_model_len - reserve
         question_piece = Piece("question", codec.text(question.strip()))
@@ -226,8 +277,16 @@ class Conversation:
             )
         reused = list(reuse_documents)
         room = budget - fixed - sum(len(p.ids) for p in reused)
-        doc_pieces, excerpts = self._document_pieces(codec, question, documents, room)
-        turn = Turn(reused + doc_pieces + [question_piece], question.strip())
+        if ingested is None:
+            ingested = self.ingest(codec, documents, room)
+        library = self.library + ingested.long
+        free = room - sum(len(p.ids) for p in ingested.whole)
+        in_prompt = sum(t.passage_tokens for t in self.window)
+        searched = min(free, policy.for_question(max_model_len, in_prompt))
+        passage_pieces, excerpts, jobs = _search_library(
+            codec, question, library, searched, summaries or {}, max_model_len
+        )
+        turn = Turn(reused + ingested.whole + passage_pieces + [question_piece], question.strip())
 
         window = list(self.window)
         carried = list(self.carried)
@@ -238,8 +297,9 @@ class Conversation:
         def size() -> int:
             return prompt_length(codec, self.system_ids, window, carried, turn)
 
-        while size() > budget and window:
+        while window and (size() > budget or in_prompt + turn.passage_tokens > policy.cap(max_model_len)):
             gone = window.pop(0)
+            in_prompt -= gone.passage_tokens
             first_turn += 1
             dropped_turns += 1
             carried += gone.documents
@@ -262,12 +322,48 @@ class Conversation:
             excerpts=excerpts,
             reused_tokens=reused_tokens,
             document_room=max(0, room),
+            library=library,
+            summary_jobs=jobs,
         )
 
+    @staticmethod
+    def ingest(codec: ChatCodec, documents: Sequence[NewDocument], room: int) -> Ingested:
+        """Tokenize new documents: all whole when they fit `room` together; otherwise those
+        larger than their share of it become long documents (searched, not read whole)."""
+        # Far more characters than the room holds tokens: cut and tokenize it as passages
+        # straight away (their sizes add up to its size), not whole and then again as passages.
+        chars = passage_chars(room)
+        built = [
+            LongDocument.build(codec, d.name, d.text, 0, chars) if len(d.text) > SURELY_LONG_CHARS * room else None
+            for d in documents
+        ]
+        pieces: list[Piece | None] = [
+            None if b is not None else Piece("document", codec.document(d.name, d.text), d.name)
+            for d, b in zip(documents, built)
+        ]
+        sizes = []
+        for d, b, p in zip(documents, built, pieces):
+            if b is not None:
+                b.full_tokens = sum(b.sizes) + len(codec.document(d.name, ""))
+                sizes.append(b.full_tokens)
+            else:
+                assert p is not None
+                sizes.append(len(p.ids))
+        total = sum(sizes)
+        out = Ingested()
+        for doc, long, piece, size in zip(documents, built, pieces, sizes):
+            if total <= room or size <= room * size // total:
+                out.whole.append(piece or Piece("document", codec.document(doc.name, doc.text), doc.name))
+            else:
+                out.long.append(long or LongDocument.build(codec, doc.name, doc.text, size, chars))
+        return out
+
     def truncate(self, index: int) -> Turn:
-        """Forget turn `index` and everything after it (an edited message); returns that turn."""
+        """Forget turn `index` and everything after it (an edited message); returns that turn.
+        Long documents brought by the turns after it are forgotten too."""
         turn = self.turns[index]
         self.turns = self.turns[:index]
+        self.library = [d for d in self.library if d.turn is None or d.turn <= index]
         if self.first_turn > index:
             self.first_turn = index
             kept = [d for t in self.turns for d in t.documents]
@@ -282,24 +378,11 @@ class Conversation:
         self.turns.append(turn)
         self.first_turn = plan.first_turn
         self.carried = list(plan.carried)
+        for doc in plan.library:
+            if doc.turn is None:
+                doc.turn = len(self.turns) - 1
+        self.library = list(plan.library)
         return turn
-
-    @staticmethod
-    def _document_pieces(
-        codec: ChatCodec, question: str, documents: Sequence[NewDocument], room: int
-    ) -> tuple[list[Piece], list[Excerpt]]:
-        pieces = [Piece("document", codec.document(d.name, d.text), d.name) for d in documents]
-        total = sum(len(p.ids) for p in pieces)
-        if total <= room:
-            return pieces, []
-        excerpts = []
-        for i, (doc, piece) in enumerate(zip(documents, pieces)):
-            share = room * len(piece.ids) // total
-            if len(piece.ids) <= share:
-                continue
-            pieces[i], excerpt = _excerpt(codec, question, doc, len(piece.ids), share)
-            excerpts.append(excerpt)
-        return pieces, excerpts
 
     # ---- persistence ----------------------------------------------------------------------
 
@@ -311,6 +394,7 @@ class Conversation:
             "turns": [t.to_dict() for t in self.turns],
             "first_turn": self.first_turn,
             "carried": [p.to_dict() for p in self.carried],
+            "library": [d.to_dict() for d in self.library],
         }
 
     @classmethod
@@ -323,10 +407,23 @@ class Conversation:
             turns=[Turn.from_dict(t) for t in data.get("turns", [])],
             first_turn=int(data.get("first_turn", 0)),
             carried=[Piece.from_dict(p) for p in data.get("carried", [])],
+            library=[LongDocument.from_dict(d) for d in data.get("library", [])],
         )
 
 
 STORAGE_KEY = "conversation"  # a stored chat row keeps its Conversation under this key
+
+
+@dataclass
+class TurnRequest:
+    """What a turn was prepared from, to prepare it again with summaries."""
+
+    question: str
+    message_id: str
+    max_model_len: int
+    max_tokens: int
+    reused: list[Piece]
+    ingested: Ingested | None = None
 
 
 @dataclass
@@ -337,11 +434,15 @@ class TokenTurn:
     base: Conversation  # the history's conversation, cut before an edited turn
     plan: Plan
     summary: TurnSummary
+    request: TurnRequest
 
     def stream(
         self, engine: EngineClient, params: SamplingParams, request_id: str
     ) -> AsyncGenerator[RequestOutput, None]:
         return engine.generate(self.plan.prompt_ids, params, request_id=request_id)
+
+    def with_summaries(self, summaries: dict[str, list[Source]]) -> TokenTurn:
+        return self.history.plan_turn(self.base, self.request, summaries)
 
     def commit(self, answer: Answer) -> None:
         self.base.commit(self.plan, answer.token_ids, answer.finish_reason, self.history.codec)
@@ -351,9 +452,13 @@ class TokenTurn:
 class TokenHistory:
     """`ChatHistory` as token ids (a `Conversation`), for the in-process engine."""
 
-    def __init__(self, codec: ChatCodec, conversation: Conversation | None = None) -> None:
+    def __init__(
+        self, codec: ChatCodec, conversation: Conversation | None = None,
+        passage_budget: PassageBudget | None = None,
+    ) -> None:
         self.codec = codec
         self.conversation = conversation if conversation is not None else Conversation()
+        self.passage_budget = passage_budget or PassageBudget(DEFAULT_PASSAGE_SHARE)
 
     def __len__(self) -> int:
         return len(self.conversation.turns)
@@ -369,7 +474,10 @@ class TokenHistory:
 
     def documents_of(self, message_id: str) -> list[str]:
         index = self._turn_of(message_id)
-        return [] if index is None else [p.name for p in self.conversation.turns[index].documents]
+        if index is None:
+            return []
+        whole = [p.name for p in self.conversation.turns[index].documents]
+        return whole + [d.name for d in self.conversation.library if d.turn == index]
 
     def prepare(
         self,
@@ -382,8 +490,26 @@ class TokenHistory:
         base = self.conversation.copy()
         index = self._turn_of(message_id)
         reused = base.truncate(index).documents if index is not None else []
-        plan = base.prepare(self.codec, question, documents, max_model_len, max_tokens, reused)
-        plan.turn.message_id = message_id
+        request = TurnRequest(question, message_id, max_model_len, max_tokens, reused)
+        return self.plan_turn(base, request, None, documents)
+
+    def plan_turn(
+        self, base: Conversation, request: TurnRequest, summaries: dict[str, list[Source]] | None,
+        documents: Sequence[NewDocument] = (),
+    ) -> TokenTurn:
+        reserve = max(1, min(request.max_tokens, request.max_model_len // 4))
+        if request.ingested is None:
+            fixed = (
+                len(base.system_ids) + len(self.codec.user_prefix) + len(self.codec.turn_suffix)
+                + len(self.codec.text(request.question.strip()))
+                + sum(len(p.ids) for p in request.reused)
+            )
+            request.ingested = base.ingest(self.codec, documents, request.max_model_len - reserve - fixed)
+        plan = base.prepare(
+            self.codec, request.question, (), request.max_model_len, request.max_tokens,
+            request.reused, self.passage_budget, summaries, request.ingested,
+        )
+        plan.turn.message_id = request.message_id
         summary = TurnSummary(
             max_tokens=plan.max_tokens,
             prompt_tokens=len(plan.prompt_ids),
@@ -393,8 +519,10 @@ class TokenHistory:
             document_room=plan.document_room,
             dropped_turns=plan.dropped_turns,
             dropped_documents=plan.dropped_documents,
+            sources=plan.sources,
+            summary_jobs=plan.summary_jobs,
         )
-        return TokenTurn(self, base, plan, summary)
+        return TokenTurn(self, base, plan, summary, request)
 
     def to_dict(self) -> dict[str, Any]:
         return {STORAGE_KEY: self.conversation.to_dict()}
@@ -406,19 +534,58 @@ class TokenHistory:
         self.conversation = Conversation.from_dict(data)
 
 
-def _excerpt(
-    codec: ChatCodec, question: str, doc: NewDocument, full_tokens: int, share: int
-) -> tuple[Piece, Excerpt]:
-    passages = retrieval.split_passages(doc.text)
-    note_template = "excerpt: {kept} of {total} passages"
-    overhead = len(codec.document(doc.name, "", note_template.format(kept=9999, total=9999)))
-    sizes = [len(codec.text(p.text + "\n\n")) for p in passages]
-    chosen = retrieval.select_passages(question, passages, sizes, max(0, share - overhead))
-    body = "\n\n".join(p.text for p in chosen)
-    note = note_template.format(kept=len(chosen), total=len(passages))
-    ids = codec.document(doc.name, body, note)
-    piece = Piece("document", ids, doc.name, full_tokens=full_tokens)
-    return piece, Excerpt(doc.name, full_tokens, len(ids), len(chosen), len(passages))
+def _search_library(
+    codec: ChatCodec,
+    question: str,
+    library: Sequence[LongDocument],
+    budget: int,
+    summaries: dict[str, list[Source]],
+    max_model_len: int,
+) -> tuple[list[Piece], list[Excerpt], list[SummaryJob]]:
+    """The pieces this question reads from the over-context documents: for each, its passages
+    for the question (or, given, the summaries of its parts), within its share of `budget`
+    (shares by size). A question about a document as a whole also gets a summary job."""
+    pieces: list[Piece] = []
+    excerpts: list[Excerpt] = []
+    jobs: list[SummaryJob] = []
+    total = sum(d.full_tokens for d in library)
+    for doc in library:
+        share = budget * doc.full_tokens // total if total else 0
+        overhead = len(codec.document(doc.name, "", _note(9999, 9999)))
+        room = max(0, share - overhead)
+        if doc.name in summaries:
+            parts = summaries[doc.name]
+            body, kept = summary_body(parts, room, codec)
+            note = f"summaries of {len(kept)} of its {len(parts)} parts, written for this question"
+            ids = codec.document(doc.name, body, note)
+            pieces.append(Piece("passages", ids, doc.name, doc.full_tokens, kept))
+            pages = sorted({p for s in kept for p in s.pages})
+            excerpts.append(Excerpt(
+                doc.name, doc.full_tokens, len(ids), len(kept), len(doc.passages), pages,
+                summarized=True, parts_kept=sum(s.covers for s in kept),
+                parts_total=sum(s.covers for s in parts),
+                document_pages=doc.pages,
+            ))
+            continue
+        if doc.wants_whole(question):
+            jobs.append(SummaryJob.plan(doc, room, max_model_len, codec))
+        chosen = doc.search(question, room)
+        if not chosen:
+            excerpts.append(Excerpt(doc.name, doc.full_tokens, 0, 0, len(doc.passages), document_pages=doc.pages))
+            continue
+        body = "\n\n".join(p.text for p in chosen)
+        ids = codec.document(doc.name, body, _note(len(chosen), len(doc.passages)))
+        pieces.append(Piece("passages", ids, doc.name, doc.full_tokens, passage_sources(doc.name, chosen)))
+        pages = sorted({p.page for p in chosen if p.page is not None})
+        excerpts.append(Excerpt(
+            doc.name, doc.full_tokens, len(ids), len(chosen), len(doc.passages), pages,
+            document_pages=doc.pages, matched=any(doc.index.scores(question)),
+        ))
+    return pieces, excerpts, jobs
+
+
+def _note(kept: int, total: int) -> str:
+    return f"{kept} of its {total} passages, retrieved for this question"
 
 
 def _user_ids_length(codec: ChatCodec, turn: Turn, carried: Sequence[Piece]) -> int:
