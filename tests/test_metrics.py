@@ -142,8 +142,8 @@ def test_prefix_cache_counters_match_usage(server, client):
     hits = delta(after, before, "pagechat_prefix_cache_hits_total")
     assert 0 < hits <= delta(after, before, "pagechat_prefix_cache_queries_total")
     rate = after["pagechat_prefix_cache_hits_total"] / after["pagechat_prefix_cache_queries_total"]
-    assert after["pagechat_prefix_cache_hit_rate"] == pytest.approx(rate)
-    assert after["pagechat_prefix_cache_hit_rate"] > before["pagechat_prefix_cache_hit_rate"]
+    assert after["pagechat_prefix_cache_hit_ratio"] == pytest.approx(rate)
+    assert after["pagechat_prefix_cache_hit_ratio"] > before["pagechat_prefix_cache_hit_ratio"]
 
 
 def test_refused_requests_record_no_latency(server, client):

@@ -87,7 +87,7 @@ class _EngineCollector:
                 _ratio(s.kv_blocks_used, s.kv_blocks_total),
             ),
             (
-                "prefix_cache_hit_rate",
+                "prefix_cache_hit_ratio",
                 "Prefix-cache hits / lookups since start",
                 s.prefix_cache_hit_rate,
             ),
