@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import jwt
+import psutil
 import pytest
 import socketio
 
@@ -417,7 +418,7 @@ async def test_hostile_uploads_get_clear_messages_and_stay_in_the_data_dir(guard
     outside_before = files_under(guarded.root) - files_under(guarded.data_dir)
     client = await alice(guarded.server)
     try:
-        bomb = zip_bomb_docx(60)
+        bomb = zip_bomb_docx(245)  # the report's: 245 MiB of XML in a small DOCX
         assert len(bomb) < 1024 * 1024  # under the upload limit: the app must catch it
         uploads = [
             ("bomb.docx", bomb, "application/octet-stream"),
@@ -428,9 +429,21 @@ async def test_hostile_uploads_get_clear_messages_and_stay_in_the_data_dir(guard
             ("<img src=x onerror=alert(1)>.md", b"html name", "text/markdown"),
         ]
         ids = [await client.upload(name, data, mime) for name, data, mime in uploads]
-        start = await client.send("Read these", tuple(ids))
+        server = psutil.Process(guarded.server.proc.pid)
+        rss_before = peak = server.memory_info().rss
+        sending = asyncio.create_task(client.send("Read these", tuple(ids)))
+        health = []  # another user's request while the bomb is read (in a worker process)
+        while not sending.done():
+            started = time.perf_counter()
+            assert (await client.http.get("/health")).status_code == 200
+            health.append(time.perf_counter() - started)
+            peak = max(peak, server.memory_info().rss)
+            await asyncio.sleep(0.05)
+        start = await sending
         said = outputs(client, start)
-        assert any("bomb.docx" in o and "would unpack to" in o and "refused" in o for o in said)
+        assert any("bomb.docx" in o and "more than the 100 MB limit" in o for o in said), said
+        assert max(health) < 1.0, health
+        assert peak - rss_before < 200 * 1024 * 1024  # nothing was inflated in the server
         assert any("empty.txt" in o and "is empty (0 bytes)" in o for o in said)
         assert any("prompt tokens" in o for o in said)  # the readable files were answered
 
