@@ -137,3 +137,22 @@ async def test_workers_limit_parses_documents_in_turn(tmp_path):
         )
     )
     assert [d.pages for d in docs] == [3, 3, 3] and max(seen) == 1
+
+
+async def test_worker_gets_no_settings_or_secrets(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGECHAT_API_KEYS", "sk-secret-key")
+    monkeypatch.setenv("CHAINLIT_AUTH_SECRET", "jwt-secret")
+    monkeypatch.setenv("SOME_SERVICE_TOKEN", "tok")
+    path = tmp_path / "report.pdf"
+    path.write_bytes(corpus.two_column_pdf(pages=3))
+    seen: list[dict[str, str]] = []
+
+    def look(step):
+        seen.extend(worker.environ() for worker in _workers())
+
+    await extract_file_async(path, "report.pdf", 50 * MB, progress=look)
+    assert seen and all(
+        not ({"PAGECHAT_API_KEYS", "CHAINLIT_AUTH_SECRET", "SOME_SERVICE_TOKEN"} & set(env))
+        for env in seen
+    )
+    assert all("PATH" in env for env in seen)

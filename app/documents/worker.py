@@ -43,6 +43,7 @@ MEMORY_POLL_S = 0.05
 STDERR_TAIL = 40  # lines of the worker's stderr kept for the log when it fails
 NICENESS = 10
 _LENGTH = struct.Struct(">Q")
+_SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "API_KEY", "DATABASE_URL", "CREDENTIAL")
 _slots: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, asyncio.Semaphore]] = (
     weakref.WeakKeyDictionary()
 )
@@ -148,10 +149,16 @@ def memory_error(name: str, limit_mb: int) -> DocumentError:
 
 
 def _child_env() -> dict[str, str]:
-    """The server's environment, with this checkout importable (`-m app.documents.worker`)."""
-    env = dict(os.environ)
+    """The server's environment without its settings and secrets (the worker parses untrusted
+    bytes and needs none of them), with this checkout importable (`-m app.documents.worker`)."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PAGECHAT_", "CHAINLIT_"))
+        and not any(word in key.upper() for word in _SECRET_WORDS)
+    }
     root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     return env
 
 
