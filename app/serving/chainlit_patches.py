@@ -44,6 +44,10 @@ Chainlit 2.12 is mounted at "/" (app/serving/server.py) and used as it ships, ex
    sender's chat), and so is one with more files than a message may carry.
 15. Chainlit's own /docs, /redoc and /openapi.json removed (`drop_chainlit_docs`): they
    described its internal routes to anyone; the app's API docs are PAGECHAT_API_DOCS's.
+16. Markdown images on other hosts shown as links (`external_images_as_links`): the page's CSP
+   (app/serving/security_headers.py) does not fetch them, so instead of a broken image the
+   messages Chainlit sends (new, updated, resumed, or read through GET /project/thread/<id>)
+   carry `[image: alt](url)`; what is stored is left as written.
 
 `patch_chainlit` applies them all; each one is applied at most once per process (the wrappers
 read the current guards from `_guards`, so a second app in one process uses its own).
@@ -77,6 +81,11 @@ _EXTERNAL_LINK = re.compile(
     r"<link\b[^>]*https://(?:fonts\.googleapis\.com|fonts\.gstatic\.com|cdn\.jsdelivr\.net)[^>]*>",
     re.DOTALL,
 )
+# ![alt](https://elsewhere/x.png "title") and ![alt](//elsewhere/x.png): images the CSP blocks.
+_EXTERNAL_IMAGE = re.compile(
+    r"!\[([^\]\n]*)\]\(\s*<?((?:https?:)?//[^\s)>]+)>?(?:\s+(?:\"[^\"]*\"|'[^']*'))?\s*\)",
+    re.IGNORECASE,
+)
 _wrapped: set[str] = set()  # the Chainlit functions wrapped so far in this process
 _guards: dict[str, Any] = {}  # what the wrappers consult: tokens, throttle, quota, origins
 
@@ -107,6 +116,7 @@ def patch_chainlit(
         enforce_upload_quota(quota)
     check_client_messages()
     drop_chainlit_docs()
+    external_images_as_links()
 
 
 def strip_external_links(html: str) -> str:
@@ -505,3 +515,59 @@ def drop_chainlit_docs() -> None:
     chainlit_app.openapi_url = chainlit_app.docs_url = chainlit_app.redoc_url = None
     if (changed := getattr(chainlit_app.router, "_mark_routes_changed", None)) is not None:
         changed()
+
+
+def images_as_links(text: str) -> str:
+    """`![alt](https://elsewhere/x.png)` -> `[image: alt](https://elsewhere/x.png)`."""
+    return _EXTERNAL_IMAGE.sub(lambda m: f"[image: {m.group(1) or m.group(2)}]({m.group(2)})", text)
+
+
+def _step_with_links(step: Any) -> Any:
+    if isinstance(step, dict) and isinstance(step.get("output"), str) and "![" in step["output"]:
+        return {**step, "output": images_as_links(step["output"])}
+    return step
+
+
+def _thread_with_links(thread: Any) -> Any:
+    if isinstance(thread, dict) and isinstance(thread.get("steps"), list):
+        return {**thread, "steps": [_step_with_links(s) for s in thread["steps"]]}
+    return thread
+
+
+def external_images_as_links() -> None:
+    """16. What Chainlit shows of a message has its external images as links."""
+    import json
+
+    from chainlit.emitter import ChainlitEmitter
+    from fastapi.responses import JSONResponse
+
+    if "images_as_links" not in _wrapped:
+        for name, rewrite in (
+            ("send_step", _step_with_links),
+            ("update_step", _step_with_links),
+            ("resume_thread", _thread_with_links),
+        ):
+            original = cast(Callable[..., Awaitable[Any]], getattr(ChainlitEmitter, name))
+
+            def make(original: Callable[..., Awaitable[Any]], rewrite: Callable[[Any], Any]) -> Any:
+                @functools.wraps(original)
+                async def emit(self: ChainlitEmitter, data: Any) -> Any:
+                    return await original(self, rewrite(data))
+
+                return emit
+
+            setattr(ChainlitEmitter, name, make(original, rewrite))
+        _wrapped.add("images_as_links")
+
+    def wrapper(endpoint: Endpoint) -> Endpoint:
+        @functools.wraps(endpoint)
+        async def get_thread(*args: Any, **kwargs: Any) -> Any:
+            response = await endpoint(*args, **kwargs)
+            if isinstance(response, JSONResponse):
+                thread = _thread_with_links(json.loads(bytes(response.body)))
+                return JSONResponse(content=thread, status_code=response.status_code)
+            return response
+
+        return get_thread
+
+    wrap_route("/project/thread/{thread_id}", "GET", wrapper)
