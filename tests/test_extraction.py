@@ -69,6 +69,14 @@ def test_pdf_two_columns_are_not_interleaved(report):
     assert not any(w in albatross for w in corpus.RIGHT_COLUMN_WORDS)
 
 
+def test_pdf_paragraphs_separated_by_blank_lines(report):
+    page = report.page_texts[0]
+    assert "albatross.\n\nbergamot" in page and "bergamot.\n\ncinnabar" in page
+    assert "cinnabar.\n\ndromedary" in page  # the next column starts a paragraph too
+    first = page.split("\n\n")[0]
+    assert first.startswith("albatross") and first.endswith("albatross.") and first.count("\n") > 3
+
+
 def test_pdf_table_becomes_a_markdown_table(report):
     page = report.page_texts[1]
     lines = page.splitlines()
