@@ -220,7 +220,7 @@ def main() -> None:
     request = json.loads(sys.stdin.read())
     limits = request["limits"]
     _limit_memory(limits["memory_mb"] * 1024 * 1024)
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, AttributeError):  # no os.nice on Windows
         os.nice(NICENESS)
     logging.basicConfig(level=logging.ERROR)  # pdfminer and friends warn per odd object
 
@@ -253,8 +253,10 @@ def main() -> None:
 
 
 def _limit_memory(limit: int) -> None:
-    import resource
-
+    try:
+        import resource
+    except ImportError:  # not on Windows: the parent's resident-memory watch still applies
+        return
     with contextlib.suppress(ValueError, OSError):
         _, hard = resource.getrlimit(resource.RLIMIT_DATA)
         resource.setrlimit(resource.RLIMIT_DATA, (limit if hard < 0 else min(limit, hard), hard))
