@@ -156,3 +156,18 @@ async def test_worker_gets_no_settings_or_secrets(tmp_path, monkeypatch):
         for env in seen
     )
     assert all("PATH" in env for env in seen)
+
+
+async def test_cancelled_read_ends_its_worker(bomb):
+    """Stop in the chat cancels the handler: the worker process must not outlive it."""
+    limits = ParseLimits(max_unpacked_mb=1000, timeout_s=60)
+    task = asyncio.create_task(extract_file_async(bomb, "bomb.docx", 50 * MB, limits=limits))
+    for _ in range(100):  # until the worker runs
+        await asyncio.sleep(0.05)
+        if _workers():
+            break
+    assert _workers()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _workers() == []
