@@ -328,6 +328,12 @@ async def test_tokens_per_minute_are_metered_and_enforced_through_the_api(server
     """Key B spends its tokens on one long prompt; the next request is refused on tokens."""
     b = client(server, KEY_B)
     model = (await b.models.list()).data[0].id
+    streamed = await b.chat.completions.with_raw_response.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2, stream=True
+    )
+    assert streamed.headers["x-ratelimit-limit-tokens"] == str(TPM)  # streams carry them too
+    assert int(streamed.headers["x-ratelimit-remaining-requests"]) < RPM
+    assert [chunk async for chunk in streamed.parse()]
     raw, _ = await _chat(
         b, model=model, max_tokens=20, content=LONG_PROMPT, extra_body={"ignore_eos": True}
     )
