@@ -225,7 +225,8 @@ def main() -> None:
     logging.basicConfig(level=logging.ERROR)  # pdfminer and friends warn per odd object
 
     def send(message: dict[str, Any]) -> None:
-        payload = json.dumps(message, ensure_ascii=False).encode()
+        # "replace": a lone surrogate from a damaged file becomes "?" rather than a crash
+        payload = json.dumps(message, ensure_ascii=False).encode("utf-8", "replace")
         channel.write(_LENGTH.pack(len(payload)) + payload)
         channel.flush()
 
