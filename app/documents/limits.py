@@ -8,6 +8,10 @@ worker process (app.documents.worker) under these limits, a few processes at a t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from app.settings import AppSettings
 
 MB = 1024 * 1024
 
@@ -32,11 +36,12 @@ class ParseLimits:
         return self.memory_mb * MB
 
     @classmethod
-    def from_settings(cls) -> ParseLimits:
-        """The limits in the environment (app.settings.AppSettings), read at each call."""
-        from app.settings import AppSettings
+    def from_settings(cls, settings: AppSettings | None = None) -> ParseLimits:
+        """The limits of `settings`, by default those in the environment (read at each call)."""
+        if settings is None:
+            from app.settings import AppSettings
 
-        settings = AppSettings()
+            settings = AppSettings()
         return cls(
             max_unpacked_mb=settings.max_unpacked_mb,
             memory_mb=settings.parse_memory_mb,
