@@ -4,8 +4,9 @@ Statically: the Grafana dashboard JSON loads, points at the provisioned Promethe
 and every metric its queries name is one the server exports (the exporter run against a fake
 engine with KV tiers and a fake CUDA device, so the GPU and tier series are checked too); the
 metric names follow Prometheus conventions. Live: a real Prometheus (Debian's `prometheus`
-package, installed by .ci/run) scrapes a running server with the shipped prometheus.yml, and
-every PromQL expression of the dashboard returns data.
+package, installed by .ci/run) scrapes a running server whose /metrics is closed by
+PAGECHAT_METRICS_TOKEN, with the shipped prometheus.yml and that token, and every PromQL
+expression of the dashboard returns data.
 """
 
 from __future__ import annotations
@@ -212,12 +213,23 @@ def test_the_monitoring_profile_runs_prometheus_and_grafana_with_the_shipped_fil
     assert source["datasources"][0]["url"] == "http://prometheus:9090"
 
 
-def test_promtool_accepts_the_prometheus_config():
+def shipped_config(tmp_path: Path, token: str) -> dict:
+    """deploy/monitoring/prometheus.yml with its token file written where the test can."""
+    config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+    job = config["scrape_configs"][0]
+    assert job["authorization"]["credentials_file"] == "/prometheus/metrics_token"  # compose's
+    (tmp_path / "metrics_token").write_text(token)
+    job["authorization"]["credentials_file"] = str(tmp_path / "metrics_token")
+    return config
+
+
+def test_promtool_accepts_the_prometheus_config(tmp_path):
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool is not installed: `apt-get install prometheus`")
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(shipped_config(tmp_path, "")))
     done = subprocess.run(
-        [promtool, "check", "config", str(MONITORING / "prometheus.yml")],
+        [promtool, "check", "config", str(tmp_path / "prometheus.yml")],
         capture_output=True,
         text=True,
         timeout=60,
@@ -251,11 +263,18 @@ def test_prometheus_scrapes_a_live_server_and_every_dashboard_query_returns_data
         pytest.skip(
             "Prometheus is not installed: `apt-get install prometheus` (.ci/run does it in CI)"
         )
-    server = Server(tiny_checkpoint, tmp_path / "data", PAGECHAT_RATE_LIMIT_RPM="3")
+    token = "metrics-token-5d1e"  # /metrics is closed to anyone without it
+    server = Server(
+        tiny_checkpoint,
+        tmp_path / "data",
+        PAGECHAT_RATE_LIMIT_RPM="3",
+        PAGECHAT_METRICS_TOKEN=token,
+    )
     prom = None
     try:
         server.wait_ready()
-        config = yaml.safe_load((MONITORING / "prometheus.yml").read_text())  # the shipped file
+        assert httpx.get(server.url + "/metrics").status_code == 401
+        config = shipped_config(tmp_path, token)
         config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"
         job = config["scrape_configs"][0]
         job["static_configs"] = [{"targets": [server.url.removeprefix("http://")]}]
