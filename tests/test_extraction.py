@@ -89,6 +89,7 @@ def test_pdf_table_becomes_a_markdown_table(report):
     ]
     assert "Lighthouse 5,310" not in page  # the cells are not repeated as loose text
     assert page.index("leftp2.") < page.index("| Region") < page.index("rightp2")
+    assert "leftp2.\n\nmorep2" in page  # paragraphs are kept on a page with a table too
 
 
 def test_pdf_repeated_header_and_footer_dropped(report):

@@ -10,7 +10,6 @@ joined and repeated headers and footers dropped (app.documents.layout).
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import re
 import time
@@ -28,6 +27,7 @@ from app.documents.document import (
 )
 from app.documents.layout import drop_repeated_lines, join_lines
 from app.documents.ocr import OcrUnavailable, PageReader
+from app.documents.pdf_paragraphs import paragraph_starts, with_paragraphs
 from app.documents.pdf_tables import page_text_with_tables
 
 MAX_PDF_PAGES = 5000
@@ -35,8 +35,6 @@ MAX_PDF_PAGES = 5000
 MIN_TEXT_CHARS = 20
 # Pages drawing at least this many paths (lines, rectangles) are searched for ruled tables.
 MIN_TABLE_PATHS = 4
-# A baseline this many line spacings below the previous one starts a new paragraph.
-PARAGRAPH_GAP = 1.3
 # OCR renders the page so that its longer side has about this many pixels (~150 dpi on A4).
 OCR_LONG_SIDE_PX = 1700
 
@@ -136,8 +134,12 @@ def _page_text(pdf: pdfium.PdfDocument, index: int) -> tuple[str, bool]:
     try:
         textpage = page.get_textpage()
         try:
-            with_tables = page_text_with_tables(page, textpage) if _draws_lines(page) else None
-            text = with_tables if with_tables is not None else _paragraphs(textpage)
+            plain = textpage.get_text_range()
+            starts = paragraph_starts(textpage, plain)
+            with_tables = (
+                page_text_with_tables(page, textpage, starts) if _draws_lines(page) else None
+            )
+            text = with_tables if with_tables is not None else with_paragraphs(plain, starts)
         finally:
             textpage.close()
         scanned = len("".join(text.split())) < MIN_TEXT_CHARS and _has_image(page)
@@ -146,40 +148,6 @@ def _page_text(pdf: pdfium.PdfDocument, index: int) -> tuple[str, bool]:
         return "", False
     finally:
         page.close()
-
-
-def _paragraphs(textpage: pdfium.PdfTextPage) -> str:
-    """The page's text with a blank line where a paragraph ends: where the baseline moves
-    down by more than PARAGRAPH_GAP line spacings, or moves up (the next column or frame).
-
-    PDFium gives lines, not paragraphs; passages are cut on paragraphs. Baselines come from
-    the first character of each line (one PDFium call per line, not per character)."""
-    text = textpage.get_text_range()
-    if len(text) != textpage.count_chars() or "\n" not in text:
-        return text  # characters and indices do not line up: keep the lines as they are
-    lines = text.split("\r\n") if "\r\n" in text else text.split("\n")
-    step = 2 if "\r\n" in text else 1
-    x, y = ctypes.c_double(), ctypes.c_double()
-    baselines: list[float | None] = []
-    index = 0
-    for line in lines:
-        ok = line and pdfium_c.FPDFText_GetCharOrigin(textpage.raw, index, x, y)
-        baselines.append(y.value if ok else None)
-        index += len(line) + step
-    gaps = [
-        (a - b) if a is not None and b is not None else None
-        for a, b in zip(baselines, baselines[1:], strict=False)
-    ]
-    downs = sorted(g for g in gaps if g is not None and g > 0)
-    if not downs:
-        return text
-    spacing = downs[len(downs) // 2]
-    out = [lines[0]]
-    for line, gap in zip(lines[1:], gaps, strict=True):
-        if gap is not None and (gap <= 0 or gap > PARAGRAPH_GAP * spacing) and out[-1].strip():
-            out.append("")
-        out.append(line)
-    return "\n".join(out)
 
 
 def _draws_lines(page: pdfium.PdfPage) -> bool:

@@ -24,8 +24,11 @@ TOLERANCE = 3  # pdfplumber's default snap / join / intersection tolerance, in p
 MAX_EDGES = 2000  # a page drawing more paths than this is a drawing, not a table
 
 
-def page_text_with_tables(page: pdfium.PdfPage, textpage: pdfium.PdfTextPage) -> str | None:
-    """The page's text with each ruled table as Markdown, or None when it has no table."""
+def page_text_with_tables(
+    page: pdfium.PdfPage, textpage: pdfium.PdfTextPage, paragraphs: set[int] | None = None
+) -> str | None:
+    """The page's text with each ruled table as Markdown, or None when it has no table.
+    `paragraphs`: character indices that start a paragraph (a blank line goes before them)."""
     height = page.get_height()
     edges = _edges(page, height)
     if len(edges) < 4 or len(edges) > MAX_EDGES:
@@ -46,7 +49,7 @@ def page_text_with_tables(page: pdfium.PdfPage, textpage: pdfium.PdfTextPage) ->
             found.append((bbox, markdown_table(grid)))
     if not found:
         return None
-    return _text_around(chars, found)
+    return _text_around(chars, found, paragraphs or set())
 
 
 def _edges(page: pdfium.PdfPage, height: float) -> list[dict[str, Any]]:
@@ -123,13 +126,17 @@ def _cell_text(chars: list[tuple[str, float, float]], cell: Box) -> str:
     return " ".join("".join(c for c, x, y in chars if _inside(x, y, cell)).split())
 
 
-def _text_around(chars: list[tuple[str, float, float]], tables: list[tuple[Box, str]]) -> str:
+def _text_around(
+    chars: list[tuple[str, float, float]], tables: list[tuple[Box, str]], paragraphs: set[int]
+) -> str:
     """The page's characters in content order, each table's replaced by its Markdown."""
     out: list[str] = []
     placed: set[int] = set()
-    for char, x, y in chars:
+    for index, (char, x, y) in enumerate(chars):
         hit = next((n for n, (box, _) in enumerate(tables) if _inside(x, y, box)), None)
         if hit is None:
+            if index in paragraphs:
+                out.append("\n")
             out.append(char)
         elif hit not in placed:
             placed.add(hit)

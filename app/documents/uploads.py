@@ -28,7 +28,9 @@ class UploadLimit(BodyLimit):
 
     def refusal(self) -> bytes:
         mb = self.max_bytes / (1024 * 1024)
-        return json.dumps({"detail": f"File size too large: the upload limit is {mb:g} MB"}).encode()
+        return json.dumps(
+            {"detail": f"File size too large: the upload limit is {mb:g} MB"}
+        ).encode()
 
 
 def apply_upload_limit(app: FastAPI, max_upload_mb: int) -> None:
