@@ -14,7 +14,13 @@ import re
 import pytest
 
 from app.documents.document import note_message, page_ranges, progress_message
-from app.documents.extraction import Document, DocumentError, extract_bytes, extract_file_async
+from app.documents.extraction import (
+    Document,
+    DocumentError,
+    ParseLimits,
+    extract_bytes,
+    extract_file_async,
+)
 from app.documents.layout import drop_repeated_lines, join_lines
 from tests.app_helpers import make_pdf
 from tests.fixtures import documents as corpus
@@ -158,6 +164,14 @@ def test_pdf_progress_per_page_and_per_ocr_page(scanned):
     assert steps[-1].page == 2 and steps[-1].percent == 100
     key, params = progress_message(steps[0])
     assert key == "doc_progress_pages" and params["percent"] == 50
+
+
+def test_ocr_out_of_time_keeps_what_was_read_and_names_the_rest():
+    # A time limit already spent: the text layer is read, the scanned page is not OCR'd.
+    doc = extract_bytes("scan.pdf", corpus.scanned_pdf(), MB, limits=ParseLimits(timeout_s=1e-6))
+    assert doc.ocr_pages == [] and doc.page_texts == ["Cover letter with a real text layer.", ""]
+    assert [(n.code, n.params["pages"]) for n in doc.notes] == [("ocr_skipped", "2")]
+    assert doc.empty_pages == []  # unread, not empty: its own note says so
 
 
 def test_pdf_empty_page_noted():

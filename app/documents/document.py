@@ -36,7 +36,8 @@ class DocumentNote:
 
     Codes: `ocr_pages` (params: name, pages, count), `empty_pages` (name, pages, count),
     `repeated_lines` (name, count: header/footer lines dropped), `ocr_unavailable` (name,
-    pages, count: pages without text that could not be OCR'd), `html_full_text` (name: no main
+    pages, count: pages without text that could not be OCR'd), `ocr_skipped` (name, pages,
+    count: scanned pages left unread when OCR ran out of time), `html_full_text` (name: no main
     content found, the whole page's text kept).
     """
 

@@ -11,6 +11,7 @@ language. One module per format: pdf, word, html, text.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -126,6 +127,9 @@ SUPPORTED_EXTENSIONS = PDF_EXTENSIONS | DOCX_EXTENSIONS | HTML_EXTENSIONS | TEXT
 
 # Extracted text beyond this many characters is refused (about 5M tokens: no context holds it).
 MAX_TEXT_CHARS = 20_000_000
+# OCR starts no page after this share of the parse time limit: a long scan ends with the pages
+# read so far and a note naming the rest, not with the time limit's refusal.
+OCR_TIME_SHARE = 0.8
 
 Progress = Callable[[ExtractionProgress], None]
 AsyncProgress = Callable[[ExtractionProgress], Awaitable[None] | None]
@@ -217,7 +221,9 @@ def extract_bytes(
     if kind == "pdf":
         from app.documents.pdf import extract_pdf
 
-        document = extract_pdf(name, data, progress)
+        # OCR stops in time for the worker to answer with what it read (OCR_TIME_SHARE).
+        deadline = time.monotonic() + limits.timeout_s * OCR_TIME_SHARE
+        document = extract_pdf(name, data, progress, ocr_deadline=deadline)
     elif kind == "docx":
         from app.documents.word import docx_markdown
 

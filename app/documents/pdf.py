@@ -42,9 +42,17 @@ Progress = Callable[[ExtractionProgress], None]
 
 
 def extract_pdf(
-    name: str, data: bytes, progress: Progress | None = None, ocr: bool = True
+    name: str,
+    data: bytes,
+    progress: Progress | None = None,
+    ocr: bool = True,
+    ocr_deadline: float | None = None,
 ) -> Document:
-    """Text of every page, `[page N]`-marked; raises DocumentError for unreadable PDFs."""
+    """Text of every page, `[page N]`-marked; raises DocumentError for unreadable PDFs.
+
+    OCR starts no page after `ocr_deadline` (time.monotonic()): the pages left are named in
+    an `ocr_skipped` note, and the document keeps what was read, instead of the whole read
+    running into the worker's time limit."""
     if b"%PDF-" not in data[:1024]:
         raise _corrupt(name)
     try:
@@ -58,13 +66,18 @@ def extract_pdf(
             ) from exc
         raise _corrupt(name) from exc
     try:
-        return _extract(name, data, pdf, progress or (lambda _: None), ocr)
+        return _extract(name, data, pdf, progress or (lambda _: None), ocr, ocr_deadline)
     finally:
         pdf.close()
 
 
 def _extract(
-    name: str, data: bytes, pdf: pdfium.PdfDocument, progress: Progress, ocr: bool
+    name: str,
+    data: bytes,
+    pdf: pdfium.PdfDocument,
+    progress: Progress,
+    ocr: bool,
+    ocr_deadline: float | None = None,
 ) -> Document:
     total = len(pdf)
     if total > MAX_PDF_PAGES:
@@ -86,20 +99,23 @@ def _extract(
         progress(ExtractionProgress(name, "pages", i + 1, total, time.monotonic() - start, i + 1))
     notes: list[DocumentNote] = []
     ocr_pages: list[int] = []
+    unread: list[int] = []  # scanned pages OCR could not read (unavailable, out of time)
     if scans and ocr:
-        ocr_pages = _ocr_pages(name, pdf, scans, texts, progress, notes)
+        ocr_pages, unread = _ocr_pages(name, pdf, scans, texts, progress, notes, ocr_deadline)
     elif scans:
-        notes.append(_note("ocr_unavailable", name, [i + 1 for i in scans]))
+        unread = [i + 1 for i in scans]
+        notes.append(_note("ocr_unavailable", name, unread))
     cleaned, dropped = drop_repeated_lines([_tidy(join_lines(t)) for t in texts])
     if dropped:
         notes.append(DocumentNote("repeated_lines", {"name": name, "count": dropped}))
-    empty = [i + 1 for i, t in enumerate(cleaned) if not t.strip()]
-    if len(empty) == total:
+    blank = [i + 1 for i, t in enumerate(cleaned) if not t.strip()]
+    if len(blank) == total:
         raise DocumentError(
             "pdf_no_text",
             f"{name}: no text found in this PDF, neither in a text layer nor by OCR",
             name=name,
         )
+    empty = [n for n in blank if n not in unread]  # the unread have their own note
     if empty:
         notes.append(_note("empty_pages", name, empty))
     text = "\n\n".join(f"[page {n}]\n{t}" for n, t in enumerate(cleaned, start=1))
@@ -178,12 +194,18 @@ def _ocr_pages(
     texts: list[str],
     progress: Progress,
     notes: list[DocumentNote],
-) -> list[int]:
-    """OCR the scanned pages in place in `texts`; returns the 1-based pages read by OCR."""
+    deadline: float | None = None,
+) -> tuple[list[int], list[int]]:
+    """OCR the scanned pages in place in `texts`; returns the 1-based pages read by OCR and
+    those left unread (OCR unavailable, or `deadline` passed)."""
     reader = PageReader()
     done: list[int] = []
     start = time.monotonic()
     for n, index in enumerate(scans, start=1):
+        if deadline is not None and time.monotonic() > deadline:
+            unread = [i + 1 for i in scans[n - 1 :]]
+            notes.append(_note("ocr_skipped", name, unread))
+            return _ocr_noted(name, done, notes), unread
         page = pdf[index]
         try:
             width, height = page.get_size()
@@ -191,8 +213,9 @@ def _ocr_pages(
             image = page.render(scale=scale).to_numpy()[:, :, :3]
             text = reader.read(image)
         except OcrUnavailable:
-            notes.append(_note("ocr_unavailable", name, [i + 1 for i in scans[n - 1 :]]))
-            break
+            unread = [i + 1 for i in scans[n - 1 :]]
+            notes.append(_note("ocr_unavailable", name, unread))
+            return _ocr_noted(name, done, notes), unread
         finally:
             page.close()
         if len(text.strip()) > len(texts[index].strip()):
@@ -201,8 +224,12 @@ def _ocr_pages(
         progress(
             ExtractionProgress(name, "ocr", n, len(scans), time.monotonic() - start, index + 1)
         )
+    return _ocr_noted(name, done, notes), []
+
+
+def _ocr_noted(name: str, done: list[int], notes: list[DocumentNote]) -> list[int]:
     if done:
-        notes.append(_note("ocr_pages", name, done))
+        notes.insert(0, _note("ocr_pages", name, done))
     return done
 
 

@@ -28,7 +28,7 @@ Translate = Callable[..., str]
 OPEN_AFTER_S = 0.5  # a document read faster than this (after its worker started) shows no line
 INTERVAL_S = 0.5  # the line is updated at most this often
 # Notes said in the chat; the others (headers and footers dropped) go into the line's output.
-SAID_NOTES = {"ocr_pages", "empty_pages", "ocr_unavailable", "html_full_text"}
+SAID_NOTES = {"ocr_pages", "empty_pages", "ocr_unavailable", "ocr_skipped", "html_full_text"}
 
 
 class ExtractionLine:
