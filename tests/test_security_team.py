@@ -490,7 +490,10 @@ async def test_files_at_rest_are_private_and_names_survive(team):
     stored = [p for p in (data / "files").rglob("*") if p.is_file()]
     assert any(p.name == kept for p in stored)  # the attachment did not silently vanish
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
-    for path in [data / "pagechat.db", data / "chainlit_auth_secret", *stored]:
+    everything = [p for p in data.rglob("*") if p.is_file()]
+    expected = {data / "pagechat.db", data / "pagechat.db-wal", data / "chainlit_auth_secret"}
+    assert expected <= set(everything)
+    for path in everything:  # the database, its WAL, the secret, the lock, uploads, ...
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     for folder in [p for p in data.rglob("*") if p.is_dir()]:
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder

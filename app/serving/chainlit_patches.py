@@ -22,7 +22,6 @@ Chainlit 2.12 is mounted at "/" (app/serving/server.py) and used as it ships, ex
 7. `BaseSession.files_dir` wrapped (`recreate_session_dirs`): Chainlit creates a session's
    upload folder with `mkdir(exist_ok=True)`, which fails with FileNotFoundError (a 500 on
    every later upload) once the scratch folder above it has vanished; it is created again.
-
 8. Chainlit's JWTs routed through `SessionTokens` (`use_session_tokens`): every token names a
    session the server can revoke and the user's credential version; logout revokes it
    (`revoke_on_logout`); its lifetime is PAGECHAT_SESSION_HOURS. The user each HTTP request
