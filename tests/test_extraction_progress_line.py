@@ -136,3 +136,36 @@ async def test_chat_reads_uploads_with_the_line_and_notes(emitter, tmp_path):
     said = [call.args[0]["output"] for call in emitter.send_step.call_args_list]
     assert "**gap.pdf**: 1 page(s) have no text, even by OCR (pages 2)." in said
     assert any("**bomb.docx** unpacks to more than the 100 MB limit" in s for s in said)
+
+
+@pytest.mark.parametrize("language", ["en-US", "zh-CN"])
+def test_every_document_error_and_note_has_a_text(language):
+    """Each DocumentError code raised in app/documents and each note code has its text in
+    both languages (a missing key would turn a clear message into a KeyError)."""
+    import re
+    from pathlib import Path
+
+    documents = Path(__file__).resolve().parents[1] / "app" / "documents"
+    source = "\n".join(p.read_text() for p in documents.glob("*.py"))
+    errors = set(re.findall(r'DocumentError\(\s*"([a-z_]+)"', source))
+    notes = set(re.findall(r'_note\(\s*"([a-z_]+)"', source)) | {"repeated_lines", "html_full_text"}
+    assert {"corrupt", "too_much_unpacked", "parse_memory", "parse_timeout"} <= errors
+    assert {"ocr_pages", "empty_pages", "ocr_skipped"} <= notes
+    for code in errors:
+        assert t(f"doc_error_{code}", language, name="x.pdf", **_PARAMS)
+    for code in notes:
+        assert t(f"doc_note_{code}", language, name="x.pdf", pages="2", count=1)
+
+
+_PARAMS = dict(
+    suffix=".exe",
+    kind="PDF",
+    size_mb=1,
+    limit_mb=1,
+    pages=1,
+    limit=1,
+    chars=1,
+    count=1,
+    limit_s=1.0,
+    exit_code=-9,
+)
