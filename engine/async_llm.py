@@ -146,6 +146,7 @@ class AsyncLLM:
         self._stopped.set()
         self._commands.put(("stop",))
         self._thread.join(timeout)
+        self.engine.close()  # writes the KV blocks still queued for the disk tier
 
     # ---- engine thread ------------------------------------------------------------------------
 

@@ -8,15 +8,21 @@ cache and shares every hit (reference count + 1); a hit counts only if the block
 match too. Blocks are registered only after their KV has been written, for prompt and generated
 tokens alike. A block whose count drops to 0 keeps its hash and stays hittable in the free list
 until it reaches the least-recently-freed end and is handed out again (lazy LRU eviction).
+
+Lower KV tiers (engine.kv_tiers) hook in at three points: `on_evict` sees a registered block
+just before it is handed out again (its KV still intact), `on_register` sees every block entered
+into the cache after its KV was computed, and `admit` takes blocks found below the device pool,
+giving each a fresh block registered at once (the caller copies their KV in before the step).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from collections.abc import Sequence as Seq
 
+from engine.kv_keys import BlockRef, chain_root
 from engine.kv_keys import block_key as hash_block
-from engine.kv_keys import chain_root
 from engine.sequence import Sequence
 
 
@@ -60,6 +66,9 @@ class BlockManager:
         # Prefix-cache statistics over requests' first admissions: full blocks looked up / found.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        # Lower KV tiers' hooks (engine.kv_tiers.KVTiers): a block leaving the pool, a new block.
+        self.on_evict: Callable[[int, BlockRef], None] | None = None
+        self.on_register: Callable[[int, BlockRef], None] | None = None
 
     # ---- accounting -------------------------------------------------------------------------
 
@@ -95,6 +104,10 @@ class BlockManager:
             parent = hashes[i - 1] if i else chain_root(self.model_digest, seq.params.cache_salt)
             hashes.append(hash_block(parent, self._block_tokens(seq, i)))
         return hashes[index]
+
+    def block_ref(self, seq: Sequence, index: int) -> BlockRef:
+        """Key and token ids of seq's full block `index` (what the lower tiers look up)."""
+        return BlockRef(self.block_hash(seq, index), tuple(self._block_tokens(seq, index)))
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding the longest cached prefix of seq's tokens (read-only).
@@ -135,20 +148,44 @@ class BlockManager:
         if block.hash is not None:  # evict: the cache entry dies with the block's contents
             if self._cached.get(block.hash) == block_id:
                 del self._cached[block.hash]
+                if self.on_evict is not None:
+                    assert block.token_ids is not None
+                    self.on_evict(block_id, BlockRef(block.hash, block.token_ids))
             block.reset()
         block.ref_count = 1
         return block_id
 
-    def admit(self, seq: Sequence, cached_block_ids: list[int], first_time: bool) -> None:
-        """Give a sequence with no blocks the cached prefix found by `find_cached_prefix`."""
+    def admit(
+        self,
+        seq: Sequence,
+        cached_block_ids: list[int],
+        first_time: bool,
+        lower: Seq[BlockRef] = (),
+    ) -> list[int]:
+        """Give a sequence with no blocks the cached prefix found by `find_cached_prefix`.
+
+        `lower` continues that prefix with blocks found in a lower tier: each gets a fresh
+        block, registered now; their ids are returned, and the caller must have their KV
+        copied in before the step's forward pass.
+        """
         assert not seq.block_table, f"{seq} already holds blocks"
+        if len(lower) > len(self._free) - self.num_free_among(cached_block_ids):
+            raise RuntimeError(f"{seq} needs {len(lower)} blocks for its lower-tier hits")
         for block_id in cached_block_ids:
             self._take(block_id)
-        seq.block_table = list(cached_block_ids)
-        seq.num_computed_tokens = len(cached_block_ids) * self.block_size
+        filled: list[int] = []
+        for ref in lower:
+            block_id = self._pop_free()
+            block = self.blocks[block_id]
+            block.hash, block.token_ids = ref.key, ref.token_ids
+            self._cached[ref.key] = block_id
+            filled.append(block_id)
+        seq.block_table = [*cached_block_ids, *filled]
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
         if first_time and self.enable_prefix_caching:
             self.prefix_cache_queries += self.num_max_cacheable_blocks(seq)
-            self.prefix_cache_hits += len(cached_block_ids)
+            self.prefix_cache_hits += len(seq.block_table)
+        return filled
 
     def allocate(self, seq: Sequence, num_tokens: int) -> None:
         """Extend seq's block table to cover positions [0, num_tokens) with fresh blocks."""
@@ -195,6 +232,8 @@ class BlockManager:
             if existing is None:
                 block.hash, block.token_ids = h, tokens
                 self._cached[h] = block_id
+                if self.on_register is not None:
+                    self.on_register(block_id, BlockRef(h, tokens))
             elif self.blocks[existing].token_ids == tokens:
                 assert block.ref_count == 1, f"unregistered block {block_id} is shared"
                 self._take(existing)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -37,6 +38,18 @@ class EngineConfig(BaseSettings):
         "reference) or native (in the model's dtype: faster, a few ulps off)",
     )
     seed: int = 0
+    kv_host_gb: float | None = Field(
+        None,
+        ge=0,
+        description="host-memory KV tier for blocks evicted from the device pool (GiB; 0 = off). "
+        "Default: on CUDA a quarter of RAM up to 32; on the CPU 0 (the pool is host memory)",
+    )
+    kv_disk_dir: Path | None = Field(
+        None,
+        description="disk KV tier directory (blocks outlive restarts); None = off. The server "
+        "defaults it to <PAGECHAT_DATA_DIR>/kv-cache",
+    )
+    kv_disk_gb: float = Field(16.0, ge=0, description="disk KV tier cap (GiB; 0 = off)")
 
     @field_validator("block_size")
     @classmethod

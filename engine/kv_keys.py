@@ -111,6 +111,14 @@ def kv_layout(model_config: ModelConfig) -> str:
 
 
 @dataclass(frozen=True)
+class BlockRef:
+    """One full block as the KV tiers name it: its key and the token ids it holds."""
+
+    key: bytes
+    token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class WeightFile:
     """What the fingerprint records of one weight file (never its tensors' values)."""
 

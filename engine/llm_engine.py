@@ -1,7 +1,9 @@
 """The synchronous engine core: requests in, one scheduled step at a time, RequestOutputs out.
 
 `LLM` drives it in a loop; `AsyncLLM` drives it from its own thread. Everything here runs on
-one thread, so the scheduler and block manager need no locks.
+one thread, so the scheduler and block manager need no locks. The KV tiers below the device
+pool (engine.kv_tiers: host memory, disk) do their slow work on their own threads; `close()`
+writes the blocks still queued for disk.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_keys import ModelFingerprint, kv_layout
+from engine.kv_tiers import build_kv_tiers
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.models.loader import resolve_model_path
@@ -30,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 MODEL_ERROR = "internal error while running the model"
+IDLE_LOAD_WAIT_S = 0.01  # how long an idle step waits for a disk load before returning
 
 
 @dataclass
@@ -97,9 +101,14 @@ class LLMEngine:
             block_size=config.block_size,
             kv_layout=kv_layout(mc),
         )
+        # Host-memory and disk tiers below the device pool (None when both are off).
+        self.kv_tiers = build_kv_tiers(
+            config, self.runner.device, self.runner.kv_block_shape, self.runner.dtype,
+            self.model_fingerprint.digest,
+        )
         self.scheduler = Scheduler(
             config, self.runner.num_blocks, self.max_model_len, self.eos_token_ids,
-            self.model_fingerprint.digest,
+            self.model_fingerprint.digest, self.kv_tiers,
         )
         self.requests: dict[str, RequestState] = {}
         self._next_id = 0
@@ -197,7 +206,12 @@ class LLMEngine:
         model step failed are failed alone and filtered out before the scheduler sees results.
         """
         out = self.scheduler.schedule()
+        if out.kv_copies:
+            host = self.kv_tiers.host if self.kv_tiers is not None else None
+            self.runner.copy_kv(out.kv_copies, host.storage if host is not None else None)
         if not out.scheduled:
+            # Nothing can run until a disk load lands: wait for it a little instead of spinning.
+            self.scheduler.wait_for_loads(IDLE_LOAD_WAIT_S)
             return []
         self._run_isolating_failures(out.scheduled)
         failed = [s for s in out.scheduled if s.error is not None]
@@ -207,8 +221,23 @@ class LLMEngine:
                 scheduled=[s for s in out.scheduled if s.error is None], preempted=out.preempted
             )
         progressed = self.scheduler.postprocess(out)
+        self._save_new_blocks()
         outputs.extend(self._collect_outputs(out, progressed))
         return outputs
+
+    def _save_new_blocks(self) -> None:
+        """Queue the blocks this step registered for the disk tier (written on its thread)."""
+        if self.kv_tiers is None or self.kv_tiers.disk is None:
+            return
+        new = self.kv_tiers.take_new_blocks()
+        if new:
+            kv, ready = self.runner.gather_kv([block_id for block_id, _ in new])
+            self.kv_tiers.disk.save([ref for _, ref in new], kv, ready)
+
+    def close(self) -> None:
+        """Write the KV blocks still queued for disk and stop the KV tiers' threads."""
+        if self.kv_tiers is not None:
+            self.kv_tiers.close()
 
     def _run_isolating_failures(self, batch: list[ScheduledSequence]) -> None:
         """Run the batch; if it raises, rerun each sequence alone so one bad request fails alone.
@@ -345,6 +374,11 @@ class LLMEngine:
             generation_tokens_total=self._generation_tokens_total,
             requests_finished_total=self._finished_total,
             generation_tokens_per_s=self._throughput.rate(),
+            kv_tiers=(
+                self.kv_tiers.snapshot(self.scheduler.num_loading)
+                if self.kv_tiers is not None
+                else None
+            ),
         )
 
 

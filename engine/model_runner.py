@@ -12,7 +12,9 @@ the weights and sizes the pool (profiling on CUDA), the engine then fixes max_mo
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 from engine.config import EngineConfig
 from engine.cpu_malloc import keep_freed_memory
 from engine.cuda_graphs import DecodeGraphs
+from engine.kv_tiers import KVCopy
 from engine.layers.attention import AttentionMetadata, get_attention_backend
 from engine.model_config import ModelConfig
 from engine.models.loader import load_model, resolve_precision
@@ -66,6 +69,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None
         self.max_model_len: int | None = None  # fixed by the engine, given to allocate()
         self.graphs: DecodeGraphs | None = None
+        self._copy_stream: torch.cuda.Stream | None = None  # KV tier copies on CUDA
 
     def allocate(self, max_model_len: int) -> None:
         """Allocate the KV cache and capture the decode graphs for sequences of max_model_len."""
@@ -168,6 +172,67 @@ class ModelRunner:
         self.model.bind_kv_cache(
             [self.kv_cache[0, i] for i in layers], [self.kv_cache[1, i] for i in layers]
         )
+
+    # ---- copies between KV tiers ---------------------------------------------------------------
+
+    @property
+    def kv_block_shape(self) -> tuple[int, ...]:
+        """One block's KV as the lower tiers hold it: (k|v, layer, slot, kv_head, head_dim)."""
+        mc = self.model_config
+        return (2, mc.num_hidden_layers, self.block_size, mc.num_key_value_heads, mc.head_dim)
+
+    def _side_stream(self) -> torch.cuda.Stream | None:
+        """On CUDA, the stream the tier copies run on, after the work already queued."""
+        if self.device.type != "cuda":
+            return None
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        return self._copy_stream
+
+    @torch.inference_mode()
+    def copy_kv(self, copies: list[KVCopy], host: torch.Tensor | None) -> None:
+        """Run a step's block copies in order (device <-> host slots, loaded blocks -> device).
+
+        On CUDA they run on a side stream (asynchronously from pinned host memory) that the
+        step's forward pass then waits for: the step waits for its own copies only.
+        """
+        assert self.kv_cache is not None
+        kv = self.kv_cache
+        stream = self._side_stream()
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for c in copies:
+                if c.kind == "to_host":
+                    assert host is not None
+                    host[c.host_slot].copy_(kv[:, :, c.block_id], non_blocking=True)
+                elif c.kind == "from_host":
+                    assert host is not None
+                    kv[:, :, c.block_id].copy_(host[c.host_slot], non_blocking=True)
+                else:
+                    assert c.tensor is not None
+                    kv[:, :, c.block_id].copy_(c.tensor, non_blocking=stream is not None)
+        if stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    @torch.inference_mode()
+    def gather_kv(self, block_ids: list[int]) -> tuple[torch.Tensor, Callable[[], None] | None]:
+        """These blocks' KV on the CPU, shaped (block, *kv_block_shape), and a wait for it.
+
+        On CUDA the copy is asynchronous into pinned memory: call the returned function (the
+        disk writer does, on its thread) before reading the tensor.
+        """
+        assert self.kv_cache is not None
+        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        stream = self._side_stream()
+        if stream is None:
+            return self.kv_cache.index_select(2, index).movedim(2, 0).contiguous(), None
+        with torch.cuda.stream(stream):
+            on_device = self.kv_cache.index_select(2, index).movedim(2, 0).contiguous()
+            out = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
+            out.copy_(on_device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        return out, done.synchronize
 
     # ---- one step -----------------------------------------------------------------------------
 

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engine.kv_tiers import KVTierStats
 
 
 @dataclass
@@ -64,6 +68,7 @@ class EngineStats:
     generation_tokens_total: int
     requests_finished_total: int
     generation_tokens_per_s: float  # over the last few seconds
+    kv_tiers: KVTierStats | None = None  # host and disk KV tiers' counters, when they are on
 
     @property
     def prefix_cache_hit_rate(self) -> float:

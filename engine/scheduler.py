@@ -7,17 +7,32 @@ step for the tokens actually scheduled. Priority is admission order: when blocks
 sequence preempts the newest running sequences (their blocks are freed and they are recomputed
 later, mostly from the prefix cache); the oldest sequence can always proceed on its own, so the
 engine never deadlocks.
+
+With lower KV tiers (engine.kv_tiers), admission continues the device pool's cached prefix in
+the host tier and in blocks loaded from disk; when the disk holds more of a prompt's prefix, the
+request first waits in a loading state (out of the waiting queue, holding no blocks) while the
+disk tier's thread reads it, and the others keep stepping. A finished load puts the request back
+at the head of the queue. Each step's block copies between tiers travel in
+`SchedulerOutput.kv_copies`, in the order they were decided.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 from collections import deque
 from collections.abc import Iterable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
+
+import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.kv_tiers import KVCopy, KVTiers, LowerHit
 from engine.sequence import Sequence, SequenceStatus
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -62,6 +77,17 @@ class ScheduledSequence:
 class SchedulerOutput:
     scheduled: list[ScheduledSequence] = field(default_factory=list)  # decodes first, then prefills
     preempted: list[Sequence] = field(default_factory=list)
+    # Block copies between the KV tiers, to run in this order before the forward pass.
+    kv_copies: list[KVCopy] = field(default_factory=list)
+
+
+@dataclass
+class _Load:
+    """A request waiting for its prefix's blocks from disk, from block `first` on."""
+
+    seq: Sequence
+    first: int
+    future: Future[list[torch.Tensor]]
 
 
 class Scheduler:
@@ -74,6 +100,7 @@ class Scheduler:
         max_model_len: int,
         eos_token_ids: Iterable[int],
         model_digest: bytes = b"",
+        kv_tiers: KVTiers | None = None,
     ) -> None:
         self.config = config
         self.block_size = config.block_size
@@ -92,6 +119,14 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: the last is preempted first
         self._live: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        self.kv_tiers = kv_tiers
+        if kv_tiers is not None:
+            self.block_manager.on_evict = kv_tiers.on_evict
+            self.block_manager.on_register = kv_tiers.on_register
+        self._loading: dict[str, _Load] = {}  # by request id, in order of their start
+        self._staged: dict[str, dict[bytes, torch.Tensor]] = {}  # loaded blocks by key
+        # Requests that had their disk load (one per admission: a failed one is not retried).
+        self._loaded: set[str] = set()
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -101,7 +136,11 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self._loading)
+
+    @property
+    def num_loading(self) -> int:
+        return len(self._loading)
 
     def has_unfinished(self) -> bool:
         return bool(self._live)
@@ -137,8 +176,10 @@ class Scheduler:
             if seq.status is SequenceStatus.RUNNING:
                 self.running.remove(seq)
                 self.block_manager.free(seq)
-            else:
+            elif self._loading.pop(seq.request_id, None) is None:
                 self.waiting.remove(seq)
+            self._staged.pop(seq.request_id, None)
+            self._loaded.discard(seq.request_id)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -154,6 +195,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's tokens; each scheduled block table covers [0, start + num_new_tokens)."""
         step = _Step(self.max_num_batched_tokens)
+        self._land_loads()
         decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for seq in decodes + prefills:
@@ -165,7 +207,10 @@ class Scheduler:
                 step.add(ScheduledSequence(seq, n, seq.num_computed_tokens))
         if not step.preempted:  # blocks are contended when something was just preempted
             self._admit_waiting(step)
-        return SchedulerOutput(scheduled=list(step.scheduled.values()), preempted=step.preempted)
+        copies = self.kv_tiers.take_copies() if self.kv_tiers is not None else []
+        return SchedulerOutput(
+            scheduled=list(step.scheduled.values()), preempted=step.preempted, kv_copies=copies
+        )
 
     def _reserve(self, seq: Sequence, n: int, step: _Step) -> int:
         """Allocate blocks for n more tokens of a running seq, preempting newer sequences.
@@ -194,6 +239,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
+        self._loaded.discard(seq.request_id)  # its blocks may be on disk by now
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
         step.preempted.append(seq)
@@ -205,15 +251,33 @@ class Scheduler:
             seq = self.waiting[0]
             # Prompt log-probabilities need the logits of every prompt position: no cache hits.
             hits = [] if seq.wants_prompt_logprobs else bm.find_cached_prefix(seq)
-            cached = len(hits) * self.block_size
+            lower: list[LowerHit] = []
+            if self.kv_tiers is not None and not seq.wants_prompt_logprobs:
+                lower = self._lower_hits(seq, len(hits))
+                if self._start_load(seq, len(hits) + len(lower)):
+                    self.waiting.popleft()
+                    continue
             free_for_new = bm.num_free_blocks - bm.num_free_among(hits)
+            # Lower-tier hits take fresh blocks; at least one more is left for the new tokens.
+            lower = lower[: max(0, free_for_new - 1)]
+            cached = (len(hits) + len(lower)) * self.block_size
             # The cached prefix ends on a block boundary, so new tokens fill fresh blocks only.
-            n = min(seq.num_tokens - cached, step.budget_left, free_for_new * self.block_size)
+            n = min(
+                seq.num_tokens - cached,
+                step.budget_left,
+                (free_for_new - len(lower)) * self.block_size,
+            )
             if n <= 0:
                 break
             self.waiting.popleft()
             first_time = not seq.admitted_once
-            bm.admit(seq, hits, first_time)
+            filled = bm.admit(seq, hits, first_time, [h.ref for h in lower])
+            if self.kv_tiers is not None:
+                for hit, block_id in zip(lower, filled):
+                    self.kv_tiers.copy_in(hit, block_id)
+                if first_time:
+                    self.kv_tiers.count_hits(len(hits), lower, self.block_size)
+                self._staged.pop(seq.request_id, None)
             if first_time:
                 seq.num_cached_tokens = cached
                 seq.admitted_once = True
@@ -221,6 +285,62 @@ class Scheduler:
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             step.add(ScheduledSequence(seq, n, cached))
+
+    # ---- lower KV tiers ---------------------------------------------------------------------
+
+    def _lower_hits(self, seq: Sequence, start: int) -> list[LowerHit]:
+        """Blocks from `start` on found in the host tier or among the seq's loaded blocks."""
+        assert self.kv_tiers is not None
+        bm = self.block_manager
+        refs = (bm.block_ref(seq, i) for i in range(start, bm.num_max_cacheable_blocks(seq)))
+        return self.kv_tiers.lower_hits(refs, self._staged.get(seq.request_id, {}))
+
+    def _start_load(self, seq: Sequence, first: int) -> bool:
+        """If the disk holds seq's blocks from `first` on, start loading them; True if started."""
+        assert self.kv_tiers is not None
+        disk = self.kv_tiers.disk
+        bm = self.block_manager
+        limit = bm.num_max_cacheable_blocks(seq)
+        if (
+            disk is None
+            or first >= limit
+            or seq.request_id in self._loaded
+            or bm.block_hash(seq, first) not in disk
+        ):
+            return False
+        refs = [bm.block_ref(seq, i) for i in range(first, limit)]
+        count = disk.count_prefix([r.key for r in refs])
+        if count == 0:
+            return False
+        self._loading[seq.request_id] = _Load(seq, first, disk.load(refs[:count]))
+        self._loaded.add(seq.request_id)
+        return True
+
+    def _land_loads(self) -> None:
+        """Requests whose disk load finished go back to the head of the queue, blocks staged."""
+        done = [load for load in self._loading.values() if load.future.done()]
+        for load in reversed(done):  # the earliest started ends up first
+            rid = load.seq.request_id
+            del self._loading[rid]
+            try:
+                blocks = load.future.result()
+            except Exception:
+                logger.exception("KV disk cache: loading blocks for %s failed", rid)
+                blocks = []
+            bm = self.block_manager
+            self._staged[rid] = {
+                bm.block_hash(load.seq, load.first + i): kv for i, kv in enumerate(blocks)
+            }
+            self.waiting.appendleft(load.seq)
+
+    def wait_for_loads(self, timeout: float) -> None:
+        """Block up to `timeout` s until a disk load finishes (when nothing else can run)."""
+        if self._loading:
+            concurrent.futures.wait(
+                [load.future for load in self._loading.values()],
+                timeout=timeout,
+                return_when=concurrent.futures.FIRST_COMPLETED,
+            )
 
     # ---- after the forward pass -------------------------------------------------------------
 
@@ -280,13 +400,17 @@ class Scheduler:
         """Assert the scheduler's and block manager's invariants (for tests and debugging)."""
         self.block_manager.check_integrity(self.running)
         assert len(self.running) <= self.max_num_seqs
-        assert len(self._live) == len(self.running) + len(self.waiting)
+        assert len(self._live) == len(self.running) + len(self.waiting) + len(self._loading)
         for seq in self.running:
             assert seq.status is SequenceStatus.RUNNING and self._live[seq.request_id] is seq
             assert 0 <= seq.num_computed_tokens < seq.num_tokens, seq
         for seq in self.waiting:
             assert seq.status is SequenceStatus.WAITING and self._live[seq.request_id] is seq
             assert not seq.block_table and seq.num_computed_tokens == 0, seq
+        for rid, load in self._loading.items():
+            seq = load.seq
+            assert seq.status is SequenceStatus.WAITING and self._live[rid] is seq
+            assert not seq.block_table and seq not in self.waiting, seq
 
 
 class _Step:

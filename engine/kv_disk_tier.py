@@ -1,0 +1,424 @@
+"""Disk tier of the KV cache: full blocks in files that outlive the process.
+
+Every block the engine registers is written soon after by a background writer thread, so a
+restart (even a SIGKILL once an answer has finished) finds a document's KV. Loads run on a
+loader thread; the engine thread only consults the in-memory index. Nothing outside
+`directory` is ever touched.
+
+One file per block, named by its key (engine.kv_keys): `<dir>/<key[:2] hex>/<key hex>.kv`:
+
+    offset  size  field
+    0       8     magic b"PCKVBLK\\0"
+    8       4     format version (FILE_FORMAT_VERSION), uint32 little-endian
+    12      32    model fingerprint digest (ModelFingerprint.digest)
+    44      32    block key (must equal the file's name)
+    76      4     number of token ids n, uint32
+    80      8     payload bytes p, uint64
+    88      4n    the block's token ids, int32 little-endian
+    88+4n   p     the block's KV, the device cache's block (k|v, layer, slot, kv_head, head_dim)
+                  in the engine's KV dtype, native byte order of this machine's torch
+    end-4   4     CRC-32 (zlib) of everything before it, uint32
+
+A write goes to a temporary file in the same directory, is fsynced, then renamed over the
+final name (and the directory fsynced), so a crash leaves either the whole file or none. On a
+load every field is checked (magic, version, fingerprint, key, token ids, sizes, checksum); a
+torn, truncated, foreign or corrupt file is logged, deleted and never loaded. Leftover
+temporary files are deleted at start. The directory is kept under its byte cap by deleting the
+least recently used files (file mtimes carry the order across restarts: a load touches them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import struct
+import threading
+import time
+import weakref
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from engine.kv_keys import BlockRef
+
+logger = logging.getLogger(__name__)
+
+FILE_FORMAT_VERSION = 1
+MAGIC = b"PCKVBLK\0"
+HEADER = struct.Struct("<8sI32s32sIQ")
+CHECKSUM = struct.Struct("<I")
+SUFFIX = ".kv"
+# KV waiting for the writer beyond this is not queued (a disk slower than the prefill would
+# otherwise pile up the KV of a long document in memory); those blocks are not saved.
+MAX_QUEUED_BYTES = 2 << 30
+TMP_MARK = ".tmp-"
+
+
+class BadBlockFile(Exception):
+    """A block file that must not be loaded (the message says why)."""
+
+
+def encode_header(fingerprint: bytes, ref: BlockRef, payload_bytes: int) -> bytes:
+    n = len(ref.token_ids)
+    return HEADER.pack(
+        MAGIC, FILE_FORMAT_VERSION, fingerprint, ref.key, n, payload_bytes
+    ) + struct.pack(f"<{n}i", *ref.token_ids)
+
+
+class DiskKVStore:
+    """The files of one KV cache directory: index, background writer, loader, LRU cap."""
+
+    def __init__(
+        self,
+        directory: str | Path,
+        capacity_bytes: int,
+        fingerprint: bytes,
+        block_shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> None:
+        self.directory = Path(directory)
+        self.capacity_bytes = capacity_bytes
+        self.fingerprint = fingerprint
+        self.block_shape = block_shape
+        self.dtype = dtype
+        numel = 1
+        for dim in block_shape:
+            numel *= dim
+        self.payload_bytes = numel * torch.empty((), dtype=dtype).element_size()
+        self._lock = threading.Lock()
+        self._index: OrderedDict[bytes, int] = OrderedDict()  # key -> file bytes, LRU first
+        self._bytes = 0
+        # Counters (read by stats(); written under the lock).
+        self.bytes_written = 0
+        self.blocks_written = 0
+        self.bytes_read = 0
+        self.blocks_read = 0
+        self.load_seconds = 0.0
+        self.bad_files = 0
+        self.write_errors = 0
+        self.files_evicted = 0
+        self.blocks_dropped = 0  # not queued: the writer was MAX_QUEUED_BYTES behind
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._scan()
+        self._writer = _Writer(self)
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagechat-kv-load")
+        # Normal interpreter exit writes what is queued (LLMEngine.close does it earlier). The
+        # writer thread holds the store, so this runs at close() or at exit, never mid-run.
+        self._finalizer = weakref.finalize(self, _Writer.stop, self._writer, 30.0)
+
+    # ---- index ---------------------------------------------------------------------------------
+
+    def path_of(self, key: bytes) -> Path:
+        name = key.hex()
+        return self.directory / name[:2] / f"{name}{SUFFIX}"
+
+    def _scan(self) -> None:
+        """Index the directory's block files, oldest first; delete torn temporary files."""
+        found: list[tuple[int, bytes, int]] = []
+        for sub in self.directory.iterdir():
+            if not sub.is_dir() or len(sub.name) != 2:
+                continue
+            for entry in os.scandir(sub):
+                if TMP_MARK in entry.name:
+                    logger.warning(
+                        "KV disk cache: deleting %s, left by an interrupted write", entry.path
+                    )
+                    _unlink(entry.path)
+                    continue
+                if not entry.name.endswith(SUFFIX):
+                    continue
+                try:
+                    key = bytes.fromhex(entry.name[: -len(SUFFIX)])
+                    st = entry.stat()
+                except (ValueError, OSError):
+                    continue
+                found.append((st.st_mtime_ns, key, st.st_size))
+        for _, key, size in sorted(found):
+            self._index[key] = size
+            self._bytes += size
+        logger.info(
+            "KV disk cache %s: %d blocks, %.1f MiB of %.1f MiB",
+            self.directory,
+            len(self._index),
+            self._bytes / 2**20,
+            self.capacity_bytes / 2**20,
+        )
+        with self._lock:
+            self._evict_over_cap(0)
+
+    @property
+    def num_files(self) -> int:
+        return len(self._index)
+
+    @property
+    def num_bytes(self) -> int:
+        return self._bytes
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._index
+
+    def count_prefix(self, keys: Sequence[bytes]) -> int:
+        """How many of `keys`, from the first, have a file (the prefix a load could bring)."""
+        n = 0
+        with self._lock:
+            for key in keys:
+                if key not in self._index:
+                    break
+                n += 1
+        return n
+
+    def _forget(self, key: bytes) -> None:
+        size = self._index.pop(key, None)
+        if size is not None:
+            self._bytes -= size
+
+    def _evict_over_cap(self, incoming: int) -> None:
+        """Delete least recently used files until `incoming` more bytes fit (lock held)."""
+        while self._index and self._bytes + incoming > self.capacity_bytes:
+            key, _ = next(iter(self._index.items()))
+            self._forget(key)
+            _unlink(self.path_of(key))
+            self.files_evicted += 1
+
+    # ---- writing -------------------------------------------------------------------------------
+
+    def save(
+        self, refs: Sequence[BlockRef], kv: torch.Tensor, ready: Callable[[], None] | None = None
+    ) -> None:
+        """Queue blocks for writing; `kv[i]` is block i's KV on the CPU (after `ready()` returns).
+
+        Returns at once: the writer thread writes them. Blocks already on disk are skipped.
+        """
+        fresh = [i for i, ref in enumerate(refs) if ref.key not in self._index]
+        if fresh and not self._writer.put(
+            [refs[i] for i in fresh], kv, fresh, ready, len(fresh) * self.payload_bytes
+        ):
+            with self._lock:
+                self.blocks_dropped += len(fresh)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued block is written; False on timeout."""
+        return self._writer.wait_idle(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write what is queued (up to `timeout` s), then stop the threads."""
+        if self._finalizer.detach() is not None:
+            self._writer.stop(timeout)
+        self._loader.shutdown(wait=True, cancel_futures=True)
+
+    def _write_block(self, ref: BlockRef, kv: torch.Tensor) -> None:
+        """Write one block crash-safely: temporary file, fsync, rename, directory fsync."""
+        path = self.path_of(ref.key)
+        header = encode_header(self.fingerprint, ref, self.payload_bytes)
+        payload = kv.contiguous().view(torch.uint8).reshape(-1).numpy().data
+        if len(payload) != self.payload_bytes:
+            raise ValueError(f"block of {len(payload)} bytes, expected {self.payload_bytes}")
+        size = len(header) + len(payload) + CHECKSUM.size
+        if size > self.capacity_bytes:
+            return
+        with self._lock:
+            if ref.key in self._index:
+                return
+            self._evict_over_cap(size)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(header)
+                f.write(payload)
+                f.write(CHECKSUM.pack(zlib.crc32(payload, zlib.crc32(header))))
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink(tmp)
+            raise
+        _fsync_dir(path.parent)
+        with self._lock:
+            if ref.key not in self._index:
+                self._index[ref.key] = size
+                self._bytes += size
+                self._evict_over_cap(0)
+            self.bytes_written += size
+            self.blocks_written += 1
+
+    # ---- loading -------------------------------------------------------------------------------
+
+    def load(self, refs: Sequence[BlockRef]) -> Future[list[torch.Tensor]]:
+        """Read blocks on the loader thread: the KV of the longest valid prefix of `refs`."""
+        return self._loader.submit(self._load, list(refs))
+
+    def _load(self, refs: list[BlockRef]) -> list[torch.Tensor]:
+        start = time.perf_counter()
+        blocks: list[torch.Tensor] = []
+        nbytes = 0
+        for ref in refs:
+            path = self.path_of(ref.key)
+            try:
+                data = self._read_block(path)
+                blocks.append(self._decode(data, ref))
+                nbytes += len(data)
+            except FileNotFoundError:
+                with self._lock:
+                    self._forget(ref.key)
+                break
+            except (BadBlockFile, OSError) as exc:
+                logger.warning("KV disk cache: %s is unusable (%s); deleted, not loaded", path, exc)
+                with self._lock:
+                    self._forget(ref.key)
+                    self.bad_files += 1
+                _unlink(path)
+                break
+            with self._lock:
+                if ref.key in self._index:
+                    self._index.move_to_end(ref.key)
+            try:
+                os.utime(path)  # the LRU order survives a restart
+            except OSError:
+                pass
+        with self._lock:
+            self.bytes_read += nbytes
+            self.blocks_read += len(blocks)
+            self.load_seconds += time.perf_counter() - start
+        return blocks
+
+    def _read_block(self, path: Path) -> bytearray:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            data = bytearray(size)
+            if f.readinto(data) != size:
+                raise BadBlockFile("short read")
+        return data
+
+    def _decode(self, data: bytearray, ref: BlockRef) -> torch.Tensor:
+        """The block's KV from a file's bytes, after checking every field against `ref`."""
+        if len(data) < HEADER.size + CHECKSUM.size:
+            raise BadBlockFile(f"truncated: {len(data)} bytes")
+        magic, version, fingerprint, key, n, payload_bytes = HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise BadBlockFile("not a KV block file")
+        if version != FILE_FORMAT_VERSION:
+            raise BadBlockFile(f"format version {version}, expected {FILE_FORMAT_VERSION}")
+        if fingerprint != self.fingerprint:
+            raise BadBlockFile("written for another model fingerprint")
+        if key != ref.key:
+            raise BadBlockFile("holds another block key")
+        expected = HEADER.size + 4 * n + payload_bytes + CHECKSUM.size
+        if len(data) != expected:
+            raise BadBlockFile(f"truncated or padded: {len(data)} bytes, header says {expected}")
+        if payload_bytes != self.payload_bytes:
+            raise BadBlockFile(f"payload of {payload_bytes} bytes, expected {self.payload_bytes}")
+        body = memoryview(data)[: -CHECKSUM.size]
+        (stored,) = CHECKSUM.unpack_from(data, len(data) - CHECKSUM.size)
+        if zlib.crc32(body) != stored:
+            raise BadBlockFile("checksum mismatch")
+        tokens = struct.unpack_from(f"<{n}i", data, HEADER.size)
+        if tokens != ref.token_ids:
+            raise BadBlockFile("holds other token ids")
+        offset = HEADER.size + 4 * n
+        flat = torch.frombuffer(data, dtype=torch.uint8, count=payload_bytes, offset=offset)
+        return flat.view(self.dtype).view(self.block_shape)
+
+
+class _Writer:
+    """The background thread that writes queued blocks; errors are logged, never raised."""
+
+    def __init__(self, store: DiskKVStore) -> None:
+        self._store = store
+        self._queue: queue.SimpleQueue[tuple | None] = queue.SimpleQueue()
+        self._pending = 0
+        self._queued_bytes = 0
+        self._idle = threading.Condition()
+        self._warned = False
+        self._warned_behind = False
+        self._thread = threading.Thread(target=self._run, name="pagechat-kv-write", daemon=True)
+        self._thread.start()
+
+    def put(
+        self,
+        refs: list[BlockRef],
+        kv: torch.Tensor,
+        rows: list[int],
+        ready: Callable[[], None] | None,
+        nbytes: int,
+    ) -> bool:
+        """Queue a batch; False (nothing queued) when the writer is too far behind."""
+        with self._idle:
+            if self._queued_bytes and self._queued_bytes + nbytes > MAX_QUEUED_BYTES:
+                if not self._warned_behind:
+                    logger.warning(
+                        "KV disk cache: the disk is slower than the prefill; blocks beyond "
+                        "%d MiB of queued KV are not saved",
+                        MAX_QUEUED_BYTES >> 20,
+                    )
+                    self._warned_behind = True
+                return False
+            self._pending += 1
+            self._queued_bytes += nbytes
+        self._queue.put((refs, kv, rows, ready, nbytes))
+        return True
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+
+    def stop(self, timeout: float) -> None:
+        if not self.wait_idle(timeout):
+            logger.warning(
+                "KV disk cache: blocks still unwritten after %.0f s at shutdown", timeout
+            )
+        self._queue.put(None)
+        self._thread.join(timeout=1.0)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            refs, kv, rows, ready, nbytes = item
+            try:
+                if ready is not None:
+                    ready()
+                store = self._store
+                for ref, row in zip(refs, rows):
+                    try:
+                        store._write_block(ref, kv[row])
+                    except OSError as exc:
+                        with store._lock:
+                            store.write_errors += 1
+                        if not self._warned:  # a full or read-only disk: say it once
+                            logger.warning(
+                                "KV disk cache: cannot write to %s (%s); blocks not saved",
+                                store.directory,
+                                exc,
+                            )
+                            self._warned = True
+            except Exception:
+                logger.exception("KV disk cache: writing blocks failed")
+            finally:
+                with self._idle:
+                    self._pending -= 1
+                    self._queued_bytes -= nbytes
+                    self._idle.notify_all()
+
+
+def _unlink(path: str | Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

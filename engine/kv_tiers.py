@@ -1,0 +1,227 @@
+"""The KV cache's lower tiers behind the device pool: host memory, then disk.
+
+`KVTiers` is what the scheduler and the block manager talk to; it decides, the model runner
+copies. Its three duties:
+
+- Eviction: a registered block leaving the device pool's LRU end (BlockManager.on_evict) gets a
+  host slot; the copy device -> host is queued for this step.
+- Lookup: after the device pool's hits, the scheduler asks `lower_hits` for the continuation of
+  a prompt's prefix, host tier first, then blocks a disk load brought for this request. What
+  the disk has beyond that is loaded on the disk tier's thread while the request waits
+  (Scheduler's loading state); the engine keeps stepping the others.
+- Write-through: every block the block manager registers (BlockManager.on_register) is queued
+  for the disk writer after the step, with its KV gathered to the CPU.
+
+The copies of one step (`KVCopy`, in the order they were decided) run before its forward pass:
+an eviction's copy out always precedes a later copy into the same device block.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from engine.config import EngineConfig
+from engine.kv_disk_tier import DiskKVStore
+from engine.kv_host_tier import HostKVCache
+from engine.kv_keys import BlockRef
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+# Default host tier on CUDA: a quarter of the machine's memory, at most this much.
+DEFAULT_CUDA_HOST_GB = 32.0
+
+
+@dataclass
+class KVCopy:
+    """One block copy the model runner performs before the step's forward pass."""
+
+    kind: Literal["to_host", "from_host", "from_cpu"]
+    block_id: int  # the device block
+    host_slot: int = -1  # to_host / from_host
+    tensor: torch.Tensor | None = None  # from_cpu: a block loaded from disk
+
+
+@dataclass
+class LowerHit:
+    """A block of a prompt's prefix found below the device pool: in a host slot or loaded."""
+
+    ref: BlockRef
+    host_slot: int | None = None
+    tensor: torch.Tensor | None = None
+
+
+@dataclass
+class KVTierStats:
+    """Counters of the tiers (engine.stats().kv_tiers); hit tokens count first admissions."""
+
+    device_hit_tokens: int = 0
+    host_hit_tokens: int = 0
+    disk_hit_tokens: int = 0
+    host_blocks_used: int = 0
+    host_blocks_total: int = 0
+    host_bytes_out: int = 0  # device -> host
+    host_bytes_in: int = 0  # host -> device
+    disk_blocks: int = 0
+    disk_bytes: int = 0
+    disk_capacity_bytes: int = 0
+    disk_bytes_written: int = 0
+    disk_bytes_read: int = 0
+    disk_bytes_in: int = 0  # loaded blocks copied into the device pool
+    disk_load_seconds: float = 0.0
+    disk_bad_files: int = 0
+    disk_write_errors: int = 0
+    disk_blocks_dropped: int = 0  # not saved: the disk writer was too far behind
+    num_loading: int = 0  # requests waiting for a disk load
+
+
+@dataclass
+class KVTiers:
+    """Host and disk tiers of one engine (either may be None) and this step's pending work."""
+
+    host: HostKVCache | None
+    disk: DiskKVStore | None
+    block_bytes: int
+    copies: list[KVCopy] = field(default_factory=list)
+    new_blocks: list[tuple[int, BlockRef]] = field(default_factory=list)
+    stats: KVTierStats = field(default_factory=KVTierStats)
+
+    # ---- block manager hooks -----------------------------------------------------------------
+
+    def on_evict(self, block_id: int, ref: BlockRef) -> None:
+        """A registered block is about to be reused: keep its KV in the host tier."""
+        if self.host is None:
+            return
+        slot = self.host.slot_for(ref.key, ref.token_ids)
+        if slot is not None:
+            self.copies.append(KVCopy("to_host", block_id, host_slot=slot))
+            self.stats.host_bytes_out += self.block_bytes
+
+    def on_register(self, block_id: int, ref: BlockRef) -> None:
+        """A block's KV was just computed: write it to disk after this step."""
+        if self.disk is not None and ref.key not in self.disk:
+            self.new_blocks.append((block_id, ref))
+
+    # ---- lookup ---------------------------------------------------------------------------------
+
+    def lower_hits(
+        self, refs: Iterable[BlockRef], staged: dict[bytes, torch.Tensor]
+    ) -> list[LowerHit]:
+        """The leading blocks of `refs` found in the host tier or among `staged` disk loads."""
+        hits: list[LowerHit] = []
+        for ref in refs:
+            slot = self.host.lookup(ref.key, ref.token_ids) if self.host is not None else None
+            if slot is not None:
+                self.host.pin(slot)  # type: ignore[union-attr]  # a copy from it may follow
+                hits.append(LowerHit(ref, host_slot=slot))
+            elif ref.key in staged:
+                hits.append(LowerHit(ref, tensor=staged[ref.key]))
+            else:
+                break
+        return hits
+
+    def copy_in(self, hit: LowerHit, block_id: int) -> None:
+        """Queue the copy of a lower-tier hit into the device block the request got for it."""
+        if hit.host_slot is not None:
+            self.copies.append(KVCopy("from_host", block_id, host_slot=hit.host_slot))
+            self.stats.host_bytes_in += self.block_bytes
+        else:
+            self.copies.append(KVCopy("from_cpu", block_id, tensor=hit.tensor))
+            self.stats.disk_bytes_in += self.block_bytes
+
+    def count_hits(self, device_blocks: int, lower: list[LowerHit], block_size: int) -> None:
+        host = sum(1 for h in lower if h.host_slot is not None)
+        self.stats.device_hit_tokens += device_blocks * block_size
+        self.stats.host_hit_tokens += host * block_size
+        self.stats.disk_hit_tokens += (len(lower) - host) * block_size
+
+    def take_copies(self) -> list[KVCopy]:
+        """This step's copies, in order; the host slots they read may be reused after them."""
+        copies, self.copies = self.copies, []
+        if self.host is not None:
+            self.host.release_pins()
+        return copies
+
+    def take_new_blocks(self) -> list[tuple[int, BlockRef]]:
+        blocks, self.new_blocks = self.new_blocks, []
+        return blocks
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def snapshot(self, num_loading: int) -> KVTierStats:
+        s = KVTierStats(**vars(self.stats))
+        if self.host is not None:
+            s.host_blocks_used = self.host.num_used_blocks
+            s.host_blocks_total = self.host.num_blocks
+        if self.disk is not None:
+            d = self.disk
+            s.disk_blocks, s.disk_bytes = d.num_files, d.num_bytes
+            s.disk_capacity_bytes = d.capacity_bytes
+            s.disk_bytes_written, s.disk_bytes_read = d.bytes_written, d.bytes_read
+            s.disk_load_seconds = d.load_seconds
+            s.disk_bad_files, s.disk_write_errors = d.bad_files, d.write_errors
+            s.disk_blocks_dropped = d.blocks_dropped
+        s.num_loading = num_loading
+        return s
+
+    def close(self) -> None:
+        """Write the blocks still queued for disk and stop the tiers' threads."""
+        if self.disk is not None:
+            self.disk.close()
+
+
+def host_tier_gb(config: EngineConfig, device: torch.device) -> float:
+    """PAGECHAT_KV_HOST_GB, or its default: on CUDA a quarter of RAM up to 32 GiB; on the CPU
+    0 (the device pool is host memory already: give PAGECHAT_KV_CACHE_MEMORY_GB more instead)."""
+    if config.kv_host_gb is not None:
+        return config.kv_host_gb
+    if device.type != "cuda":
+        return 0.0
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0.0
+    return min(DEFAULT_CUDA_HOST_GB, ram / 4 / GiB)
+
+
+def build_kv_tiers(
+    config: EngineConfig,
+    device: torch.device,
+    block_shape: tuple[int, ...],
+    dtype: torch.dtype,
+    fingerprint: bytes,
+) -> KVTiers | None:
+    """The tiers the configuration asks for (None when neither is on or prefix caching is off)."""
+    if not config.enable_prefix_caching:
+        return None
+    numel = 1
+    for dim in block_shape:
+        numel *= dim
+    block_bytes = numel * torch.empty((), dtype=dtype).element_size()
+    host: HostKVCache | None = None
+    host_blocks = int(host_tier_gb(config, device) * GiB) // block_bytes
+    if host_blocks > 0:
+        host = HostKVCache(host_blocks, block_shape, dtype, pin=device.type == "cuda")
+        logger.info(
+            "KV host tier: %d blocks (%.2f GiB%s)",
+            host_blocks,
+            host_blocks * block_bytes / GiB,
+            ", pinned" if device.type == "cuda" else "",
+        )
+    disk: DiskKVStore | None = None
+    if config.kv_disk_dir is not None and config.kv_disk_gb > 0:
+        try:
+            disk = DiskKVStore(
+                config.kv_disk_dir, int(config.kv_disk_gb * GiB), fingerprint, block_shape, dtype
+            )
+        except OSError as exc:
+            logger.warning("KV disk tier off: cannot use %s (%s)", config.kv_disk_dir, exc)
+    if host is None and disk is None:
+        return None
+    return KVTiers(host, disk, block_bytes)
