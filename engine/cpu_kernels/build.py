@@ -1,6 +1,6 @@
 """Compile the engine's C kernels for this CPU once, cache the library, load it with ctypes.
 
-The kernels (packed_linear.c) are plain C with OpenMP, built with `-O3 -march=native`, so the
+The kernels (packed_linear.c, paged_attention.c: one library) are plain C with OpenMP, built with `-O3 -march=native`, so the
 compiler targets exactly the vector units this CPU has (AVX512-BF16 and AMX, AVX2, NEON). A
 build takes about a second; the library is cached under the user's cache directory, keyed by a
 digest of the source, the compiler and the instruction-set macros it defines for this CPU, so
@@ -29,7 +29,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("packed_linear.c")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("packed_linear.c", "paged_attention.c"))
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 
@@ -65,10 +65,11 @@ def _target_macros(cc: str, march: str) -> str:
 
 def library_path(cc: str, march: str) -> Path:
     digest = hashlib.sha256()
-    digest.update(SOURCE.read_bytes())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     digest.update(_target_macros(cc, march).encode())
-    return cache_dir() / f"packed_linear-{march}-{digest.hexdigest()[:16]}.so"
+    return cache_dir() / f"pagechat_kernels-{march}-{digest.hexdigest()[:16]}.so"
 
 
 def _compile(cc: str, march: str, target: Path) -> None:
@@ -77,7 +78,7 @@ def _compile(cc: str, march: str, target: Path) -> None:
     os.close(fd)
     try:
         result = subprocess.run(
-            [cc, *FLAGS, f"-march={march}", "-o", tmp, str(SOURCE)],
+            [cc, *FLAGS, f"-march={march}", "-o", tmp, *map(str, SOURCES), "-lm"],
             capture_output=True,
             text=True,
             timeout=300,
@@ -132,3 +133,11 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pc_linear_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, i64]
     lib.pc_linear_bf16w_f32.restype = None
     lib.pc_linear_bf16w_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32]
+    lib.pc_paged_decode_attention.restype = i32
+    lib.pc_paged_decode_attention.argtypes = [
+        *(ptr, ptr, ptr, ptr, ptr, ptr),  # q, out, q_rows, k_cache, v_cache, block_tables
+        *(i64, ptr, i64),  # table_stride, seq_lens, num_seqs
+        *(i64, i64, i64, i64),  # q_heads, kv_heads, head_dim, block_size
+        ctypes.c_float,
+        *(i32, i32),  # is_bf16, threads
+    ]

@@ -15,6 +15,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from engine.cpu_kernels import paged_attention as cpu_decode_attention
+
 
 @dataclass
 class AttentionMetadata:
@@ -101,6 +103,7 @@ def paged_attention_torch(
     new_k: torch.Tensor | None = None,
     new_v: torch.Tensor | None = None,
     native_decode: bool = False,
+    native_prefill: bool = False,
 ) -> torch.Tensor:
     """Reference paged attention in plain torch ops, computed in float32.
 
@@ -109,6 +112,8 @@ def paged_attention_torch(
     flash kernels do) instead of up-casting the gathered keys and values to float32: at
     context 512 on Qwen3-0.6B shapes 1.7x (16 sequences) to 3.5x (one) faster attention,
     a few bf16 ulps off. Still one call per sequence: batch mates never change the bits.
+    `native_prefill`: prompt chunks of a 16-bit model likewise run sdpa's fused kernel in that
+    dtype (oneDNN/AMX matmuls inside it) instead of float32.
 
     One sdpa call per sequence, so a sequence's result never depends on its batch mates
     (padding a batch together would change the summation order). A prefill without a cached
@@ -116,15 +121,35 @@ def paged_attention_torch(
     else gathers its keys from the cache.
     """
     out = torch.empty_like(q)
+    prefill_math = q.dtype if native_prefill and q.device.type == "cpu" else torch.float32
     starts = [0]
     for query_len in meta.query_lens_cpu:
         starts.append(starts[-1] + query_len)
+    decodes = [
+        s
+        for s, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu))
+        if query_len == 1 and seq_len > 1
+    ]
     # Decodes of equal context length share one gather; each then takes sdpa's fused kernel on
-    # its own (one call per sequence keeps its bits independent of its batch mates).
+    # its own (one call per sequence keeps its bits independent of its batch mates). On the
+    # CPU in float32 math the engine's C kernel serves them all in one call instead, reading
+    # keys and values where they lie in the cache (engine.cpu_kernels.paged_attention).
     decodes_by_len: dict[int, list[int]] = {}
-    for s, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
-        if query_len == 1 and seq_len > 1:
-            decodes_by_len.setdefault(seq_len, []).append(s)
+    if decodes and not native_decode and cpu_decode_attention.available(q, k_cache):
+        index = torch.tensor(decodes)
+        cpu_decode_attention.decode_attention(
+            q.contiguous(),
+            out,
+            torch.tensor([starts[s] for s in decodes]),
+            k_cache,
+            v_cache,
+            meta.block_tables[index],
+            meta.seq_lens[index],
+            scale,
+        )
+    else:
+        for s in decodes:
+            decodes_by_len.setdefault(meta.seq_lens_cpu[s], []).append(s)
     for seq_len, seqs in decodes_by_len.items():
         tables = meta.block_tables[torch.tensor(seqs, device=q.device)]
         group_rows = _decode_group(
@@ -132,18 +157,18 @@ def paged_attention_torch(
         )
         for s, row in zip(seqs, group_rows):
             out[starts[s]] = row
-    batched = {s for seqs in decodes_by_len.values() for s in seqs}
+    batched = set(decodes)
     for s, (query_len, seq_len) in enumerate(zip(meta.query_lens_cpu, meta.seq_lens_cpu)):
         if query_len == 0 or s in batched:
             continue
         start = starts[s]
         rows = slice(start, start + query_len)
-        queries = q[rows].float().transpose(0, 1)  # [H, T, D]
+        queries = q[rows].to(prefill_math).transpose(0, 1)  # [H, T, D]
         if query_len == seq_len and new_k is not None and new_v is not None:
             # A fresh prompt: sdpa's fused causal CPU kernel (it wants 4-D inputs) on this
             # step's own keys, the values just stored.
-            keys = new_k[rows].float().transpose(0, 1)[None]
-            values = new_v[rows].float().transpose(0, 1)[None]
+            keys = new_k[rows].to(prefill_math).transpose(0, 1)[None]
+            values = new_v[rows].to(prefill_math).transpose(0, 1)[None]
             attended = F.scaled_dot_product_attention(
                 queries[None], keys, values, is_causal=True, scale=scale, enable_gqa=True
             )[0]
@@ -153,10 +178,14 @@ def paged_attention_torch(
             # of the chunk-by-chunk scores that one masked call would compute.
             prefix = seq_len - query_len
             keys = (
-                gather_sequence_kv(k_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+                gather_sequence_kv(k_cache, meta.block_tables[s], seq_len)
+                .to(prefill_math)
+                .transpose(0, 1)
             )
             values = (
-                gather_sequence_kv(v_cache, meta.block_tables[s], seq_len).float().transpose(0, 1)
+                gather_sequence_kv(v_cache, meta.block_tables[s], seq_len)
+                .to(prefill_math)
+                .transpose(0, 1)
             )
             attended = _prefix_then_causal_attention(
                 queries,
@@ -255,8 +284,9 @@ class TorchAttentionBackend:
 
     name = "torch"
 
-    def __init__(self, native_decode: bool = False) -> None:
+    def __init__(self, native_decode: bool = False, native_prefill: bool = False) -> None:
         self.native_decode = native_decode
+        self.native_prefill = native_prefill
 
     def forward(
         self,
@@ -270,7 +300,15 @@ class TorchAttentionBackend:
     ) -> torch.Tensor:
         store_kv_cache_torch(k, v, k_cache, v_cache, meta.slot_mapping, meta.all_slots_stored)
         return paged_attention_torch(
-            q, k_cache, v_cache, meta, scale, new_k=k, new_v=v, native_decode=self.native_decode
+            q,
+            k_cache,
+            v_cache,
+            meta,
+            scale,
+            new_k=k,
+            new_v=v,
+            native_decode=self.native_decode,
+            native_prefill=self.native_prefill,
         )
 
 
