@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("pagechat.documents")
 
 MEMORY_POLL_S = 0.05
-STDERR_TAIL = 40  # lines of the worker's stderr kept for the log when it fails
+STDERR_TAIL = 4  # chunks (64 KiB at most each) of the worker's stderr kept for the log
 NICENESS = 10
 _LENGTH = struct.Struct(">Q")
 _SECRET_WORDS = ("SECRET", "TOKEN", "PASSWORD", "API_KEY", "DATABASE_URL", "CREDENTIAL")
@@ -128,7 +128,7 @@ async def _run(
         "parsing %s: the worker ended (exit %s) without an answer:\n%s",
         name,
         proc.returncode,
-        "".join(tail),
+        "".join(tail)[-4000:],
     )
     raise DocumentError(
         "parse_failed",
@@ -189,8 +189,9 @@ def _document(fields: dict[str, Any]) -> Document:
 
 
 async def _drain(stream: asyncio.StreamReader, tail: deque[str]) -> None:
-    while line := await stream.readline():
-        tail.append(line.decode(errors="replace"))
+    """Keep reading the worker's stderr (a full pipe would block it), keeping the end."""
+    while chunk := await stream.read(65536):
+        tail.append(chunk.decode(errors="replace"))
 
 
 async def _watch_memory(pid: int, limit: int, over: asyncio.Event) -> None:
