@@ -103,6 +103,9 @@ class Tokenizer:
         # bos_token, eos_token, ... as strings: transformers hands these to the template too.
         self.special_tokens: dict[str, str] = dict(special_tokens or {})
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        # The checkpoint directory it was read from (from_dir): a worker process reloads it
+        # from there instead of receiving the whole serialized tokenizer.
+        self.source_dir: Path | None = None
         self.im_start_id: int = self._require_id(IM_START)
         self.im_end_id: int = self._require_id(IM_END)
 
@@ -135,7 +138,9 @@ class Tokenizer:
             and (eos_id := backend.token_to_id(special["eos_token"])) is not None
         ):
             eos_ids.append(eos_id)
-        return cls(backend, _pick_chat_template(path, config), eos_ids, special)
+        tokenizer = cls(backend, _pick_chat_template(path, config), eos_ids, special)
+        tokenizer.source_dir = path
+        return tokenizer
 
     @classmethod
     def from_checkpoint(cls, path: str | Path) -> Tokenizer:

@@ -18,6 +18,7 @@ from array import array
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as Backend
@@ -31,10 +32,17 @@ LONG_TEXT_CHARS = 20_000
 _worker_tokenizer: Tokenizer | None = None  # in the worker process
 
 
-def _init_worker(spec: tuple[str, str | None, list[int], dict[str, str]]) -> None:
+def _init_worker(
+    source: str, template: str | None, eos: list[int], special: dict[str, str]
+) -> None:
+    """Load the tokenizer in the worker: from its checkpoint's tokenizer.json, or (a tokenizer
+    built in memory) from its serialized JSON."""
     global _worker_tokenizer
-    backend_json, template, eos_ids, special = spec
-    _worker_tokenizer = Tokenizer(Backend.from_str(backend_json), template, eos_ids, special)
+    path = Path(source)
+    backend = Backend.from_file(str(path / "tokenizer.json")) if path.is_dir() else None
+    if backend is None:
+        backend = Backend.from_str(source)
+    _worker_tokenizer = Tokenizer(backend, template, eos, special)
 
 
 def _pack(ids: list[int]) -> bytes:
@@ -80,12 +88,13 @@ class TokenizerProcess:
         with self._lock:
             if self._pool is None:
                 t = self.tokenizer
-                spec = (t.backend.to_str(), t.chat_template, t.eos_token_ids, t.special_tokens)
+                # The path, not the tokenizer: serializing Qwen's (7 MB of JSON) holds the GIL.
+                source = str(t.source_dir) if t.source_dir is not None else t.backend.to_str()
                 self._pool = ProcessPoolExecutor(
                     max_workers=1,
                     mp_context=multiprocessing.get_context("spawn"),
                     initializer=_init_worker,
-                    initargs=(spec,),
+                    initargs=(source, t.chat_template, t.eos_token_ids, t.special_tokens),
                 )
             return self._pool
 

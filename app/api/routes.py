@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from app.api.admission import AdmissionQueue, QueueFull
 from app.api.errors import APIError, OpenAIRoute
 from app.api.keys import key_is_valid
 from app.api.logprobs import (
@@ -95,17 +96,19 @@ async def require_api_key(
     _admit(request, 0)  # a caller over its rate limit is refused before its request is parsed
 
 
-def _check_queue(request: Request, engine: EngineClient) -> None:
+def _queue(request: Request, engine: EngineClient, job: _Job) -> None:
+    """Count the job's engine requests (prompts x n) into the waiting queue, or 503 when
+    that would pass PAGECHAT_MAX_QUEUED_REQUESTS (app/api/admission.py)."""
+    state = request.app.state
+    if getattr(state, "admission", None) is None:
+        state.admission = AdmissionQueue()
     limit = _settings(request).max_queued_requests
-    waiting = engine.stats().num_waiting
-    if waiting >= limit:
+    try:
+        job.streams = state.admission.admit(job.streams, limit, engine.stats().num_waiting)
+    except QueueFull as exc:
         raise APIError(
-            503,
-            f"The server is overloaded: {waiting} requests are waiting (limit {limit}). Retry later.",
-            type="server_error",
-            code="queue_full",
-            headers={"Retry-After": "1"},
-        )
+            503, str(exc), type="server_error", code="queue_full", headers={"Retry-After": "1"}
+        ) from None
 
 
 # ---- request -> engine ----------------------------------------------------------------------
@@ -891,8 +894,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         def start(rid: str, params: SamplingParams) -> Stream:
             return engine.generate(ids, params, request_id=rid)
 
-    _check_queue(request, engine)
     job = _job("chat", request_id, model, body, [(start, params)])
+    _queue(request, engine, job)
     if plan.parse:
         job.tool_streams = [ToolCallStreamer() for _ in job.streams]
     if tokenizer is not None:
@@ -969,8 +972,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         starts.append((_bind(engine, prompt_input), params))
         if body.echo:
             echo_texts.append(prompt if isinstance(prompt, str) else _decode(engine, prompt))
-    _check_queue(request, engine)
     job = _job("text", request_id, model, body, starts)
+    _queue(request, engine, job)
     job.echo_texts = echo_texts if body.echo else None
     return await _respond(request, engine, job)
 
