@@ -390,3 +390,31 @@ def test_thinking_model_under_a_grammar_splits_only_at_an_end_tag(thinking, stre
     message = done.choices[0].message
     assert getattr(message, "reasoning_content", None) is None
     assert message.content and message.content.lstrip().startswith("{")
+
+
+def test_a_follow_up_reuses_the_history_up_to_the_last_answer(hybrid):
+    """The answer's thinking is not part of the next prompt (the template drops it), so only
+    the last answer is computed again: every full KV block of the history before it is a
+    prefix-cache hit."""
+    extra = {"guided_regex": HYBRID_REGEX}
+    first = client_of(hybrid).chat.completions.create(
+        model=model_of(hybrid), messages=MESSAGES, max_tokens=40, temperature=0, extra_body=extra
+    )
+    message = first.choices[0].message
+    assert getattr(message, "reasoning_content", None)
+    history = [
+        *MESSAGES,
+        {"role": "assistant", "content": message.content},
+        {"role": "user", "content": "And three plus three?"},
+    ]
+    tokenizer = hybrid.engine.tokenizer
+    before_answer = tokenizer.apply_chat_template(MESSAGES)  # up to "<|im_start|>assistant\n"
+    follow_up = tokenizer.apply_chat_template(history)
+    assert follow_up[: len(before_answer)] == before_answer
+    done = client_of(hybrid).chat.completions.create(
+        model=model_of(hybrid), messages=history, max_tokens=1, temperature=0
+    )
+    block = hybrid.engine.config.block_size
+    cached = done.usage.prompt_tokens_details.cached_tokens
+    assert done.usage.prompt_tokens == len(follow_up)
+    assert cached == len(before_answer) // block * block, (cached, len(before_answer))

@@ -17,8 +17,11 @@ line after `</think>` in the content too). Without `</think>`, an answer that is
 block (opened by the prompt or by a leading `<think>`) is all reasoning (cut off while
 thinking), and any other answer is all content. The one place this differs from vLLM's
 parser: an answer with no `<think>` before its `</think>` and no block opened by the prompt is
-content (an instruct model's text is never taken for reasoning). Tool calls are parsed out of
-the content only, so a call after the thinking is found (app/api/tools.py).
+content (an instruct model's text is never taken for reasoning). Under a grammar
+(response_format, guided_*, a forced tool call) a prompt-opened block does not make the answer
+reasoning: the grammar shapes it from the first token, so it is reasoning only up to a
+`</think>` it contains. Tool calls are parsed out of the content only, so a call after the
+thinking is found (app/api/tools.py).
 """
 
 from __future__ import annotations
