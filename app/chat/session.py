@@ -263,7 +263,9 @@ class ChatSession:
         except ValueError as exc:
             await self.say(self.t("request_refused", error=str(exc)))
             return
-        turn = await self._summarize_documents(turn, params, question or self.t("default_question"))
+        turn = await self._summarize_documents(
+            turn, params, question or self.t("default_question"), ticket
+        )
         summary = turn.summary
         params.max_tokens = summary.max_tokens
         notes = self._plan_notes(summary, engine.max_model_len)
@@ -306,7 +308,9 @@ class ChatSession:
                 await self.say(note)
         return documents
 
-    async def _summarize_documents(self, turn: PreparedTurn, params: SamplingParams, question: str) -> PreparedTurn:
+    async def _summarize_documents(
+        self, turn: PreparedTurn, params: SamplingParams, question: str, ticket: RateTicket
+    ) -> PreparedTurn:
         """A question about a whole over-context document: the engine summarizes its parts
         (app.chat.summaries, with a live line), then the turn reads those summaries. A failed
         map step leaves the turn with its retrieved passages."""
@@ -326,6 +330,7 @@ class ChatSession:
                 track=lambda request_id: drain.begin([request_id], engine.abort),
                 untrack=lambda request_id: drain.end([request_id]),
                 on_progress=show,
+                meter=ticket.meter,
             )
             try:
                 summaries[job.document.name] = await summarizer.run(job, question)

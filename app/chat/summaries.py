@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -26,6 +26,7 @@ from app.documents.retrieval import Passage
 if TYPE_CHECKING:
     from app.chat.token_history import ChatCodec
     from engine.client import EngineClient
+    from engine.outputs import RequestOutput
     from engine.sampling_params import SamplingParams
 
 PART_TOKENS_MAX = 16_384  # a part of the document, as one map request reads it
@@ -108,7 +109,8 @@ class Summarizer:
     """Runs the map step of a `SummaryJob` on the engine.
 
     `track(request_id)` / `untrack(request_id)` are called around every engine request (the
-    server's shutdown drain waits for them); `on_progress` after each finished part.
+    server's shutdown drain waits for them); `on_progress` after each finished part; `meter`
+    wraps each request's outputs (the caller's token rate limit counts them).
     """
 
     def __init__(
@@ -119,12 +121,16 @@ class Summarizer:
         track: Callable[[str], None],
         untrack: Callable[[str], None],
         on_progress: Callable[[MapProgress], Awaitable[None]],
+        meter: Callable[
+            [AsyncGenerator[RequestOutput, None]], AsyncGenerator[RequestOutput, None]
+        ] = lambda outputs: outputs,
     ) -> None:
         self.engine = engine
         self.codec = codec
         self.params = params
         self.track, self.untrack = track, untrack
         self.on_progress = on_progress
+        self.meter = meter
         self.max_model_len = engine.max_model_len
 
     async def run(self, job: SummaryJob, question: str) -> list[Source]:
@@ -205,7 +211,7 @@ class Summarizer:
         final, generated = "", 0
         try:
             async with contextlib.aclosing(
-                self.engine.generate(prompt, params, request_id=request_id)
+                self.meter(self.engine.generate(prompt, params, request_id=request_id))
             ) as outputs:
                 async for out in outputs:
                     if out.finished:
