@@ -254,7 +254,7 @@ def wait_for(check, timeout: float, what: str):
     raise TimeoutError(f"{what}: {last}")
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(300)
 def test_prometheus_scrapes_a_live_server_and_every_dashboard_query_returns_data(
     tiny_checkpoint, tmp_path
 ):
@@ -272,7 +272,7 @@ def test_prometheus_scrapes_a_live_server_and_every_dashboard_query_returns_data
     )
     prom = None
     try:
-        server.wait_ready()
+        server.wait_ready(timeout=180)  # a loaded CI machine can take over a minute
         assert httpx.get(server.url + "/metrics").status_code == 401
         config = shipped_config(tmp_path, token)
         config["global"]["scrape_interval"] = config["global"]["evaluation_interval"] = "1s"

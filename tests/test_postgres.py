@@ -37,7 +37,7 @@ async def local_client(server: Server) -> ChatClient:
     return client
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(480)
 async def test_chats_files_and_token_histories_survive_a_restart_on_postgres(
     tiny_checkpoint, postgres_server, tmp_path
 ):
@@ -50,7 +50,7 @@ async def test_chats_files_and_token_histories_survive_a_restart_on_postgres(
     data_dir = tmp_path / "data"
     server = Server(tiny_checkpoint, data_dir, log_level="info", PAGECHAT_DATABASE_URL=url)
     try:
-        server.wait_ready()
+        server.wait_ready(timeout=180)  # a loaded CI machine can take over a minute
         tables = postgres_server.psql(
             database, "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
         )
@@ -93,7 +93,7 @@ async def test_chats_files_and_token_histories_survive_a_restart_on_postgres(
 
     server = Server(tiny_checkpoint, data_dir, log_level="info", PAGECHAT_DATABASE_URL=url)
     try:
-        server.wait_ready()
+        server.wait_ready(timeout=180)  # a loaded CI machine can take over a minute
         client = await local_client(server)
         response = await client.http.post(
             "/project/threads", json={"pagination": {"first": 20, "cursor": None}, "filter": {}}

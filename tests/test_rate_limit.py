@@ -224,7 +224,7 @@ def server(tiny_checkpoint, tmp_path_factory):
         live.stop()
 
 
-def wait_healthy(server: Server, timeout: float = 60.0) -> None:
+def wait_healthy(server: Server, timeout: float = 180.0) -> None:
     """Wait for /health (open to all, unlike /pagechat/status once keys are set)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
