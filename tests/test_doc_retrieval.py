@@ -325,3 +325,23 @@ def test_notes_and_sources_name_pages_in_english_and_chinese(codec, tokenizer):
     assert nothing.summary.summary_jobs  # matching nothing: a whole-document question
     assert "none of its 399 passages matches this question, so this answer read its first" in excerpt_note(unmatched, "en-US")
     assert "没有与本问题匹配的内容" in excerpt_note(unmatched, "zh-CN")
+
+
+def test_an_edited_message_keeps_its_long_document_and_forgets_later_ones(codec):
+    def doc(word: str) -> str:
+        return "\n\n".join(f"[page {i}]\nRoutine entry {i} about {word} shipments." for i in range(1, 300))
+
+    history = TokenHistory(codec)
+    for i, (question, docs) in enumerate([
+        ("Which routine entry mentions barley?", [NewDocument("barley.txt", doc("barley"))]),
+        ("And oats?", [NewDocument("oats.txt", doc("oats"))]),
+    ]):
+        turn = history.prepare(question, docs, f"m{i}", 2048, 32)
+        assert turn.summary.excerpts  # too large for 2,048 tokens: searched, not read whole
+        turn.commit(Answer(codec.tokenizer.encode("ok") + [codec.im_end], "ok", "stop"))
+    assert history.documents_of("m0") == ["barley.txt"] and history.documents_of("m1") == ["oats.txt"]
+    edited = history.prepare("Which routine entry is number 12 about barley?", [], "m0", 2048, 32)
+    assert [e.name for e in edited.summary.excerpts] == ["barley.txt"]  # oats.txt came later
+    assert "[page 12]" in codec.tokenizer.decode(edited.plan.prompt_ids)
+    edited.commit(Answer(codec.tokenizer.encode("ok") + [codec.im_end], "ok", "stop"))
+    assert len(history) == 1 and [d.name for d in history.conversation.library] == ["barley.txt"]
