@@ -58,6 +58,12 @@ class EngineConfig(BaseSettings):
             raise ValueError(f"block_size must be a power of two, got {value}")
         return value
 
+    @field_validator("kv_disk_dir", mode="before")
+    @classmethod
+    def _empty_is_off(cls, value: object) -> object:
+        """PAGECHAT_KV_DISK_DIR= (empty) means unset, never the current directory."""
+        return None if value == "" else value
+
     def resolved_device(self) -> str:
         import torch
 
