@@ -134,6 +134,9 @@ def test_password_guessing_is_throttled_per_account(team):
     assert login(team, "alice", USERS["alice"]).status_code == 429
     # ... and no one else is: bob signs in, from the same address too.
     assert login(team, "bob", USERS["bob"], address).status_code == 200
+    # Once the lock has passed, the right password is accepted (and the count starts over).
+    time.sleep(int(locked.headers["Retry-After"]) + 0.5)
+    assert login(team, "alice", USERS["alice"], address).status_code == 200
 
 
 def test_one_address_trying_many_accounts_is_throttled(team):
