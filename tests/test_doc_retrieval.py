@@ -345,3 +345,59 @@ def test_an_edited_message_keeps_its_long_document_and_forgets_later_ones(codec)
     assert "[page 12]" in codec.tokenizer.decode(edited.plan.prompt_ids)
     edited.commit(Answer(codec.tokenizer.encode("ok") + [codec.im_end], "ok", "stop"))
     assert len(history) == 1 and [d.name for d in history.conversation.library] == ["barley.txt"]
+
+
+def _max_gap_while(fn) -> float:
+    """Longest pause of a 10 ms ticker thread while `fn` runs (GIL held that long)."""
+    import threading
+
+    gaps: list[float] = []
+    stop = threading.Event()
+
+    def tick() -> None:
+        last = time.monotonic()
+        while not stop.is_set():
+            time.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    thread = threading.Thread(target=tick)
+    thread.start()
+    try:
+        fn()
+    finally:
+        stop.set()
+        thread.join()
+    return max(gaps, default=0.0)
+
+
+def test_a_long_document_encodes_in_chunks_to_the_same_ids_without_holding_the_gil(codec, tokenizer):
+    rng = random.Random(3)
+    parts = []
+    for i in range(6000):
+        kind = i % 6
+        if kind == 0:
+            parts.append(f"Paragraph {i}. " + " ".join(rng.choice(["river", "Budget", "naïve", "café"]) for _ in range(30)))
+        elif kind == 1:
+            parts.append("合同的付款期限是三十天。" * 5 + "\n鹦鹉在树上。")
+        elif kind == 2:
+            parts.append("def f(x):\n    if x:\n        return x  # indented\n\n\n    return None")
+        elif kind == 3:
+            parts.append("| a | b |\r\n| --- | --- |\r\n| 1 | 2 |")
+        elif kind == 4:
+            parts.append("  leading spaces, then <|im_start|>user and <|im_end|> as text\n\t\ttabs")
+        else:
+            parts.append("- item one\n- item two\n\n\n\n1. numbered")
+    text = "\n\n".join(parts)
+    ids = codec.text(text)
+    reference = []  # the whole text in one encode, control tokens kept as text the same way
+    start = 0
+    for match in re.finditer(r"<\|[A-Za-z0-9_]{1,40}\|>", text):
+        reference += tokenizer.encode(text[start : match.start() + 1])
+        start = match.start() + 1
+    reference += tokenizer.encode(text[start:])
+    assert ids == reference and len(ids) > 100_000
+    whole_gap = _max_gap_while(lambda: tokenizer.encode(text))
+    chunked_gap = _max_gap_while(lambda: codec.text(text))
+    assert chunked_gap < max(0.2, whole_gap / 4), (chunked_gap, whole_gap)

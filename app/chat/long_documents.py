@@ -92,12 +92,8 @@ class LongDocument:
         """Cut into passages of about `chars` characters and tokenize them (blocking: a worker
         thread). Passages are tokenized in one batch."""
         passages = retrieval.split_passages(text, chars)
-        encode_batch = getattr(codec.tokenizer, "encode_batch", None)
         blocks = [p.text + "\n\n" for p in passages]
-        if encode_batch is not None:
-            sizes = [len(ids) for ids in encode_batch(blocks)]
-        else:
-            sizes = [len(codec.text(b)) for b in blocks]
+        sizes = [len(ids) for ids in codec.tokenizer.encode_batch(blocks)]
         return cls(name, passages, sizes, full_tokens)
 
     @property

@@ -55,6 +55,14 @@ __all__ = [  # the shared pieces live in app.chat.history; tests and bench impor
 
 # Chat-format control tokens typed by a user must stay text, never become control tokens.
 _CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
+# A long text (a document) is encoded in chunks cut after a newline that a non-space follows:
+# Qwen's pre-tokenizer never joins across such a point (a newline run ends a pre-token and no
+# pre-token starts with one), so the ids are those of the whole text. `encode_batch` releases
+# the GIL (one long `encode` holds it: a 500K-token document stalled every other thread,
+# the event loop included, for 3 s here) and spreads the chunks over threads.
+LONG_TEXT_CHARS = 20_000
+CHUNK_CHARS = 8_192
+_SAFE_CUT = re.compile(r"\n(?=\S)")
 FORMAT_VERSION = 1
 # A document with this many characters per token of room is not read whole (no tokenizer
 # packs more than a few characters into a token on real text); it is cut into passages first.
@@ -66,6 +74,8 @@ class TokenizerLike(Protocol):
     eos_token_ids: list[int]
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str: ...
 
@@ -89,11 +99,23 @@ class ChatCodec:
         start = 0
         for match in _CONTROL_TOKEN.finditer(text):
             cut = match.start() + 1  # split "<" from "|im_start|>": no control token survives
-            ids += self.tokenizer.encode(text[start:cut])
+            ids += self._encode(text[start:cut])
             start = cut
         if start < len(text):
-            ids += self.tokenizer.encode(text[start:])
+            ids += self._encode(text[start:])
         return ids
+
+    def _encode(self, text: str) -> list[int]:
+        if len(text) <= LONG_TEXT_CHARS:
+            return self.tokenizer.encode(text)
+        chunks: list[str] = []
+        start = 0
+        for match in _SAFE_CUT.finditer(text):
+            if match.end() - start >= CHUNK_CHARS:
+                chunks.append(text[start : match.end()])
+                start = match.end()
+        chunks.append(text[start:])
+        return [i for ids in self.tokenizer.encode_batch(chunks) for i in ids]
 
     def system(self, prompt: str) -> list[int]:
         prompt = prompt.strip()
