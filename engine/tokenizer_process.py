@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 import threading
+import time
 import weakref
 from array import array
 from collections.abc import Sequence
@@ -38,11 +40,20 @@ def _init_worker(
     """Load the tokenizer in the worker: from its checkpoint's tokenizer.json, or (a tokenizer
     built in memory) from its serialized JSON."""
     global _worker_tokenizer
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     path = Path(source)
     backend = Backend.from_file(str(path / "tokenizer.json")) if path.is_dir() else None
     if backend is None:
         backend = Backend.from_str(source)
     _worker_tokenizer = Tokenizer(backend, template, eos, special)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End the worker when the server is gone: a server that exits without shutting the pool
+    down (Chainlit ends the process with os._exit) would otherwise leave it waiting forever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _pack(ids: list[int]) -> bytes:

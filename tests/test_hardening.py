@@ -9,10 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import random
 import re
 import shutil
 import string
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -201,3 +204,40 @@ def test_the_readme_api_example_runs_verbatim(tmp_path, tiny_checkpoint):
             exec(source.replace("http://127.0.0.1:8000", live.url), {})
     printed = out.getvalue()
     assert "completion_tokens=" in printed and "prompt_tokens=" in printed, printed
+
+
+# ---- the tokenizer worker process -----------------------------------------------------------
+
+WORKER_SCRIPT = """
+import asyncio, os, sys
+from engine.tokenizer import Tokenizer
+from engine.tokenizer_process import TokenizerProcess
+
+if __name__ == "__main__":
+    tokenizer = Tokenizer.from_dir(sys.argv[1])
+    process = TokenizerProcess.of(tokenizer)
+    text = "many words " * 5000
+    assert asyncio.run(process.encode(text)) == tokenizer.encode(text)
+    print(*process._pool._processes, flush=True)
+    os._exit(0)  # as Chainlit ends a server: no pool shutdown
+"""
+
+
+def test_the_tokenizer_worker_ends_with_its_server(tmp_path, tiny_checkpoint):
+    script = tmp_path / "server.py"
+    script.write_text(WORKER_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(script), str(tiny_checkpoint)],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    (pid,) = map(int, done.stdout.split())
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists(), "the worker outlived its server"
