@@ -27,6 +27,7 @@ import yaml
 
 from app.serving.metrics import Metrics
 from app.serving.rate_limit import RateLimits
+from engine.kv_tiers import KVTierStats
 from engine.outputs import EngineStats
 from tests.app_client import Server, free_port
 from tests.test_compose import compose, needs_compose
@@ -70,7 +71,19 @@ class FakeTorchCuda:
 
 class FakeEngine:
     def stats(self) -> EngineStats:
-        stats = EngineStats(
+        tiers = KVTierStats(  # a host and a disk tier on
+            device_hit_tokens=32,
+            host_hit_tokens=16,
+            disk_hit_tokens=8,
+            host_blocks_used=5,
+            host_blocks_total=500,
+            disk_blocks=7,
+            disk_bytes=7 * 4096,
+            disk_capacity_bytes=2**30,
+            disk_bad_files=1,
+            disk_load_seconds=0.5,
+        )
+        return EngineStats(
             num_running=2,
             num_waiting=1,
             kv_blocks_used=10,
@@ -82,19 +95,8 @@ class FakeEngine:
             generation_tokens_total=50,
             requests_finished_total=3,
             generation_tokens_per_s=9.0,
+            kv_tiers=tiers,
         )
-        # engine.kv_tiers.KVTierStats's fields that /metrics reads (a host and a disk tier on)
-        tiers = types.SimpleNamespace(
-            device_hit_tokens=32,
-            host_hit_tokens=16,
-            disk_hit_tokens=8,
-            host_blocks_used=5,
-            host_blocks_total=500,
-            disk_blocks=7,
-            disk_capacity_bytes=2**30,
-        )
-        object.__setattr__(stats, "kv_tiers", tiers)
-        return stats
 
 
 def exported(monkeypatch) -> dict[str, set[tuple[tuple[str, str], ...]]]:
@@ -160,6 +162,8 @@ def test_every_dashboard_query_names_metrics_the_server_exports(monkeypatch):
     assert {dict(s)["device"] for s in samples["pagechat_gpu_memory_used_bytes"]} == {"cuda:0"}
     reasons = {dict(s)["finish_reason"] for s in samples["pagechat_requests_finished_total"]}
     assert {"error", "abort"} <= reasons  # there from the start, at 0
+    problems = {dict(s)["problem"] for s in samples["pagechat_kv_disk_problems_total"]}
+    assert problems == {"bad_file", "write_error", "dropped"}
     assert {dict(s)["limit"] for s in samples["pagechat_rate_limited_requests_total"]} == {
         "requests",
         "tokens",
@@ -171,7 +175,8 @@ def test_metric_names_follow_prometheus_conventions(monkeypatch):
     for name in samples:
         assert re.fullmatch(r"[a-z_][a-z0-9_]*", name), name
         if name.startswith("pagechat_") and "seconds" in name:
-            assert name.split("_seconds")[1] in ("", "_bucket", "_count", "_sum", "_created"), name
+            suffix = name.split("_seconds")[1]
+            assert suffix in ("", "_total", "_bucket", "_count", "_sum", "_created"), name
     counters = [n for n in samples if n.endswith("_total")]
     assert (
         "pagechat_generation_tokens_total" in counters
@@ -299,6 +304,10 @@ def test_prometheus_scrapes_a_live_server_and_every_dashboard_query_returns_data
             assert body["status"] == "success", (expr, body)
             return body["data"]["result"]
 
+        def ready() -> bool:  # Prometheus answers 503 in plain text until its TSDB is up
+            return httpx.get(prom_url + "/-/ready", timeout=5).status_code == 200
+
+        wait_for(ready, 60, "Prometheus never became ready")
         wait_for(
             lambda: query('up{job="pagechat"} == 1'), 60, "Prometheus never scraped the server"
         )

@@ -115,8 +115,9 @@ class _EngineCollector:
 
 
 def _tier_metrics(s: EngineStats) -> Iterable[Metric]:
-    """KV blocks by tier: the device pool always; the host and disk tiers when they are on."""
-    tiers = getattr(s, "kv_tiers", None)  # engine.kv_tiers.KVTierStats, or None when off
+    """KV blocks by tier: the device pool always; the host and disk tiers (engine.kv_tiers)
+    when they are on, with the disk tier's size and its failures."""
+    tiers = s.kv_tiers
     used = GaugeMetricFamily(
         "pagechat_kv_tier_blocks_used", "KV blocks held in each tier", labels=["tier"]
     )
@@ -135,10 +136,41 @@ def _tier_metrics(s: EngineStats) -> Iterable[Metric]:
         used.add_metric(["host"], tiers.host_blocks_used)
         total.add_metric(["host"], tiers.host_blocks_total)
         hits.add_metric(["host"], tiers.host_hit_tokens)
-    if tiers is not None and tiers.disk_capacity_bytes:
+    disk = tiers is not None and tiers.disk_capacity_bytes > 0
+    if tiers is not None and disk:
         used.add_metric(["disk"], tiers.disk_blocks)
         hits.add_metric(["disk"], tiers.disk_hit_tokens)
     yield from (used, total, hits)
+    if tiers is None or not disk:
+        return
+    yield GaugeMetricFamily(
+        "pagechat_kv_disk_bytes", "Bytes of KV block files in the disk tier", value=tiers.disk_bytes
+    )
+    yield GaugeMetricFamily(
+        "pagechat_kv_disk_capacity_bytes",
+        "Cap of the disk tier (PAGECHAT_KV_DISK_GB)",
+        value=tiers.disk_capacity_bytes,
+    )
+    yield GaugeMetricFamily(
+        "pagechat_kv_disk_loading_requests",
+        "Requests waiting for their KV to load from disk",
+        value=tiers.num_loading,
+    )
+    yield CounterMetricFamily(
+        "pagechat_kv_disk_load_seconds",
+        "Time spent loading KV blocks from disk",
+        value=tiers.disk_load_seconds,
+    )
+    problems = CounterMetricFamily(
+        "pagechat_kv_disk_problems",
+        "Disk tier blocks not used: damaged or foreign files deleted, failed writes, blocks "
+        "dropped because the writer was too far behind",
+        labels=["problem"],
+    )
+    problems.add_metric(["bad_file"], tiers.disk_bad_files)
+    problems.add_metric(["write_error"], tiers.disk_write_errors)
+    problems.add_metric(["dropped"], tiers.disk_blocks_dropped)
+    yield problems
 
 
 def _gpu_memory() -> Iterable[Metric]:
