@@ -201,6 +201,10 @@ class DiskKVStore:
             with self._lock:
                 self.blocks_dropped += len(fresh)
 
+    def room_blocks(self) -> int:
+        """How many more blocks the writer takes now (MAX_QUEUED_BYTES of KV waiting at most)."""
+        return max(0, (MAX_QUEUED_BYTES - self._writer.queued_bytes) // self.payload_bytes)
+
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued block is written; False on timeout."""
         return self._writer.wait_idle(timeout)
@@ -362,6 +366,10 @@ class _Writer:
             self._queued_bytes += nbytes
         self._queue.put((refs, kv, rows, ready, nbytes))
         return True
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
 
     def wait_idle(self, timeout: float | None) -> bool:
         with self._idle:

@@ -9,8 +9,11 @@ copies. Its three duties:
   a prompt's prefix, host tier first, then blocks a disk load brought for this request. What
   the disk has beyond that is loaded on the disk tier's thread while the request waits
   (Scheduler's loading state); the engine keeps stepping the others.
-- Write-through: every block the block manager registers (BlockManager.on_register) is queued
-  for the disk writer after the step, with its KV gathered to the CPU.
+- Write-through: every block the block manager registers (BlockManager.on_register) joins a
+  queue, in registration order (a prompt's blocks in chain order); after each step the engine
+  gathers as many of them to the CPU as the disk writer has room for and hands them over. A
+  disk slower than the prefill (a GPU reads 10K+ tokens a second) only delays blocks that stay
+  in the device pool; a block evicted before its turn is skipped.
 
 The copies of one step (`KVCopy`, in the order they were decided) run before its forward pass:
 an eviction's copy out always precedes a later copy into the same device block.
@@ -20,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -89,7 +93,8 @@ class KVTiers:
     disk: DiskKVStore | None
     block_bytes: int
     copies: list[KVCopy] = field(default_factory=list)
-    new_blocks: list[tuple[int, BlockRef]] = field(default_factory=list)
+    # Registered blocks not yet handed to the disk writer, oldest first (block id, what it held).
+    unsaved: deque[tuple[int, BlockRef]] = field(default_factory=deque)
     stats: KVTierStats = field(default_factory=KVTierStats)
 
     # ---- block manager hooks -----------------------------------------------------------------
@@ -106,7 +111,7 @@ class KVTiers:
     def on_register(self, block_id: int, ref: BlockRef) -> None:
         """A block's KV was just computed: write it to disk after this step."""
         if self.disk is not None and ref.key not in self.disk:
-            self.new_blocks.append((block_id, ref))
+            self.unsaved.append((block_id, ref))
 
     # ---- lookup ---------------------------------------------------------------------------------
 
@@ -148,9 +153,16 @@ class KVTiers:
             self.host.release_pins()
         return copies
 
-    def take_new_blocks(self) -> list[tuple[int, BlockRef]]:
-        blocks, self.new_blocks = self.new_blocks, []
-        return blocks
+    def take_unsaved(
+        self, limit: int, still_holds: Callable[[int, bytes], bool]
+    ) -> list[tuple[int, BlockRef]]:
+        """Up to `limit` of the oldest unsaved blocks whose device block still holds their KV."""
+        taken: list[tuple[int, BlockRef]] = []
+        while self.unsaved and len(taken) < limit:
+            block_id, ref = self.unsaved.popleft()
+            if still_holds(block_id, ref.key):
+                taken.append((block_id, ref))
+        return taken
 
     # ---- lifecycle ------------------------------------------------------------------------------
 

@@ -225,19 +225,33 @@ class LLMEngine:
         outputs.extend(self._collect_outputs(out, progressed))
         return outputs
 
-    def _save_new_blocks(self) -> None:
-        """Queue the blocks this step registered for the disk tier (written on its thread)."""
-        if self.kv_tiers is None or self.kv_tiers.disk is None:
-            return
-        new = self.kv_tiers.take_new_blocks()
+    def _save_new_blocks(self) -> int:
+        """Hand registered blocks to the disk tier's writer, oldest first, as many as it has
+        room for; returns how many (their KV is gathered now, written on its thread)."""
+        tiers = self.kv_tiers
+        if tiers is None or tiers.disk is None or not tiers.unsaved:
+            return 0
+        blocks = self.scheduler.block_manager.blocks
+        new = tiers.take_unsaved(
+            tiers.disk.room_blocks(), lambda block_id, key: blocks[block_id].hash == key
+        )
         if new:
             kv, ready = self.runner.gather_kv([block_id for block_id, _ in new])
-            self.kv_tiers.disk.save([ref for _, ref in new], kv, ready)
+            tiers.disk.save([ref for _, ref in new], kv, ready)
+        return len(new)
 
-    def close(self) -> None:
-        """Write the KV blocks still queued for disk and stop the KV tiers' threads."""
-        if self.kv_tiers is not None:
-            self.kv_tiers.close()
+    def close(self, timeout: float = 60.0) -> None:
+        """Write every registered block still in the pool to disk (up to `timeout` s), then stop
+        the KV tiers' threads. Call it on the engine's thread, or after that thread has stopped."""
+        tiers = self.kv_tiers
+        if tiers is None:
+            return
+        deadline = time.monotonic() + timeout
+        if tiers.disk is not None:
+            while tiers.unsaved and time.monotonic() < deadline:
+                if not self._save_new_blocks():  # the writer is full: let it catch up
+                    tiers.disk.flush(max(0.0, min(1.0, deadline - time.monotonic())))
+        tiers.close()
 
     def _run_isolating_failures(self, batch: list[ScheduledSequence]) -> None:
         """Run the batch; if it raises, rerun each sequence alone so one bad request fails alone.

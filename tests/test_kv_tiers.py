@@ -434,3 +434,28 @@ def test_tiers_on_cuda(tiny_checkpoint, tmp_path):
     assert out.num_cached_tokens == (len(DOC + Q2) - 1) // BS * BS
     assert out.token_ids == expected[0]
     again.engine.close()
+
+
+def test_a_slow_disk_delays_blocks_never_drops_them(tiny_checkpoint, tmp_path, monkeypatch):
+    """The writer takes 3 blocks' KV at a time and writes slowly: blocks wait in the device pool
+    in chain order, and close() writes every one of them (no holes in a document's chain)."""
+    import engine.kv_disk_tier as disk_tier
+
+    monkeypatch.setattr(disk_tier, "MAX_QUEUED_BYTES", 3 * BLOCK_BYTES)
+    real = DiskKVStore._write_block
+
+    def slow_write(self, ref, kv):
+        time.sleep(0.05)
+        real(self, ref, kv)
+
+    monkeypatch.setattr(DiskKVStore, "_write_block", slow_write)
+    llm = restart(tiny_checkpoint, tmp_path)
+    llm.generate(DOC + Q1, GREEDY)
+    tiers = llm.engine.kv_tiers
+    assert tiers.unsaved  # still waiting for the writer when the answer is done
+    llm.engine.close()
+    assert not tiers.unsaved and tiers.disk.blocks_dropped == 0
+    assert len(disk_files(tmp_path)) == (len(DOC) + len(Q1)) // BS
+    again = restart(tiny_checkpoint, tmp_path)
+    assert again.generate(DOC + Q2, GREEDY)[0].num_cached_tokens == DOC_BLOCKS * BS
+    again.engine.close()
