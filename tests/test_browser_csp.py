@@ -61,7 +61,7 @@ def csp_server(tiny_checkpoint, tmp_path_factory):
         tiny_checkpoint, tmp_path_factory.mktemp("browser-csp") / "data", PAGECHAT_DEMO="1"
     )
     try:
-        srv.wait_ready()
+        srv.wait_ready(timeout=180)  # one start took over 60 s on a loaded 2-core machine
         yield srv
     finally:
         srv.stop()

@@ -62,7 +62,7 @@ def team(tiny_checkpoint, tmp_path_factory):
         PAGECHAT_UPLOAD_FILES_PER_DAY="16",
     )
     try:
-        srv.wait_ready()
+        srv.wait_ready(timeout=180)  # one start took over 60 s on a loaded 2-core machine
         yield srv
     finally:
         srv.stop()
@@ -218,7 +218,7 @@ def test_password_change_and_removed_user_revoke_their_tokens(tiny_checkpoint, t
     data = tmp_path / "data"
     first = Server(tiny_checkpoint, data, PAGECHAT_AUTH_USERS=users_env(USERS))
     try:
-        first.wait_ready()
+        first.wait_ready(timeout=180)
         alice, bob = (token_of(login(first, u, USERS[u])) for u in ("alice", "bob"))
         gone = token_of(login(first, "alice", USERS["alice"]))
         assert httpx.post(first.url + "/logout", cookies={"access_token": gone}).status_code == 200
@@ -233,7 +233,7 @@ def test_password_change_and_removed_user_revoke_their_tokens(tiny_checkpoint, t
         PAGECHAT_SESSION_HOURS="2",
     )
     try:
-        second.wait_ready()
+        second.wait_ready(timeout=180)
         assert me(second, alice) == 401 and me(second, bob) == 401
         assert me(second, gone) == 401  # a logout survives the restart
         assert login(second, "alice", USERS["alice"]).status_code == 401
