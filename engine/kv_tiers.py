@@ -95,6 +95,9 @@ class KVTiers:
     copies: list[KVCopy] = field(default_factory=list)
     # Registered blocks not yet handed to the disk writer, oldest first (block id, what it held).
     unsaved: deque[tuple[int, BlockRef]] = field(default_factory=deque)
+    # Beyond this many the oldest are forgotten: a disk that far behind has lost them to
+    # eviction anyway (the scheduler sets it from the pool size).
+    max_unsaved: int = 1 << 20
     stats: KVTierStats = field(default_factory=KVTierStats)
 
     # ---- block manager hooks -----------------------------------------------------------------
@@ -111,6 +114,8 @@ class KVTiers:
     def on_register(self, block_id: int, ref: BlockRef) -> None:
         """A block's KV was just computed: write it to disk after this step."""
         if self.disk is not None and ref.key not in self.disk:
+            if len(self.unsaved) >= self.max_unsaved:
+                self.unsaved.popleft()
             self.unsaved.append((block_id, ref))
 
     # ---- lookup ---------------------------------------------------------------------------------

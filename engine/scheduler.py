@@ -123,6 +123,7 @@ class Scheduler:
         if kv_tiers is not None:
             self.block_manager.on_evict = kv_tiers.on_evict
             self.block_manager.on_register = kv_tiers.on_register
+            kv_tiers.max_unsaved = 4 * num_blocks
         self._loading: dict[str, _Load] = {}  # by request id, in order of their start
         self._staged: dict[str, dict[bytes, torch.Tensor]] = {}  # loaded blocks by key
         # Requests that had their disk load (one per admission: a failed one is not retried).
