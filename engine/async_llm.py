@@ -146,7 +146,8 @@ class AsyncLLM:
         self._stopped.set()
         self._commands.put(("stop",))
         self._thread.join(timeout)
-        self.engine.close()  # writes the KV blocks still queued for the disk tier
+        if not self._thread.is_alive():  # the engine is the caller's now: no step can race
+            self.engine.close()  # writes the KV blocks still waiting for the disk tier
 
     # ---- engine thread ------------------------------------------------------------------------
 

@@ -91,7 +91,8 @@ def test_n_and_prompt_lists_count_as_that_many_requests(queued):
     admission = queued.app.state  # .admission exists once a request came through
     with httpx.Client(base_url=queued.url, timeout=120) as http:
         with http.stream("POST", "/v1/completions", json=slow) as running:
-            next(running.iter_lines())  # it runs (one sequence at a time): nothing waits
+            lines = running.iter_lines()  # kept: a dropped iterator closes the response
+            next(lines)  # it runs (one sequence at a time): nothing waits
             waiting = [send({**base, "prompt": "w1"})]
             deadline = time.monotonic() + 30
             while admission.admission.waiting < 1:
