@@ -12,7 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class EngineConfig(BaseSettings):
     """Everything the engine needs to start; keyword arguments override the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="PAGECHAT_", extra="ignore", protected_namespaces=())
+    model_config = SettingsConfigDict(
+        env_prefix="PAGECHAT_", extra="ignore", protected_namespaces=()
+    )
 
     model: str = Field("Qwen/Qwen3-4B-Instruct-2507", description="local directory or HF hub id")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
@@ -32,10 +34,11 @@ class EngineConfig(BaseSettings):
     enable_prefix_caching: bool = True
     attention_backend: Literal["auto", "triton", "torch"] = "auto"
     enforce_eager: bool = False
-    cpu_attention: Literal["float32", "native"] = Field(
-        "float32",
-        description="torch backend decode attention of 16-bit models: float32 (bit-exact "
-        "reference) or native (in the model's dtype: faster, a few ulps off)",
+    cpu_attention: Literal["auto", "float32", "native"] = Field(
+        "auto",
+        description="torch backend attention of 16-bit models: auto (decode in float32 math "
+        "on the C kernel, prompts in the model's dtype), float32 (everything in float32: the "
+        "bit-exact reference) or native (everything in the model's dtype)",
     )
     seed: int = 0
     kv_host_gb: float | None = Field(

@@ -62,16 +62,28 @@ def mixed_pairs(rng: random.Random) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("group", [1, 4])
 def test_torch_attention_matches_dense_reference(seed, group):
     batch = make_batch(
-        mixed_pairs(random.Random(seed)), num_kv_heads=2, group=group, head_dim=64,
-        block_size=16, dtype=torch.float32, seed=seed, device="cpu",
+        mixed_pairs(random.Random(seed)),
+        num_kv_heads=2,
+        group=group,
+        head_dim=64,
+        block_size=16,
+        dtype=torch.float32,
+        seed=seed,
+        device="cpu",
     )
     torch.testing.assert_close(attend(batch).double(), dense_reference(batch), rtol=1e-5, atol=1e-5)
 
 
 def test_long_chunk_after_long_prefix_matches_dense_reference():
     batch = make_batch(
-        [(300, 1000), (1, 700)], num_kv_heads=2, group=2, head_dim=128, block_size=32,
-        dtype=torch.float32, seed=7, device="cpu",
+        [(300, 1000), (1, 700)],
+        num_kv_heads=2,
+        group=2,
+        head_dim=128,
+        block_size=32,
+        dtype=torch.float32,
+        seed=7,
+        device="cpu",
     )
     torch.testing.assert_close(attend(batch).double(), dense_reference(batch), rtol=1e-5, atol=1e-5)
 
@@ -97,8 +109,14 @@ def _single(batch, s: int):
 @pytest.mark.parametrize("seed", range(3))
 def test_each_sequence_gets_the_same_bits_alone_and_batched(seed):
     batch = make_batch(
-        mixed_pairs(random.Random(seed)), num_kv_heads=2, group=4, head_dim=64,
-        block_size=16, dtype=torch.float32, seed=seed, device="cpu",
+        mixed_pairs(random.Random(seed)),
+        num_kv_heads=2,
+        group=4,
+        head_dim=64,
+        block_size=16,
+        dtype=torch.float32,
+        seed=seed,
+        device="cpu",
     )
     batched = attend(batch)
     for s in range(batch.meta.num_seqs):
@@ -112,15 +130,19 @@ def test_native_bf16_decode_is_close_and_batch_invariant(seed):
     """PAGECHAT_CPU_ATTENTION=native: bf16 decodes in bf16 stay within bf16 rounding of the
     float64 reference and keep their bits whatever their batch mates."""
     batch = make_batch(
-        mixed_pairs(random.Random(seed)), num_kv_heads=2, group=4, head_dim=64,
-        block_size=16, dtype=torch.bfloat16, seed=seed, device="cpu",
+        mixed_pairs(random.Random(seed)),
+        num_kv_heads=2,
+        group=4,
+        head_dim=64,
+        block_size=16,
+        dtype=torch.bfloat16,
+        seed=seed,
+        device="cpu",
     )
     native = paged_attention_torch(
         batch.q, batch.k_cache, batch.v_cache, batch.meta, batch.scale, native_decode=True
     )
-    torch.testing.assert_close(
-        native.double(), dense_reference(batch), rtol=2e-2, atol=2e-2
-    )
+    torch.testing.assert_close(native.double(), dense_reference(batch), rtol=2e-2, atol=2e-2)
     for s in range(batch.meta.num_seqs):
         q, meta, start = _single(batch, s)
         alone = paged_attention_torch(
@@ -136,12 +158,18 @@ def test_cpu_attention_setting(monkeypatch):
     from engine.layers.attention import TorchAttentionBackend, get_attention_backend
 
     monkeypatch.delenv("PAGECHAT_CPU_ATTENTION", raising=False)
-    assert EngineConfig().cpu_attention == "float32"
+    assert EngineConfig().cpu_attention == "auto"
     backend = get_attention_backend("torch", EngineConfig().cpu_attention)
-    assert isinstance(backend, TorchAttentionBackend) and not backend.native_decode
+    assert isinstance(backend, TorchAttentionBackend)
+    assert (backend.native_decode, backend.native_prefill) == (False, True)
+    monkeypatch.setenv("PAGECHAT_CPU_ATTENTION", "float32")
+    backend = get_attention_backend("torch", EngineConfig().cpu_attention)
+    assert isinstance(backend, TorchAttentionBackend)
+    assert (backend.native_decode, backend.native_prefill) == (False, False)
     monkeypatch.setenv("PAGECHAT_CPU_ATTENTION", "native")
     backend = get_attention_backend("torch", EngineConfig().cpu_attention)
-    assert isinstance(backend, TorchAttentionBackend) and backend.native_decode
+    assert isinstance(backend, TorchAttentionBackend)
+    assert (backend.native_decode, backend.native_prefill) == (True, True)
     monkeypatch.setenv("PAGECHAT_CPU_ATTENTION", "bogus")
     with pytest.raises(ValidationError, match="cpu_attention"):
         EngineConfig()

@@ -1,6 +1,6 @@
 """Compile the engine's C kernels for this CPU once, cache the library, load it with ctypes.
 
-The kernels (packed_linear.c, paged_attention.c: one library) are plain C with OpenMP, built with `-O3 -march=native`, so the
+The kernels (packed_linear.c, paged_attention.c, elementwise.c: one library) are plain C with OpenMP, built with `-O3 -march=native`, so the
 compiler targets exactly the vector units this CPU has (AVX512-BF16 and AMX, AVX2, NEON). A
 build takes about a second; the library is cached under the user's cache directory, keyed by a
 digest of the source, the compiler and the instruction-set macros it defines for this CPU, so
@@ -29,7 +29,10 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("packed_linear.c", "paged_attention.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(name)
+    for name in ("packed_linear.c", "paged_attention.c", "elementwise.c")
+)
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
 
@@ -141,3 +144,17 @@ def _declare(lib: ctypes.CDLL) -> None:
         ctypes.c_float,
         *(i32, i32),  # is_bf16, threads
     ]
+    f32 = ctypes.c_float
+    lib.pc_add_rms_norm_bf16.restype = None
+    lib.pc_add_rms_norm_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32]
+    lib.pc_qk_norm_rotary_bf16.restype = None
+    lib.pc_qk_norm_rotary_bf16.argtypes = [
+        *(ptr, i64, ptr, i64),  # q, q_stride, k, k_stride
+        *(ptr, ptr, i64),  # cos, sin, cs_stride
+        *(ptr, ptr, ptr, ptr),  # q_w, k_w, q_out, k_out
+        *(i64, i64, i64, i64),  # tokens, q_heads, kv_heads, d
+        f32,
+        i32,
+    ]
+    lib.pc_silu_and_mul_bf16.restype = None
+    lib.pc_silu_and_mul_bf16.argtypes = [ptr, ptr, i64, i64, i32]

@@ -17,8 +17,17 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _cpu_silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    from engine.cpu_kernels import elementwise
+
+    if elementwise.serves(x):
+        return elementwise.silu_and_mul(x)
+    return silu_and_mul(x)
+
+
 class SiluAndMul(nn.Module):
-    """`silu_and_mul` on the kernels chosen when built: torch ops, or one Triton launch."""
+    """`silu_and_mul` on the kernels chosen when built: torch ops, one Triton launch, or the C
+    kernel for bfloat16 on the CPU (torch ops for other dtypes)."""
 
     def __init__(self, kernels: Kernels = "torch") -> None:
         super().__init__()
@@ -28,6 +37,8 @@ class SiluAndMul(nn.Module):
             from engine.kernels import silu_and_mul as silu_and_mul_kernel
 
             self._fn = silu_and_mul_kernel
+        elif kernels == "cpu":
+            self._fn = _cpu_silu_and_mul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)

@@ -1,9 +1,11 @@
 """RMSNorm as Qwen3 computes it (normalize in float32, cast back, scale by the weight), alone or
 carrying the residual stream of a pre-norm decoder: `norm(x, residual)` adds first, then norms.
 
-Each layer runs on the kernels it is built with (`Kernels`): plain torch ops (the CPU path and
-the reference), or the fused Triton kernels of engine/kernels (the model picks them with the
-triton attention backend on CUDA). The choice is made once, in the constructor.
+Each layer runs on the kernels it is built with (`Kernels`): plain torch ops (the reference),
+the fused Triton kernels of engine/kernels (the model picks them with the triton attention
+backend on CUDA), or "cpu": the engine's C kernels (engine.cpu_kernels.elementwise) for
+bfloat16 activations on the CPU, the torch ops for everything else (float32 keeps its bits).
+The choice is made once, in the constructor.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from typing import Literal, cast, get_args, overload
 import torch
 from torch import nn
 
-Kernels = Literal["torch", "triton"]
+Kernels = Literal["torch", "triton", "cpu"]
 KERNELS: tuple[str, ...] = get_args(Kernels)
 
 NormFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
@@ -61,6 +63,24 @@ def _triton_fns() -> tuple[NormFn, AddNormFn]:
     return rms_norm_kernel, add_rms_norm_kernel
 
 
+def _cpu_fns() -> tuple[NormFn, AddNormFn]:
+    from engine.cpu_kernels import elementwise
+
+    def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if elementwise.serves(x, weight) and x.shape[-1] <= elementwise.MAX_HIDDEN:
+            return elementwise.add_rms_norm(x, None, weight, eps)[0]
+        return rms_norm(x, weight, eps)
+
+    def add_norm(
+        x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if elementwise.serves(x, residual, weight) and x.shape[-1] <= elementwise.MAX_HIDDEN:
+            return elementwise.add_rms_norm(x, residual, weight, eps)
+        return add_rms_norm(x, residual, weight, eps)
+
+    return norm, add_norm
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm over the last dimension, optionally carrying the residual.
 
@@ -79,6 +99,8 @@ class RMSNorm(nn.Module):
         self._add_norm: AddNormFn
         if kernels == "triton":
             self._norm, self._add_norm = _triton_fns()
+        elif kernels == "cpu":
+            self._norm, self._add_norm = _cpu_fns()
         else:
             self._norm, self._add_norm = rms_norm, add_rms_norm
 

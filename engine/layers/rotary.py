@@ -163,6 +163,27 @@ def qk_norm_rotary(
     return q, k
 
 
+def _cpu_qk_norm_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The C kernel for bfloat16 on the CPU (one pass per head), torch ops otherwise."""
+    from engine.cpu_kernels import elementwise
+
+    if (
+        elementwise.serves(q, k, q_norm_weight, k_norm_weight)
+        and cos.dtype == sin.dtype == torch.float32
+        and q.shape[-1] <= elementwise.MAX_HEAD_DIM
+    ):
+        return elementwise.qk_norm_rotary(q, k, cos, sin, q_norm_weight, k_norm_weight, eps)
+    return qk_norm_rotary(q, k, cos, sin, q_norm_weight, k_norm_weight, eps)
+
+
 QKNormRotaryFn = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float],
     tuple[torch.Tensor, torch.Tensor],
@@ -186,6 +207,8 @@ class QKNormRotary(nn.Module):
             from engine.kernels import qk_norm_rotary as qk_norm_rotary_kernel
 
             self._fn = qk_norm_rotary_kernel
+        elif kernels == "cpu":
+            self._fn = _cpu_qk_norm_rotary
 
     def forward(
         self,

@@ -57,8 +57,11 @@ PACKED_MODULES: dict[str, tuple[str, int]] = {
 
 def default_kernels(backend: AttentionBackend, device: torch.device) -> Kernels:
     """The fused Triton layer kernels go with the Triton attention kernels on CUDA: same
-    toolchain, same devices. Elsewhere (the CPU path) the layers run plain torch ops."""
-    return "triton" if backend.name == "triton" and device.type == "cuda" else "torch"
+    toolchain, same devices. On the CPU the engine's C kernels serve bfloat16 activations
+    (torch ops for float32, bit for bit); elsewhere plain torch ops."""
+    if backend.name == "triton" and device.type == "cuda":
+        return "triton"
+    return "cpu" if device.type == "cpu" else "torch"
 
 
 class Qwen3Attention(nn.Module):

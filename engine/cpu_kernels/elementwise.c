@@ -1,0 +1,117 @@
+/* The decoder's elementwise steps for bfloat16 activations on the CPU, one pass each.
+ *
+ * In torch each of these is 4-10 separate ops over the whole batch (dtype conversions,
+ * pow, mean, rsqrt, mul, cat, ...), each a pass over memory and a dispatch; a 2K-token prefill
+ * spent more time in them than in attention. Here each is one pass per row, with the rounding
+ * steps of the torch reference (engine.layers.norm, rotary, activation) kept where torch
+ * rounds to bfloat16, so results equal it up to the order of the float32 sums.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* torch rounds every multiply and add on its own: no fused multiply-adds here. */
+#pragma GCC optimize("fp-contract=off")
+
+static inline float bf(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline uint16_t tobf(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float round_bf(float f) { return bf(tobf(f)); }
+
+/* One row: out = bf16(w * bf16(r * rsqrt(mean(r^2) + eps))), r the float32 row. */
+static inline void norm_row(const float *r, const uint16_t *w, uint16_t *out, int64_t n, float eps) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < n; i++) sum += r[i] * r[i];
+    const float scale = 1.0f / sqrtf(sum / (float)n + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < n; i++) out[i] = tobf(bf(w[i]) * round_bf(r[i] * scale));
+}
+
+/* rms_norm (residual NULL) or add_rms_norm: residual_out = bf16(x + residual), out = norm of
+ * it. x, residual, out, residual_out: [rows, n] contiguous bfloat16; may not alias. */
+void pc_add_rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *w,
+                          uint16_t *out, uint16_t *residual_out, int64_t rows, int64_t n, float eps,
+                          int threads) {
+#pragma omp parallel num_threads(threads)
+    {
+        float r[16384];
+#pragma omp for schedule(static)
+        for (int64_t row = 0; row < rows; row++) {
+            const uint16_t *xr = x + row * n;
+            if (residual != NULL) {
+                const uint16_t *rr = residual + row * n;
+                uint16_t *ro = residual_out + row * n;
+#pragma omp simd
+                for (int64_t i = 0; i < n; i++) {
+                    ro[i] = tobf(bf(xr[i]) + bf(rr[i]));
+                    r[i] = bf(ro[i]);
+                }
+            } else {
+#pragma omp simd
+                for (int64_t i = 0; i < n; i++) r[i] = bf(xr[i]);
+            }
+            norm_row(r, w, out + row * n, n, eps);
+        }
+    }
+}
+
+/* Qwen3's per-head q/k RMSNorm then neox rotary, for q [T, Hq, D] and k [T, Hkv, D] given as
+ * strided rows (token stride `q_stride` / `k_stride` elements, heads contiguous inside a row)
+ * of the fused QKV output. cos/sin: float32 rows of D/2 at `cs_stride` elements per token.
+ * Writes contiguous q_out [T, Hq, D] and k_out [T, Hkv, D]. */
+void pc_qk_norm_rotary_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k,
+                            int64_t k_stride, const float *cos, const float *sin, int64_t cs_stride,
+                            const uint16_t *q_w, const uint16_t *k_w, uint16_t *q_out,
+                            uint16_t *k_out, int64_t tokens, int64_t q_heads, int64_t kv_heads,
+                            int64_t d, float eps, int threads) {
+    const int64_t half = d / 2, heads = q_heads + kv_heads;
+#pragma omp parallel num_threads(threads)
+    {
+        float r[1024];
+        uint16_t normed[1024];
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < tokens * heads; item++) {
+            const int64_t t = item / heads, h = item % heads;
+            const int is_q = h < q_heads;
+            const uint16_t *src = is_q ? q + t * q_stride + h * d : k + t * k_stride + (h - q_heads) * d;
+            uint16_t *dst = is_q ? q_out + (t * q_heads + h) * d : k_out + (t * kv_heads + h - q_heads) * d;
+            for (int64_t i = 0; i < d; i++) r[i] = bf(src[i]);
+            norm_row(r, is_q ? q_w : k_w, normed, d, eps);
+            const float *c = cos + t * cs_stride, *s = sin + t * cs_stride;
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) {
+                const float x1 = bf(normed[i]), x2 = bf(normed[i + half]);
+                dst[i] = tobf(x1 * c[i] - x2 * s[i]);
+                dst[i + half] = tobf(x2 * c[i] + x1 * s[i]);
+            }
+        }
+    }
+}
+
+/* x = [gate | up] rows of 2n -> out[row] = bf16(bf16(silu(gate)) * up), n per row. */
+void pc_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t row = 0; row < rows; row++) {
+        const uint16_t *g = x + row * 2 * n, *u = g + n;
+        uint16_t *o = out + row * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) {
+            const float gate = bf(g[i]);
+            const float silu = round_bf(gate / (1.0f + expf(-gate)));
+            o[i] = tobf(silu * bf(u[i]));
+        }
+    }
+}
