@@ -21,10 +21,16 @@ class ApiBodyLimit(BodyLimit):
 
     def refusal(self) -> bytes:
         mb = self.max_bytes / (1024 * 1024)
-        return json.dumps({"error": {
-            "message": f"Request body too large: the limit is {mb:g} MB (PAGECHAT_MAX_REQUEST_MB)",
-            "type": "invalid_request_error", "param": None, "code": "request_too_large",
-        }}).encode()
+        return json.dumps(
+            {
+                "error": {
+                    "message": f"Request body too large: the limit is {mb:g} MB (PAGECHAT_MAX_REQUEST_MB)",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "request_too_large",
+                }
+            }
+        ).encode()
 
 
 def apply_api_body_limit(app: FastAPI, max_request_mb: int) -> None:

@@ -100,7 +100,12 @@ def completion_logprobs(
     text_offset: int,
 ) -> tuple[dict[str, Any], int]:
     """The completions `logprobs` object for these tokens, and the text offset after them."""
-    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    out: dict[str, Any] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
     for token_id, entry in zip(token_ids, entries):
         text = tokens.text(token_id)
         out["tokens"].append(text)
@@ -120,7 +125,12 @@ def completion_logprobs(
 
 def merge_completion_logprobs(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """One completions `logprobs` object from consecutive parts (prompt, then answer)."""
-    merged: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    merged: dict[str, Any] = {
+        "tokens": [],
+        "token_logprobs": [],
+        "top_logprobs": [],
+        "text_offset": [],
+    }
     for part in parts:
         for key in merged:
             merged[key] += part[key]
