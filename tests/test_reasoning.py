@@ -24,8 +24,9 @@ from tests.api_helpers import api_server
 
 THINK_START_ID, THINK_END_ID = 151667, 151668
 
-# Qwen3's hybrid chat template (Qwen3-0.6B ... 32B), as published: reasoning of earlier turns
-# is dropped, the last turn's kept; `enable_thinking=false` closes an empty block.
+# Qwen3's hybrid chat template (the Qwen3-0.6B ... 32B one), written out here because no Qwen3
+# checkpoint can be downloaded in tests: reasoning of turns before the last user query is
+# dropped, the last turn's kept; `enable_thinking=false` closes an empty block.
 HYBRID_TEMPLATE = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
     {%- if messages[0].role == 'system' %}
