@@ -330,6 +330,25 @@ def test_host_tier_under_preemption(tiny_checkpoint, cold):
     assert llm.stats().kv_blocks_used == 0
 
 
+def test_host_then_disk_hits_in_one_prefix(tiny_checkpoint, kv_dir, cold):
+    """The document's first 6 blocks come back from the host tier, the other 12 from disk."""
+    host_gb = 64 * BLOCK_BYTES / 2**30
+    llm = LLM(str(tiny_checkpoint), kv_disk_dir=kv_dir, num_kv_blocks=24, kv_host_gb=host_gb)
+    llm.generate(DOC[:100] + Q2, GREEDY)  # 6 blocks from disk into the device pool
+    for other in (OTHER1, OTHER2):  # ... and out of it, into the host tier
+        llm.generate(other, GREEDY)
+    before = llm.stats().kv_tiers
+    assert before.disk_hit_tokens == 6 * BS and before.host_hit_tokens == 0
+    out = llm.generate(DOC + Q2, GREEDY)[0]
+    assert out.num_cached_tokens == DOC_BLOCKS * BS
+    assert out.token_ids == cold[tuple(DOC + Q2)]
+    after = llm.stats().kv_tiers
+    assert after.host_hit_tokens == 6 * BS
+    assert after.disk_hit_tokens - before.disk_hit_tokens == (DOC_BLOCKS - 6) * BS
+    llm.engine.scheduler.check_integrity()
+    llm.engine.close()
+
+
 # ---- loading off the engine thread -----------------------------------------------------------
 
 
