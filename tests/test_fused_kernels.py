@@ -357,7 +357,9 @@ def test_model_fused_forward_equals_torch_ops(tiny_checkpoint, launches):
 
 
 def test_fused_ops_only_with_triton_backend_on_cuda(tiny_checkpoint, monkeypatch):
-    """The CPU path keeps the torch ops: the triton backend alone does not switch them on."""
+    """The CPU path never runs the Triton layer kernels: the triton backend alone does not
+    switch them on (on the CPU the layers take the engine's C kernels for bf16, torch ops
+    for float32)."""
     log: list = []
     spy = _spy(log)
     monkeypatch.setattr(norm_kernels, "plan_rms_norm", spy(norm_kernels.plan_rms_norm))
@@ -368,9 +370,9 @@ def test_fused_ops_only_with_triton_backend_on_cuda(tiny_checkpoint, monkeypatch
     torch_model = load_model(tiny_checkpoint, config, "float32", "cpu", TorchAttentionBackend())
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert default_kernels(TritonAttentionBackend(), cuda) == "triton"
-    assert default_kernels(TritonAttentionBackend(), cpu) == "torch"
+    assert default_kernels(TritonAttentionBackend(), cpu) == "cpu"
     assert default_kernels(TorchAttentionBackend(), cuda) == "torch"
-    assert triton_model.kernels == "torch" and torch_model.kernels == "torch"
+    assert triton_model.kernels == "cpu" and torch_model.kernels == "cpu"
     hidden = run_forward(triton_model, [4, 2])  # the triton backend, but on the CPU
     assert not log
     assert_close(hidden, run_forward(torch_model, [4, 2]), 1e-4)
