@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.cpu_kernels import paged_attention as cpu_decode_attention
-from engine.cpu_kernels.build import compiler
+from engine.cpu_kernels.build import compiler, load
 from engine.layers.attention import paged_attention_torch
 from tests.test_attention_torch import _single, dense_reference
 from tests.test_kernels import make_batch
@@ -82,3 +82,24 @@ def test_bits_do_not_depend_on_batch_mates_or_thread_count():
         q, meta, start = _single(batch, s)
         alone = paged_attention_torch(q, batch.k_cache, batch.v_cache, meta, batch.scale)
         assert torch.equal(alone, batched[start : start + 1]), f"sequence {s} differs"
+
+
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"),
+    reason="the AVX2 build runs here only on an AVX512 CPU (elsewhere it is the native one)",
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_portable_loops_an_avx2_cpu_runs_match_float64(dtype):
+    """The kernel as an AVX2 CPU compiles it (no AVX512 intrinsics: the portable loops)."""
+    lib = load("x86-64-v3")
+    assert lib is not None
+    batch = decode_batch(dtype, 6, group=4)
+    m = batch.meta
+    rows = torch.tensor([sum(m.query_lens_cpu[:s]) for s in range(m.num_seqs)])
+    out = torch.zeros_like(batch.q)
+    cpu_decode_attention.decode_attention(
+        batch.q, out, rows, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens,
+        batch.scale, lib=lib,
+    )
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(out.double(), dense_reference(batch), rtol=tolerance, atol=1e-4)

@@ -40,12 +40,14 @@ def decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    lib: ctypes.CDLL | None = None,
 ) -> None:
     """Write out[rows[s]] = attention of q[rows[s]] over sequence s's cached keys.
 
     q, out [T, Hq, D]; rows int64 [S]; caches [blocks, block_size, Hkv, D]; block_tables
-    int32 [S, max_blocks]; seq_lens int32 [S] (keys per sequence, this step's included)."""
-    lib = load()
+    int32 [S, max_blocks]; seq_lens int32 [S] (keys per sequence, this step's included).
+    `lib`: another build of the kernels (tests); this CPU's own by default."""
+    lib = lib or load()
     assert lib is not None
     _, q_heads, head_dim = q.shape
     _, block_size, kv_heads, _ = k_cache.shape
