@@ -8,8 +8,12 @@ Side by side on the projections of Qwen3-0.6B (and two of Qwen3-4B):
                     natively (AVX512-bf16, AMX); skipped elsewhere
   bf16 F.linear     bfloat16 weights and activations, torch's default CPU kernel
   bf16w f32 full    bfloat16 weights up-cast whole per call, float32 oneDNN on the copy
-  bf16w f32 blocks  engine.layers.linear's bf16-weight / float32-math kernel (up-cast in row
-                    blocks into a cache-sized scratch buffer, float32 oneDNN per block)
+  bf16w f32 blocks  engine.layers.linear's former bf16-weight / float32-math kernel (up-cast in
+                    row blocks into a cache-sized scratch buffer, float32 oneDNN per block)
+  bf16 packed dnn   bfloat16 on oneDNN with the weight prepacked into its blocked layout
+  bf16 own          the engine's C kernels on their packed layout (engine.cpu_kernels), bf16 x
+  bf16w f32 own     the same packed bf16 weight with float32 activations (float32 math)
+  f32x own avx2     that kernel as an AVX2 CPU builds it (x86-64-v3), run on this CPU
 
 GB/s = bytes of the weight as stored / time: what bounds a decode step. The last column is the
 speed relative to f32 onednn (time ratio; above 1 = faster). The kernel choice of the engine is not consulted:
@@ -28,8 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from engine.cpu_capability import cpu_capability
+from engine.cpu_kernels import packed_bf16
+from engine.cpu_kernels.build import load
 from engine.cpu_malloc import keep_freed_memory
-from engine.layers.linear import linear_bf16_weight_f32_math
+from engine.layers.linear import linear_bf16_weight_f32_math, prepack_weight
 
 SHAPES = {  # name: (in_features, out_features)
     "0.6B qkv": (1024, 4096),
@@ -83,6 +89,10 @@ def main() -> None:
             "bf16 F.linear",
             "bf16w f32 full",
             "bf16w f32 blocks",
+            "bf16 packed dnn",
+            "bf16 own",
+            "bf16w f32 own",
+            "f32x own avx2",
         )
     )
     print(header)
@@ -92,6 +102,9 @@ def main() -> None:
             k, n = SHAPES[name]
             w32 = torch.randn(n, k) / k**0.5
             w16 = w32.bfloat16()
+            own = packed_bf16.pack(w16) if packed_bf16.can_pack(w16) else None
+            dnn = prepack_weight(w16) if cap.native_bf16 else None
+            avx2 = load("x86-64-v3") if cap.isa.startswith("AVX") else None
             for m in args.rows:
                 x32 = torch.randn(m, k)
                 x16 = x32.bfloat16()
@@ -101,6 +114,16 @@ def main() -> None:
                     "bf16 F.linear": (partial(F.linear, x16, w16), 2),
                     "bf16w f32 full": (partial(upcast_whole, x32, w16), 2),
                     "bf16w f32 blocks": (partial(linear_bf16_weight_f32_math, x32, w16), 2),
+                    "bf16 packed dnn": (partial(onednn, x16, dnn), 2) if dnn is not None else None,
+                    "bf16 own": (partial(packed_bf16.linear, x16, own), 2)
+                    if own is not None
+                    else None,
+                    "bf16w f32 own": (partial(packed_bf16.linear, x32, own), 2)
+                    if own is not None
+                    else None,
+                    "f32x own avx2": (partial(packed_bf16.linear, x32, own, None, avx2), 2)
+                    if own is not None and avx2 is not None
+                    else None,
                 }
                 runnable = {p: path[0] for p, path in paths.items() if path is not None}
                 seconds = time_paths(runnable, args.calls)
