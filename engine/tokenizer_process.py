@@ -34,6 +34,11 @@ LONG_TEXT_CHARS = 20_000
 _worker_tokenizer: Tokenizer | None = None  # in the worker process
 
 
+class TokenizerWorkerDied(RuntimeError):
+    """The worker process ended mid-request (e.g. killed for memory); the next call starts
+    a new one."""
+
+
 def _init_worker(
     source: str, template: str | None, eos: list[int], special: dict[str, str]
 ) -> None:
@@ -69,6 +74,11 @@ def _unpack(data: bytes) -> list[int]:
 def _encode(text: str) -> bytes:
     assert _worker_tokenizer is not None
     return _pack(_worker_tokenizer.encode(text))
+
+
+def _decode(data: bytes) -> str:
+    assert _worker_tokenizer is not None
+    return _worker_tokenizer.decode(_unpack(data))
 
 
 def _encode_chat(messages: list[dict[str, Any]], options: dict[str, Any]) -> bytes:
@@ -116,7 +126,7 @@ class TokenizerProcess:
             raise RuntimeError("the tokenizer is gone")
         return tokenizer
 
-    async def _run(self, fn: Any, *args: Any) -> list[int]:
+    async def _run(self, fn: Any, *args: Any) -> Any:
         pool = self._executor()
         try:
             data = await asyncio.wrap_future(pool.submit(fn, *args))
@@ -125,20 +135,29 @@ class TokenizerProcess:
                 if self._pool is pool:
                     self._pool = None
             pool.shutdown(wait=False, cancel_futures=True)
-            raise RuntimeError("the tokenizer worker process died; retry the request") from exc
-        return _unpack(data)
+            raise TokenizerWorkerDied(
+                "the tokenizer worker process died; retry the request"
+            ) from exc
+        return data
 
     async def encode(self, text: str) -> list[int]:
         """`Tokenizer.encode`; in the worker when `text` is long."""
         if len(text) <= LONG_TEXT_CHARS:
             return self.tokenizer.encode(text)
-        return await self._run(_encode, text)
+        return _unpack(await self._run(_encode, text))
+
+    async def decode(self, ids: Sequence[int]) -> str:
+        """`Tokenizer.decode`; in the worker for a long list of ids."""
+        if len(ids) <= LONG_TEXT_CHARS // 4:
+            return self.tokenizer.decode(ids)
+        text: str = await self._run(_decode, _pack(list(ids)))
+        return text
 
     async def encode_chat(self, messages: Sequence[dict[str, Any]], **options: Any) -> list[int]:
         """`Tokenizer.encode_chat`; in the worker when the messages' text is long."""
         if _text_size(messages) <= LONG_TEXT_CHARS:
             return self.tokenizer.encode_chat(messages, **options)
-        return await self._run(_encode_chat, list(messages), options)
+        return _unpack(await self._run(_encode_chat, list(messages), options))
 
     def close(self) -> None:
         with self._lock:

@@ -96,6 +96,9 @@ def test_detokenize_round_trips(server, hf_tokenizer):
     ids = hf_tokenizer.encode("Round trip: 往返 <|im_start|>")
     got = httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()
     assert got == {"prompt": hf_tokenizer.decode(ids)}
+    many = ids * 800  # decoded in the tokenizer's worker process
+    got = httpx.post(server.url + "/detokenize", json={"tokens": many}, timeout=60).json()
+    assert got == {"prompt": hf_tokenizer.decode(many)}
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import string
 import subprocess
 import sys
@@ -24,6 +25,7 @@ import httpx
 import pytest
 
 from app.settings import AppSettings
+from engine.tokenizer_process import TokenizerProcess
 from tests.api_helpers import api_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -242,3 +244,30 @@ def test_the_tokenizer_worker_ends_with_its_server(tmp_path, tiny_checkpoint):
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists(), "the worker outlived its server"
+
+
+def test_a_killed_tokenizer_worker_fails_only_its_request(roomy):
+    """The worker killed mid-request (as the OOM killer would): that request gets a 503, the
+    next one starts a new worker."""
+    model = str(roomy.engine.config.model)
+    process = TokenizerProcess.of(roomy.engine.tokenizer)
+    result: dict[str, httpx.Response] = {}
+    body = {"model": model, "messages": [{"role": "user", "content": random_text(2 << 20, 1)}]}
+    sender = threading.Thread(
+        target=lambda: result.setdefault(
+            "r", httpx.post(roomy.url + "/v1/chat/completions", json=body, timeout=300)
+        )
+    )
+    sender.start()
+    deadline = time.monotonic() + 60
+    while process._pool is None or not process._pool._processes:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)  # the worker is encoding
+    os.kill(next(iter(process._pool._processes)), signal.SIGKILL)
+    sender.join(120)
+    assert result["r"].status_code == 503, result["r"].text
+    assert "worker process died" in result["r"].json()["error"]["message"]
+    again = {"model": model, "messages": [{"role": "user", "content": random_text(30_000, 2)}]}
+    answer = httpx.post(roomy.url + "/v1/chat/completions", json=again, timeout=120)
+    assert answer.json()["error"]["code"] == "context_length_exceeded"  # tokenized anew

@@ -65,7 +65,7 @@ from engine.client import EngineClient
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
-from engine.tokenizer_process import TokenizerProcess
+from engine.tokenizer_process import TokenizerProcess, TokenizerWorkerDied
 
 Stream = AsyncGenerator[RequestOutput, None]
 
@@ -149,6 +149,8 @@ async def _chat_prompt_ids(
     # conversation is encoded in a worker process (tokenizing holds the GIL).
     try:
         return await TokenizerProcess.of(tokenizer).encode_chat(messages, tools=tools, **options)
+    except TokenizerWorkerDied as exc:
+        raise APIError(503, str(exc), type="server_error", headers={"Retry-After": "1"}) from exc
     except Exception as exc:  # the template refuses some message orders (raise_exception)
         raise APIError(
             400, f"The chat template could not render these messages: {exc}", param="messages"
@@ -960,7 +962,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
             prompt_input: str | list[int] = prompt
         else:
             if isinstance(prompt, str):
-                prompt_input = await TokenizerProcess.of(tokenizer).encode(prompt)
+                try:
+                    prompt_input = await TokenizerProcess.of(tokenizer).encode(prompt)
+                except TokenizerWorkerDied as exc:
+                    raise APIError(
+                        503, str(exc), type="server_error", headers={"Retry-After": "1"}
+                    ) from exc
             else:
                 prompt_input = prompt
             if not prompt_input:

@@ -133,4 +133,4 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeRes
             f"Token id {bad} is outside the vocabulary (0..{tokenizer.vocab_size - 1}).",
             param="tokens",
         )
-    return DetokenizeResponse(prompt=tokenizer.decode(body.tokens))
+    return DetokenizeResponse(prompt=await TokenizerProcess.of(tokenizer).decode(body.tokens))
