@@ -135,3 +135,31 @@ def merge_completion_logprobs(parts: Sequence[dict[str, Any]]) -> dict[str, Any]
         for key in merged:
             merged[key] += part[key]
     return merged
+
+
+def prompt_logprobs(
+    tokens: TokenText, prompt_ids: Sequence[int], entries: Sequence[Entry | None], top_n: int
+) -> list[dict[str, dict[str, Any]] | None]:
+    """vLLM's `prompt_logprobs`: per prompt position (the first null), `{token_id: {logprob,
+    rank, decoded_token}}` for the prompt's token and the `top_n` most likely ones. The rank
+    (1 = most likely) is known within the top `top_n`; a prompt token below them has rank null
+    (the engine reports only the top of the distribution)."""
+    out: list[dict[str, dict[str, Any]] | None] = []
+    for token_id, entry in zip(prompt_ids, entries, strict=True):
+        if entry is None:
+            out.append(None)
+            continue
+        top = _top(entry, top_n)
+        ranks = {other: i + 1 for i, (other, _) in enumerate(top)}
+        position: dict[str, dict[str, Any]] = {}
+        for other, value in [(token_id, entry.get(token_id, NO_LOGPROB)), *top]:
+            position.setdefault(
+                str(other),
+                {
+                    "logprob": _value(value),
+                    "rank": ranks.get(other),
+                    "decoded_token": tokens.text(other),
+                },
+            )
+        out.append(position)
+    return out

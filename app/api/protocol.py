@@ -93,6 +93,8 @@ class SamplingRequest(BaseModel):
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # vLLM's: the prompt tokens' log-probabilities and their top N (app/api/logprobs.py).
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     # vLLM's prefix-cache salt, combined with the caller's tenant (app/serving/tenancy.py).
     cache_salt: str | None = Field(None, min_length=1, max_length=1024)
     # Structured output (vLLM's guided decoding; at most one; engine/structured_output.py).
@@ -169,6 +171,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None  # vLLM's
 
 
 class CompletionChoice(BaseModel):
@@ -177,6 +180,7 @@ class CompletionChoice(BaseModel):
     finish_reason: str | None
     logprobs: dict[str, Any] | None = None
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    prompt_logprobs: list[dict[str, dict[str, Any]] | None] | None = None  # vLLM's
 
 
 class CompletionResponse(BaseModel):

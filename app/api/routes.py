@@ -32,6 +32,7 @@ from app.api.logprobs import (
     chat_logprobs,
     completion_logprobs,
     merge_completion_logprobs,
+    prompt_logprobs,
 )
 from app.api.protocol import (
     AssistantMessage,
@@ -132,6 +133,21 @@ def _check_unsupported(body: SamplingRequest) -> None:
                 "continue_final_message needs an assistant message last.",
                 param="continue_final_message",
             )
+    if (
+        isinstance(body, CompletionRequest)
+        and body.echo
+        and body.logprobs is not None
+        and body.prompt_logprobs not in (None, body.logprobs)
+    ):
+        raise APIError(
+            400,
+            "With echo, prompt_logprobs must equal logprobs (the prompt's tokens are reported once).",
+            param="prompt_logprobs",
+        )
+    if body.prompt_logprobs is not None and body.stream:
+        raise APIError(
+            400, "prompt_logprobs is not served with stream: true.", param="prompt_logprobs"
+        )
     if isinstance(body, CompletionRequest):
         if body.suffix:
             raise APIError(400, "suffix is not supported by this server.", param="suffix")
@@ -211,9 +227,7 @@ def _sampling_params(
             include_stop_str_in_output=body.include_stop_str_in_output,
             skip_special_tokens=body.skip_special_tokens,
             logprobs=_logprobs_wanted(body),
-            prompt_logprobs=(
-                body.logprobs if isinstance(body, CompletionRequest) and body.echo else None
-            ),
+            prompt_logprobs=_prompt_logprobs_wanted(body),
             ignore_eos=body.ignore_eos,
             seed=body.seed,
             presence_penalty=body.presence_penalty or 0.0,
@@ -229,6 +243,16 @@ def _sampling_params(
             else None
         )
         raise APIError(400, text, param=field) from exc
+
+
+def _prompt_logprobs_wanted(body: SamplingRequest) -> int | None:
+    """How many top tokens per prompt position the engine computes: for `echo` with
+    `logprobs` (completions) and for vLLM's `prompt_logprobs`, the larger of the two."""
+    wanted = [body.prompt_logprobs]
+    if isinstance(body, CompletionRequest) and body.echo:
+        wanted.append(body.logprobs)
+    values = [k for k in wanted if k is not None]
+    return max(values) if values else None
 
 
 def _logprobs_wanted(body: SamplingRequest) -> int | None:
@@ -271,6 +295,7 @@ _LOCAL_ONLY = (
     "add_generation_prompt",
     "continue_final_message",
     "include_reasoning",
+    "prompt_logprobs",
 )
 _DEFAULTS: dict[str, Any] = {
     "echo": False,
@@ -669,6 +694,15 @@ async def _collect(
             continue
         body.choices[i].stop_reason = final.stop_reason
         body.choices[i].logprobs = job.choice_logprobs(i, final, delta=False)
+        if job.body is not None and job.body.prompt_logprobs is not None and job.tokens:
+            entries = final.prompt_logprobs or [None] * len(final.prompt_token_ids)
+            values = prompt_logprobs(
+                job.tokens, final.prompt_token_ids, entries, job.body.prompt_logprobs
+            )
+            if job.kind == "chat":
+                body.prompt_logprobs = values  # vLLM: one prompt, on the response
+            else:
+                body.choices[i].prompt_logprobs = values
         if job.echo_texts is not None:
             body.choices[i].text = job.echo_text(i) + body.choices[i].text
     return JSONResponse(body.model_dump())
