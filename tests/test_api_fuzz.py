@@ -143,6 +143,8 @@ def _overrides(model: str) -> dict[str, st.SearchStrategy]:
             for name in ("guided_json", "guided_regex", "guided_grammar", "tool_choice")
         },
         "guided_choice": weighted(st.none(), st.lists(st.text(max_size=4), max_size=3), 6),
+        # Mostly absent: prompt logprobs are refused with stream, which the fuzzer often sets.
+        "prompt_logprobs": weighted(st.none(), st.integers(), 6),
         "prompt": weighted(
             st.one_of(
                 st.text(min_size=1, max_size=40),
