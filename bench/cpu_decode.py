@@ -1,9 +1,10 @@
 """One model decode step on the CPU, two loads of the same checkpoint side by side, and a profile.
 
     python -m bench.cpu_decode CHECKPOINT [--batch 1 16] [--context 512] [--steps 20] [--profile]
+    python -m bench.cpu_decode CHECKPOINT --prefill 2048 [--steps 3]   # one prompt's forward
 
-Loads the checkpoint twice in bf16 ("packed": oneDNN-prepacked weights, what load_model does by
-default; "dense": prepack=False) and times a decode step (forward + logits, batch B, each
+Loads the checkpoint twice in bf16 ("packed": what load_model does by default, the engine's own
+packed C kernels where they build, else oneDNN-prepacked weights; "dense": prepack=False) and times a decode step (forward + logits, batch B, each
 sequence with `context` cached tokens) alternating A B A B; the median and 10th percentile of
 each are printed with the ratio dense/packed (the machine may be shared: only the ratio of
 interleaved runs means anything). --profile prints the torch profiler's op breakdown of a few
@@ -18,7 +19,11 @@ import time
 
 import torch
 
-from engine.layers.attention import AttentionMetadata, TorchAttentionBackend
+from engine.layers.attention import (
+    AttentionMetadata,
+    TorchAttentionBackend,
+    get_attention_backend,
+)
 from engine.model_config import ModelConfig
 from engine.models.loader import load_model
 from engine.models.qwen3 import Qwen3ForCausalLM
@@ -58,6 +63,62 @@ class DecodeBatch:
         self.model.bind_kv_cache(self.k, self.v)
         hidden = self.model(self.ids, self.positions, self.meta)
         return self.model.compute_logits(hidden)
+
+
+class PrefillBatch:
+    """One fresh prompt of `tokens` tokens (random ids) through the model, as the engine's
+    first prefill chunk of a request: KV stored, causal attention, logits of the last token."""
+
+    def __init__(self, model: Qwen3ForCausalLM, tokens: int) -> None:
+        cfg = model.config
+        blocks = (tokens + BLOCK - 1) // BLOCK
+        shape = (blocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim)
+        dtype = model.model.embed_tokens.weight.dtype
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.model = model
+        self.meta = AttentionMetadata(
+            slot_mapping=torch.arange(tokens, dtype=torch.int64),
+            query_start_loc=torch.tensor([0, tokens], dtype=torch.int32),
+            seq_lens=torch.tensor([tokens], dtype=torch.int32),
+            block_tables=torch.arange(blocks, dtype=torch.int32)[None],
+            max_query_len=tokens,
+            max_seq_len=tokens,
+            query_lens_cpu=[tokens],
+            seq_lens_cpu=[tokens],
+            all_slots_stored=True,
+        )
+        self.ids = torch.randint(0, min(cfg.vocab_size, 10_000), (tokens,))
+        self.positions = torch.arange(tokens, dtype=torch.int64)
+
+    @torch.inference_mode()
+    def step(self) -> torch.Tensor:
+        self.model.bind_kv_cache(self.k, self.v)
+        hidden = self.model(self.ids, self.positions, self.meta)
+        return self.model.compute_logits(hidden[-1:])
+
+
+def time_prefill(checkpoint: str, tokens: int, repeats: int, cpu_attention: list[str]) -> None:
+    """Prompt tokens/s of one `tokens`-token prefill per attention setting, alternating."""
+    config = ModelConfig.from_dir(checkpoint)
+    backends = {name: get_attention_backend("torch", name) for name in cpu_attention}
+    model = load_model(checkpoint, config, "bfloat16", "cpu", backends[cpu_attention[0]])
+    attention_layers = [layer.self_attn for layer in model.model.layers]
+    batch = PrefillBatch(model, tokens)
+    samples: dict[str, list[float]] = {name: [] for name in backends}
+    for _ in range(repeats):
+        for name, backend in backends.items():
+            for layer in attention_layers:
+                layer.backend = backend
+            start = time.perf_counter()
+            batch.step()
+            samples[name].append(time.perf_counter() - start)
+    for name, s in samples.items():
+        median = statistics.median(s)
+        print(
+            f"prefill {tokens} tokens, PAGECHAT_CPU_ATTENTION={name}: median {median:.2f} s "
+            f"({tokens / median:.0f} tok/s), runs {', '.join(f'{x:.2f}' for x in s)}"
+        )
 
 
 GROUPS = {
@@ -115,6 +176,16 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--prefill",
+        type=int,
+        metavar="TOKENS",
+        help="time one prompt of TOKENS tokens instead of decode steps (--steps repeats; "
+        "--cpu-attention settings compared)",
+    )
+    parser.add_argument(
+        "--cpu-attention", nargs="+", default=["auto", "float32"], help="for --prefill"
+    )
     parser.add_argument("--no-compare", action="store_true")
     parser.add_argument(
         "--compare",
@@ -124,6 +195,9 @@ def main() -> None:
         "attention (PAGECHAT_CPU_ATTENTION), both packed",
     )
     args = parser.parse_args()
+    if args.prefill:
+        time_prefill(args.checkpoint, args.prefill, max(1, min(args.steps, 5)), args.cpu_attention)
+        return
     config = ModelConfig.from_dir(args.checkpoint)
     backend = TorchAttentionBackend(native_decode=False)
     models = {"packed": load_model(args.checkpoint, config, "bfloat16", "cpu", backend)}
