@@ -30,6 +30,10 @@ static inline uint16_t tobf(float f) {
 
 static inline float round_bf(float f) { return bf(tobf(f)); }
 
+/* Below this many elements a step runs on the calling thread alone: waking the other threads
+ * costs more than the work (a decode step's rows are one token each). */
+#define PARALLEL_MIN 65536
+
 /* One row: out = bf16(w * bf16(r * rsqrt(mean(r^2) + eps))), r the float32 row. */
 static inline void norm_row(const float *r, const uint16_t *w, uint16_t *out, int64_t n, float eps) {
     float sum = 0.0f;
@@ -45,7 +49,7 @@ static inline void norm_row(const float *r, const uint16_t *w, uint16_t *out, in
 void pc_add_rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *w,
                           uint16_t *out, uint16_t *residual_out, int64_t rows, int64_t n, float eps,
                           int threads) {
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (rows * n >= PARALLEL_MIN)
     {
         float r[16384];
 #pragma omp for schedule(static)
@@ -78,7 +82,7 @@ void pc_qk_norm_rotary_bf16(const uint16_t *q, int64_t q_stride, const uint16_t 
                             uint16_t *k_out, int64_t tokens, int64_t q_heads, int64_t kv_heads,
                             int64_t d, float eps, int threads) {
     const int64_t half = d / 2, heads = q_heads + kv_heads;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads) if (tokens * heads * d >= PARALLEL_MIN)
     {
         float r[1024];
         uint16_t normed[1024];
@@ -103,7 +107,7 @@ void pc_qk_norm_rotary_bf16(const uint16_t *q, int64_t q_stride, const uint16_t 
 
 /* x = [gate | up] rows of 2n -> out[row] = bf16(bf16(silu(gate)) * up), n per row. */
 void pc_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n, int threads) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * n >= PARALLEL_MIN)
     for (int64_t row = 0; row < rows; row++) {
         const uint16_t *g = x + row * 2 * n, *u = g + n;
         uint16_t *o = out + row * n;

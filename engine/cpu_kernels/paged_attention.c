@@ -126,7 +126,12 @@ int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, c
     int64_t longest = 0;
     for (int64_t s = 0; s < num_seqs; s++) longest = seq_lens[s] > longest ? seq_lens[s] : longest;
     int failed = 0;
-#pragma omp parallel num_threads(threads)
+    /* Short work (a few sequences of a few hundred keys) stays on the calling thread: waking
+     * the others costs more than it saves. */
+    int64_t keys = 0;
+    for (int64_t s = 0; s < num_seqs; s++) keys += seq_lens[s];
+    const int parallel = keys * kv_heads * head_dim >= (1 << 18);
+#pragma omp parallel num_threads(threads) if (parallel)
     {
         /* Per thread: scores [group][longest], scaled queries and accumulators [group][d]. */
         float *scores = (float *)malloc((size_t)((longest + 2 * head_dim) * group + head_dim) *
