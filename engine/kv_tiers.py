@@ -226,7 +226,7 @@ def build_kv_tiers(
     if host_blocks > 0:
         host = HostKVCache(host_blocks, block_shape, dtype, pin=device.type == "cuda")
         logger.info(
-            "KV host tier: %d blocks (%.2f GiB%s)",
+            "KV host tier: up to %d blocks (%.2f GiB%s, allocated as it fills)",
             host_blocks,
             host_blocks * block_bytes / GiB,
             ", pinned" if device.type == "cuda" else "",

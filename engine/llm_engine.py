@@ -207,8 +207,9 @@ class LLMEngine:
         """
         out = self.scheduler.schedule()
         if out.kv_copies:
-            host = self.kv_tiers.host if self.kv_tiers is not None else None
-            self.runner.copy_kv(out.kv_copies, host.storage if host is not None else None)
+            self.runner.copy_kv(
+                out.kv_copies, self.kv_tiers.host if self.kv_tiers is not None else None
+            )
         if not out.scheduled:
             # Nothing can run until a disk load lands: wait for it a little instead of spinning.
             self.scheduler.wait_for_loads(IDLE_LOAD_WAIT_S)

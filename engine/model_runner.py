@@ -23,6 +23,7 @@ import torch
 from engine.config import EngineConfig
 from engine.cpu_malloc import keep_freed_memory
 from engine.cuda_graphs import DecodeGraphs
+from engine.kv_host_tier import HostKVCache
 from engine.kv_tiers import KVCopy
 from engine.layers.attention import AttentionMetadata, get_attention_backend
 from engine.model_config import ModelConfig
@@ -191,7 +192,7 @@ class ModelRunner:
         return self._copy_stream
 
     @torch.inference_mode()
-    def copy_kv(self, copies: list[KVCopy], host: torch.Tensor | None) -> None:
+    def copy_kv(self, copies: list[KVCopy], host: HostKVCache | None) -> None:
         """Run a step's block copies in order (device <-> host slots, loaded blocks -> device).
 
         On CUDA they run on a side stream (asynchronously from pinned host memory) that the
@@ -204,10 +205,10 @@ class ModelRunner:
             for c in copies:
                 if c.kind == "to_host":
                     assert host is not None
-                    host[c.host_slot].copy_(kv[:, :, c.block_id], non_blocking=True)
+                    host.block(c.host_slot).copy_(kv[:, :, c.block_id], non_blocking=True)
                 elif c.kind == "from_host":
                     assert host is not None
-                    kv[:, :, c.block_id].copy_(host[c.host_slot], non_blocking=True)
+                    kv[:, :, c.block_id].copy_(host.block(c.host_slot), non_blocking=True)
                 else:
                     assert c.tensor is not None
                     kv[:, :, c.block_id].copy_(c.tensor, non_blocking=stream is not None)

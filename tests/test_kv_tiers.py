@@ -316,6 +316,31 @@ def test_evicted_blocks_come_back_from_host(tiny_checkpoint, cold, variant):
     assert llm.stats().kv_blocks_used == 0
 
 
+def test_host_cache_slots_lru_and_pins():
+    """HostKVCache alone: memory in chunks as it fills, LRU eviction, pinned slots kept."""
+    from engine.kv_host_tier import CHUNK_BLOCKS, HostKVCache
+
+    host = HostKVCache(CHUNK_BLOCKS + 6, SHAPE, torch.float32, pin=False)
+    assert host.allocated_bytes == 0
+    refs = refs_for(CHUNK_BLOCKS + 8)
+    slots = [host.slot_for(r.key, r.token_ids) for r in refs[: CHUNK_BLOCKS + 6]]
+    assert sorted(slots) == list(range(CHUNK_BLOCKS + 6))
+    for slot in slots:
+        host.block(slot).fill_(float(slot))
+    assert host.allocated_bytes == (CHUNK_BLOCKS + 6) * 256  # the second chunk holds 6 blocks
+    assert host.block(CHUNK_BLOCKS + 5).shape == SHAPE
+    assert host.slot_for(refs[0].key, refs[0].token_ids) is None  # there already: now the MRU
+    assert host.lookup(refs[1].key, (1, 2, 3, 4)) is None  # other tokens under the key: no hit
+    slot1 = host.lookup(refs[1].key, refs[1].token_ids)
+    assert slot1 is not None and host.block(slot1).eq(float(slot1)).all()
+    host.pin(slots[2])
+    # Full: the next block evicts the least recently used unpinned entry, refs[3] (not 0, 1, 2).
+    assert host.slot_for(refs[-2].key, refs[-2].token_ids) == slots[3]
+    assert refs[3].key not in host and refs[2].key in host
+    host.release_pins()
+    assert host.slot_for(refs[-1].key, refs[-1].token_ids) == slots[2]
+
+
 def test_host_tier_under_preemption(tiny_checkpoint, cold):
     """Requests that outgrow the pool together: preemption, eviction and reloads mix."""
     host_gb = 64 * BLOCK_BYTES / 2**30
