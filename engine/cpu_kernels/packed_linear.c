@@ -148,9 +148,9 @@ static void configure_tiles(int rows) {
     tile_config c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int t = 0; t < 5; t++) {
+    for (int t = 0; t < 8; t++) {
         c.colsb[t] = 64;
-        c.rows[t] = (uint8_t)(t < 3 ? rows : 16);
+        c.rows[t] = (uint8_t)(t == 3 || t == 4 ? 16 : rows);
     }
     _tile_loadconfig(&c);
 }
@@ -160,56 +160,106 @@ static void store_tile_rows(const float *c, uint16_t *y, int64_t n, int64_t col0
         for (int t = 0; t < BLOCK_COLS; t++) y[r * n + col0 + t] = f32_to_bf16(c[r * BLOCK_COLS + t]);
 }
 
+/* Tiles: C 0, 1 (rows 0-15) and 5, 6 (rows 16-31); A 2 (rows 0-15), 7 (rows 16-31); B 3, 4
+ * (two column blocks). */
+
+/* `rows` (<= 16) rows of x at xa against column blocks [b, b_end). */
+static void amx_rows16(const uint16_t *xa, const uint16_t *w, uint16_t *y, int64_t n, int64_t k,
+                       int64_t b, int64_t b_end, int rows, float *c0, float *c1) {
+    const int64_t block_elems = k * BLOCK_COLS, x_stride = k * 2;
+    for (; b + 1 < b_end; b += 2) {
+        const uint16_t *w0 = w + b * block_elems, *w1 = w0 + block_elems;
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t kk = 0; kk < k; kk += 32) {
+            _tile_loadd(2, xa + kk, x_stride);
+            _tile_loadd(3, w0 + kk * BLOCK_COLS, 64);
+            _tile_loadd(4, w1 + kk * BLOCK_COLS, 64);
+            _tile_dpbf16ps(0, 2, 3);
+            _tile_dpbf16ps(1, 2, 4);
+        }
+        _tile_stored(0, c0, 64);
+        _tile_stored(1, c1, 64);
+        store_tile_rows(c0, y, n, b * BLOCK_COLS, rows);
+        store_tile_rows(c1, y, n, (b + 1) * BLOCK_COLS, rows);
+    }
+    if (b < b_end) {
+        const uint16_t *w0 = w + b * block_elems;
+        _tile_zero(0);
+        for (int64_t kk = 0; kk < k; kk += 32) {
+            _tile_loadd(2, xa + kk, x_stride);
+            _tile_loadd(3, w0 + kk * BLOCK_COLS, 64);
+            _tile_dpbf16ps(0, 2, 3);
+        }
+        _tile_stored(0, c0, 64);
+        store_tile_rows(c0, y, n, b * BLOCK_COLS, rows);
+    }
+}
+
+/* 32 rows of x at xa against pairs of column blocks: 2 x 2 output tiles per pass over k, so
+ * each loaded tile feeds two products (the single odd block goes through amx_rows16). */
+static void amx_rows32(const uint16_t *xa, const uint16_t *w, uint16_t *y, int64_t n, int64_t k,
+                       int64_t b, int64_t b_end, float *c0, float *c1) {
+    const int64_t block_elems = k * BLOCK_COLS, x_stride = k * 2;
+    for (; b + 1 < b_end; b += 2) {
+        const uint16_t *w0 = w + b * block_elems, *w1 = w0 + block_elems;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(5);
+        _tile_zero(6);
+        for (int64_t kk = 0; kk < k; kk += 32) {
+            _tile_loadd(2, xa + kk, x_stride);
+            _tile_loadd(7, xa + 16 * k + kk, x_stride);
+            _tile_loadd(3, w0 + kk * BLOCK_COLS, 64);
+            _tile_loadd(4, w1 + kk * BLOCK_COLS, 64);
+            _tile_dpbf16ps(0, 2, 3);
+            _tile_dpbf16ps(1, 2, 4);
+            _tile_dpbf16ps(5, 7, 3);
+            _tile_dpbf16ps(6, 7, 4);
+        }
+        _tile_stored(0, c0, 64);
+        _tile_stored(1, c1, 64);
+        store_tile_rows(c0, y, n, b * BLOCK_COLS, 16);
+        store_tile_rows(c1, y, n, (b + 1) * BLOCK_COLS, 16);
+        _tile_stored(5, c0, 64);
+        _tile_stored(6, c1, 64);
+        store_tile_rows(c0, y + 16 * n, n, b * BLOCK_COLS, 16);
+        store_tile_rows(c1, y + 16 * n, n, (b + 1) * BLOCK_COLS, 16);
+    }
+    if (b < b_end) {
+        amx_rows16(xa, w, y, n, k, b, b_end, 16, c0, c1);
+        amx_rows16(xa + 16 * k, w, y + 16 * n, n, k, b, b_end, 16, c0, c1);
+    }
+}
+
 static void linear_amx_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m,
                             int64_t n, int64_t k, int threads) {
-    const int64_t blocks = n / BLOCK_COLS, block_elems = k * BLOCK_COLS;
+    const int64_t blocks = n / BLOCK_COLS;
     /* Column blocks per group: the group's weights (k * 32 bytes a block) stay in L2 while
-     * every 16-row tile of x passes over them. Even, so blocks go in pairs. */
+     * every tile of x rows passes over them. Even, so blocks go in pairs. */
     int64_t group = (1 << 20) / (k * 2 * BLOCK_COLS);
     group = group < 2 ? 2 : group - group % 2;
     const int64_t groups = (blocks + group - 1) / group;
-    const int64_t x_stride = k * 2;
 #pragma omp parallel num_threads(threads)
     {
         float c0[16 * BLOCK_COLS], c1[16 * BLOCK_COLS];
         int configured = 0;
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
-            int64_t b_end = (g + 1) * group < blocks ? (g + 1) * group : blocks;
-            for (int64_t m0 = 0; m0 < m; m0 += 16) {
-                int rows = (int)(m - m0 < 16 ? m - m0 : 16);
+            const int64_t b0 = g * group;
+            const int64_t b_end = (g + 1) * group < blocks ? (g + 1) * group : blocks;
+            for (int64_t m0 = 0; m0 < m;) {
+                const int rows = (int)(m - m0 < 16 ? m - m0 : 16);
                 if (rows != configured) {
                     configure_tiles(rows);
                     configured = rows;
                 }
-                const uint16_t *xa = x + m0 * k;
-                int64_t b = g * group;
-                for (; b + 1 < b_end; b += 2) {
-                    const uint16_t *w0 = w + b * block_elems, *w1 = w0 + block_elems;
-                    _tile_zero(0);
-                    _tile_zero(1);
-                    for (int64_t kk = 0; kk < k; kk += 32) {
-                        _tile_loadd(2, xa + kk, x_stride);
-                        _tile_loadd(3, w0 + kk * BLOCK_COLS, 64);
-                        _tile_loadd(4, w1 + kk * BLOCK_COLS, 64);
-                        _tile_dpbf16ps(0, 2, 3);
-                        _tile_dpbf16ps(1, 2, 4);
-                    }
-                    _tile_stored(0, c0, 64);
-                    _tile_stored(1, c1, 64);
-                    store_tile_rows(c0, y + m0 * n, n, b * BLOCK_COLS, rows);
-                    store_tile_rows(c1, y + m0 * n, n, (b + 1) * BLOCK_COLS, rows);
-                }
-                if (b < b_end) {
-                    const uint16_t *w0 = w + b * block_elems;
-                    _tile_zero(0);
-                    for (int64_t kk = 0; kk < k; kk += 32) {
-                        _tile_loadd(2, xa + kk, x_stride);
-                        _tile_loadd(3, w0 + kk * BLOCK_COLS, 64);
-                        _tile_dpbf16ps(0, 2, 3);
-                    }
-                    _tile_stored(0, c0, 64);
-                    store_tile_rows(c0, y + m0 * n, n, b * BLOCK_COLS, rows);
+                if (m - m0 >= 32) {
+                    amx_rows32(x + m0 * k, w, y + m0 * n, n, k, b0, b_end, c0, c1);
+                    m0 += 32;
+                } else {
+                    amx_rows16(x + m0 * k, w, y + m0 * n, n, k, b0, b_end, rows, c0, c1);
+                    m0 += 16;
                 }
             }
         }
