@@ -31,6 +31,7 @@ from engine.tokenizer import Tokenizer
 # few milliseconds and are encoded in the caller's thread.
 LONG_TEXT_CHARS = 20_000
 
+WORKER_NICENESS = 10
 _worker_tokenizer: Tokenizer | None = None  # in the worker process
 
 
@@ -46,6 +47,9 @@ def _init_worker(
     built in memory) from its serialized JSON."""
     global _worker_tokenizer
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
+    # Below the server's threads: on a busy CPU the running streams come first, and a huge
+    # prompt's tokenizing takes the time that is left.
+    os.nice(WORKER_NICENESS)
     path = Path(source)
     backend = Backend.from_file(str(path / "tokenizer.json")) if path.is_dir() else None
     if backend is None:
