@@ -105,9 +105,22 @@ def test_an_output_does_not_depend_on_the_thread_count_or_its_batch_mates_within
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, packed_bf16.linear(x, packed))
-    # The few-rows kernel sums each row on its own: a row alone gives the same bits.
+    # Each row is summed on its own: a row alone gives the same bits.
     for row in range(4):
         assert torch.equal(packed_bf16.linear(x[row : row + 1], packed)[0], one[row])
+
+
+@pytest.mark.skipif(packed_bf16.kernel_level() != 2, reason="AMX serves every row count only there")
+def test_with_amx_a_row_gets_the_same_bits_alone_and_in_any_batch():
+    """Decode batches of 1 to 40 rows (16- and 32-row tile paths) and a prompt-sized one."""
+    torch.manual_seed(1)
+    w = torch.randn(1040, 512).bfloat16()
+    packed = packed_bf16.pack(w)
+    x = torch.randn(300, 512).bfloat16()
+    full = packed_bf16.linear(x, packed)
+    for m in (1, 3, 16, 17, 40):
+        assert torch.equal(packed_bf16.linear(x[:m], packed), full[:m]), m
+    assert torch.equal(packed_bf16.linear(x[37:38], packed)[0], full[37])
 
 
 def test_a_model_with_packed_weights_matches_the_dense_model(tiny_checkpoint):

@@ -6,8 +6,13 @@ Being 4-d is what marks it: the linear layers dispatch on `is_packed`. The model
 this copy; `unpack` gives the dense [N, K] view back (a copy) for readers such as tests.
 
 Kernels by activation dtype and rows M:
-  bfloat16 x: C kernels for every M (few-rows kernel below AMX_MIN_ROWS, AMX from there where
-              the CPU has it; without AVX512-BF16 a portable float32 loop, still bf16 out);
+  bfloat16 x: with AMX, AMX tiles for every M: as fast as the few-rows kernel at one row
+              (both stream the weight at memory speed) and faster from a few rows on, and each
+              output row is summed the same way whatever the other rows, so a request's
+              result does not depend on its batch mates. With AVX512-BF16 but no AMX the
+              few-rows kernel up to WIDEN_MAX_ROWS rows, above it torch's matmul on the dense
+              weight (math bound: oneDNN). Without AVX512-BF16 the portable float32 loop, bf16
+              out, likewise up to WIDEN_MAX_ROWS rows;
   float32 x:  the C widening kernel up to WIDEN_MAX_ROWS rows (decode: bytes bound), above it
               one dense float32 copy of the weight and torch's float32 matmul (prefill: math
               bound; the copy is amortised over the rows).
@@ -23,8 +28,9 @@ import torch
 from engine.cpu_kernels.build import load
 
 BLOCK_COLS = 16
-# From this many rows on the AMX tile kernel beats the few-rows one (bench/cpu_linear.py).
-AMX_MIN_ROWS = 5
+# From this many rows on, AMX (where the CPU has it) rather than the few-rows kernel: from the
+# first, as fast at one row (0.6B shapes: 19-27 GB/s both) and batch-invariant.
+AMX_MIN_ROWS = 1
 # Above this many rows the float32-activation path multiplies a dense float32 copy instead.
 WIDEN_MAX_ROWS = 16
 
@@ -112,7 +118,7 @@ def linear(
         raise ValueError(f"input has {k} features, the packed weight expects {in_features(packed)}")
     x = x.contiguous()
     threads = torch.get_num_threads()
-    if x.dtype == torch.bfloat16:
+    if x.dtype == torch.bfloat16 and (m <= WIDEN_MAX_ROWS or kernel_level() == 2):
         out = torch.empty(m, n, dtype=torch.bfloat16)
         lib.pc_linear_bf16(_ptr(x), _ptr(packed), _ptr(out), m, n, k, threads, AMX_MIN_ROWS)
     elif x.dtype == torch.float32 and m <= WIDEN_MAX_ROWS:
@@ -120,6 +126,8 @@ def linear(
         lib.pc_linear_bf16w_f32(_ptr(x), _ptr(packed), _ptr(out), m, n, k, threads)
     elif x.dtype == torch.float32:
         out = torch.nn.functional.linear(x, unpack(packed).float())
+    elif x.dtype == torch.bfloat16:
+        out = torch.nn.functional.linear(x, unpack(packed))
     else:
         raise TypeError(f"packed bfloat16 weights take bfloat16 or float32 inputs, not {x.dtype}")
     if bias is not None:
