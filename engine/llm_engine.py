@@ -20,7 +20,7 @@ from engine.kv_tiers import build_kv_tiers
 from engine.model_config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.models.loader import resolve_model_path
-from engine.outputs import EngineStats, RequestOutput
+from engine.outputs import CachedPrefix, EngineStats, RequestOutput
 from engine.sampler import make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
@@ -48,6 +48,7 @@ class RequestState:
     first_token_time: float | None = None
     logprobs: list[dict[int, float]] | None = None  # all so far, when the request asked for them
     reported_prompt_progress: int = 0
+    cached_prefix: CachedPrefix | None = None  # by tier, once admitted
 
 
 @dataclass
@@ -365,6 +366,8 @@ class LLMEngine:
             delta_logprobs=delta_logprobs,
             num_computed_prompt_tokens=min(seq.num_computed_tokens, seq.num_prompt_tokens),
             num_generated_tokens=seq.num_output_tokens,
+        if state.cached_prefix is None:
+            state.cached_prefix = self.scheduler.take_cached_prefix(seq.request_id)
             stop_reason=seq.stop_reason if finished else None,
             prompt_logprobs=(
                 seq.prompt_logprobs
@@ -377,6 +380,7 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager
+            cached_prefix=state.cached_prefix,
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,

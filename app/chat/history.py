@@ -22,6 +22,8 @@ from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from app.api.reasoning import ThinkingMode
+
 if TYPE_CHECKING:
     from app.chat.long_documents import Source
     from app.chat.summaries import SummaryJob
@@ -100,6 +102,8 @@ class TurnSummary:
     # Over-context documents this question is about as a whole: the engine summarizes their
     # parts first (app.chat.summaries), then `PreparedTurn.with_summaries` rebuilds the turn.
     summary_jobs: list[SummaryJob] = field(default_factory=list)
+    # How the answer's text splits into thinking and answer (the prompt may open <think>).
+    thinking: ThinkingMode = ThinkingMode.AUTO
 
 
 @dataclass
@@ -141,6 +145,16 @@ class ChatHistory(Protocol):
         ...
 
     def set_system_prompt(self, prompt: str) -> None: ...
+
+    @property
+    def thinking_switch(self) -> bool:
+        """Whether the model's template turns thinking on and off (a hybrid Qwen3): the
+        settings panel shows the switch only then."""
+        ...
+
+    def set_thinking(self, enabled: bool) -> None:
+        """Thinking on or off for the next turns (`enable_thinking` of the template)."""
+        ...
 
     def documents_of(self, message_id: str) -> list[str]:
         """Names of the documents of the turn `message_id` asked: an edit of that message

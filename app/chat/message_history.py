@@ -138,6 +138,13 @@ class MessageHistory:
     def set_system_prompt(self, prompt: str) -> None:
         self.transcript.system_prompt = prompt
 
+    @property
+    def thinking_switch(self) -> bool:
+        return False  # the remote model's template is not known here
+
+    def set_thinking(self, enabled: bool) -> None:
+        """No switch for a remote engine (`thinking_switch` is False): nothing to change."""
+
     def _turn_of(self, message_id: str) -> int | None:
         for index, turn in enumerate(self.transcript.turns):
             if turn.get("message_id") and turn.get("message_id") == message_id:

@@ -23,6 +23,7 @@ def default_options(generation_defaults: dict, max_model_len: int, demo: bool = 
         "top_p": float(generation_defaults.get("top_p", 0.8)),
         "top_k": max(0, top_k),
         "max_tokens": min(DEMO_MAX_TOKENS if demo else DEFAULT_MAX_TOKENS, max(16, max_model_len // 2)),
+        "enable_thinking": True,  # a hybrid model thinks by default (Qwen3's template)
     }
 
 
@@ -38,11 +39,19 @@ def merged_options(saved: dict | None, defaults: dict[str, Any]) -> dict[str, An
     return options
 
 
-def widgets(options: dict[str, Any], max_model_len: int, language: str | None) -> list[InputWidget]:
-    """Chainlit input widgets showing `options`."""
-    from chainlit.input_widget import NumberInput, Slider, TextInput
+def widgets(
+    options: dict[str, Any], max_model_len: int, language: str | None, thinking_switch: bool = False
+) -> list[InputWidget]:
+    """Chainlit input widgets showing `options`; the thinking switch only for a model whose
+    template turns thinking on and off (`thinking_switch`)."""
+    from chainlit.input_widget import NumberInput, Slider, Switch, TextInput
 
-    return [
+    switch: list[InputWidget] = []
+    if thinking_switch:
+        switch.append(Switch(id="enable_thinking", label=t("setting_thinking", language),
+                             initial=bool(options["enable_thinking"]),
+                             description=t("setting_thinking_help", language)))
+    return switch + [
         TextInput(
             id="system_prompt",
             label=t("setting_system_prompt", language),

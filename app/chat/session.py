@@ -18,7 +18,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import chainlit as cl
-from chainlit.utils import utc_now
 
 from app.chat import options as chat_options
 from app.chat.history import (
@@ -32,7 +31,8 @@ from app.chat.history import (
 from app.chat.i18n import t
 from app.chat.progress import ReadingProgress, SummaryProgress
 from app.chat.sources import excerpt_note, source_elements
-from app.chat.streaming import AnswerCollector, Coalescer, answer_stats, close_open_fence
+from app.chat.streaming import AnswerCollector, answer_stats, close_open_fence
+from app.chat.thinking_step import AnswerView
 from app.chat.summaries import MapProgress, Summarizer
 from app.documents.extraction import Document, DocumentError, extract_file_async
 from app.documents.progress_line import ExtractionLine
@@ -194,7 +194,8 @@ class ChatSession:
         )
         saved = self.options or (cl.context.session.chat_settings or None)
         self.options = chat_options.merged_options(saved, defaults)
-        widgets = chat_options.widgets(self.options, engine.max_model_len, self.language)
+        switch = self.history.thinking_switch
+        widgets = chat_options.widgets(self.options, engine.max_model_len, self.language, switch)
         await cl.ChatSettings(widgets).send()
 
     def update_options(self, values: dict[str, Any]) -> None:
@@ -247,6 +248,7 @@ class ChatSession:
         if not question and not documents and not edited:
             return  # every file failed; each got its message
         history.set_system_prompt(options["system_prompt"])
+        history.set_thinking(bool(options["enable_thinking"]))
         max_tokens = chat_options.requested_max_tokens(options, engine.max_model_len)
         try:
             turn = await asyncio.to_thread(
@@ -396,8 +398,7 @@ class ChatSession:
     ) -> None:
         self.request_id = request_id
         collected = AnswerCollector()
-        answer: cl.Message | None = None
-        coalescer: Coalescer | None = None
+        view = AnswerView(self.language, turn.summary.thinking)  # thinking step, then answer
         last: RequestOutput | None = None
         try:
             await reading.open_if_needed()
@@ -411,16 +412,13 @@ class ChatSession:
                         await reading.progress(out.num_computed_prompt_tokens, out.num_cached_tokens)
                         continue
                     await reading.close(out.num_cached_tokens, _seconds_to_first_token(out))
-                    if coalescer is None:  # dated now: a streamed message gets no date of its own
-                        answer = cl.Message(content="", created_at=utc_now())
-                        coalescer = Coalescer(answer.stream_token)
                     if out.delta_text:
-                        await coalescer.add(out.delta_text)
+                        await view.add(out.delta_text)
         except asyncio.CancelledError:  # the stop button
             with contextlib.suppress(Exception):
                 await engine.abort(request_id)
             await reading.close(last.num_cached_tokens if last else 0, _seconds_to_first_token(last))
-            await self._finish(turn, collected, answer, coalescer, last, stopped=True)
+            await self._finish(turn, collected, view, last, stopped=True)
             raise
         except ValueError as exc:  # refused before the first output (numbers in the text)
             await reading.close(0, None)
@@ -429,28 +427,27 @@ class ChatSession:
         finally:
             if self.request_id == request_id:
                 self.request_id = None
-        await self._finish(turn, collected, answer, coalescer, last, stopped=False)
+        await self._finish(turn, collected, view, last, stopped=False)
 
     async def _finish(
         self,
         turn: PreparedTurn,
         collected: AnswerCollector,
-        answer: cl.Message | None,
-        coalescer: Coalescer | None,
+        view: AnswerView,
         last: RequestOutput | None,
         stopped: bool,
     ) -> None:
         """Show the stats line, keep the (possibly partial) answer in the history, save it."""
         if last is not None and last.finish_reason == "error":
-            if answer is not None:
-                await answer.remove()
+            if view.message is not None:
+                await view.message.remove()
             await self.say(self.t("engine_error", error=last.error or "unknown"))
             return
-        if coalescer is not None:
-            await coalescer.flush()
+        await view.finish()
+        if view.coalescer is not None:
+            await view.coalescer.flush()
         stopped = stopped or (last is not None and last.finish_reason == "abort")
-        if answer is None:
-            answer = cl.Message(content="")
+        answer = view.start_message()
         # The passages (or part summaries) the model was given, under the answer.
         sources, elements = source_elements(turn.summary.sources, self.language)
         if sources:

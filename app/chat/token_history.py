@@ -13,6 +13,12 @@ searched for every question: the passages for a question enter that question's t
 turns before it stay a cached prefix; a question about the whole document gets the engine's
 summaries of its parts instead (`app.chat.summaries`).
 
+Thinking models (app.chat.thinking): the new turn ends with the opening the checkpoint's
+template gives its generation prompt (`<think>\n`, or `<think>\n\n</think>\n\n` with thinking
+switched off), and earlier answers enter later prompts without their thinking, as Qwen3's
+templates render them (the model card asks for it): only the last answer is computed again,
+everything before it stays a cached prefix.
+
 `Conversation` is the data (and what is stored, under "conversation"); `TokenHistory` is the
 `app.chat.history.ChatHistory` a chat session holds when the engine has a tokenizer.
 """
@@ -42,6 +48,7 @@ from app.chat.long_documents import (
     passage_sources,
 )
 from app.chat.summaries import SummaryJob, summary_body
+from app.chat.thinking import THINK_END, THINK_START, opening_mode, thinking_template
 
 if TYPE_CHECKING:
     from engine.client import EngineClient
@@ -92,6 +99,35 @@ class ChatCodec:
         self.newline = tokenizer.encode("\n")
         self.im_end = tokenizer.im_end_id
         self.eos = set(tokenizer.eos_token_ids) | {self.im_end}
+        self.thinking = thinking_template(tokenizer)
+        self._openings = {
+            enabled: tokenizer.encode(text) if text else []
+            for enabled, text in ((True, self.thinking.opening_on), (False, self.thinking.opening_off))
+        }
+        self.think_start = _single_id(tokenizer, THINK_START)
+        # Only a template that knows thinking drops it from earlier answers (an instruct one
+        # shows them as generated).
+        template = getattr(tokenizer, "chat_template", None) or ""
+        self.think_end = _single_id(tokenizer, THINK_END) if THINK_END in template else None
+
+    def opening(self, enable_thinking: bool) -> list[int]:
+        """Ids the template puts after `<|im_start|>assistant\\n` in a generation prompt."""
+        return list(self._openings[enable_thinking])
+
+    def past_answer(self, opening: Sequence[int], answer: Sequence[int]) -> list[int]:
+        """A kept answer (after its turn's `opening`) as later prompts show it: what follows
+        its last `</think>`, leading newlines dropped, as Qwen3's templates render an earlier
+        assistant turn. An answer stopped while thinking shows as empty (its thinking is all
+        there is); an answer without thinking stays as generated (its KV stays cached)."""
+        ids = [*opening, *answer]
+        if self.think_end is not None and self.think_end in ids:
+            rest = ids[len(ids) - ids[::-1].index(self.think_end) :]
+            while rest and rest[0] != self.im_end and _only_newlines(self.tokenizer.decode(rest[:1])):
+                rest.pop(0)
+            return rest
+        if self.think_start is not None and ids[:1] == [self.think_start]:
+            return [self.im_end]
+        return ids
 
     def text(self, text: str) -> list[int]:
         """Ids of plain text; `<|im_start|>` and friends written in it stay plain text."""
@@ -138,6 +174,15 @@ class ChatCodec:
         return ids + [self.im_end]
 
 
+def _single_id(tokenizer: TokenizerLike, token: str) -> int | None:
+    ids = tokenizer.encode(token)
+    return ids[0] if len(ids) == 1 else None
+
+
+def _only_newlines(text: str) -> bool:
+    return bool(text) and not text.strip("\n")
+
+
 @dataclass
 class Piece:
     """Part of a user turn: a whole document, the passages (or part summaries) of an
@@ -168,6 +213,12 @@ class Turn:
     answer_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     message_id: str | None = None  # the chat message that asked it (to follow edits)
+    # What the template put after "<|im_start|>assistant\n" when it was asked ("<think>\n"...).
+    opening_ids: list[int] = field(default_factory=list)
+
+    def shown_answer(self, codec: ChatCodec) -> list[int]:
+        """The answer as the prompts after it show it (its thinking dropped)."""
+        return codec.past_answer(self.opening_ids, self.answer_ids)
 
     @property
     def documents(self) -> list[Piece]:
@@ -185,6 +236,7 @@ class Turn:
             "answer_ids": self.answer_ids,
             "finish_reason": self.finish_reason,
             "message_id": self.message_id,
+            "opening_ids": self.opening_ids,
         }
 
     @classmethod
@@ -195,6 +247,7 @@ class Turn:
             list(data.get("answer_ids", [])),
             data.get("finish_reason"),
             data.get("message_id"),
+            list(data.get("opening_ids", [])),
         )
 
 
@@ -271,6 +324,7 @@ class Conversation:
         passage_budget: PassageBudget | None = None,
         summaries: dict[str, list[Source]] | None = None,
         ingested: Ingested | None = None,
+        enable_thinking: bool = True,
     ) -> Plan:
         """Tokenize the new turn and fit everything into the context. Blocking: use a thread.
 
@@ -284,9 +338,10 @@ class Conversation:
         reserve = max(1, min(max_tokens, max_model_len // 4))
         budget = max_model_len - reserve
         question_piece = Piece("question", codec.text(question.strip()))
+        opening = codec.opening(enable_thinking)
         fixed = (
             len(self.system_ids) + len(codec.user_prefix) + len(codec.turn_suffix)
-            + len(question_piece.ids)
+            + len(question_piece.ids) + len(opening)
         )
         if fixed > budget:
             raise ContextOverflow(
@@ -308,7 +363,10 @@ class Conversation:
         passage_pieces, excerpts, jobs = _search_library(
             codec, question, library, searched, summaries or {}, max_model_len
         )
-        turn = Turn(reused + ingested.whole + passage_pieces + [question_piece], question.strip())
+        turn = Turn(
+            reused + ingested.whole + passage_pieces + [question_piece], question.strip(),
+            opening_ids=opening,
+        )
 
         window = list(self.window)
         carried = list(self.carried)
@@ -329,9 +387,15 @@ class Conversation:
             dropped_docs.append(carried.pop(0).name)
         prompt = build_prompt(codec, self.system_ids, window, carried, turn)
         unchanged = dropped_turns == 0 and not dropped_docs
-        reused_tokens = (
-            prompt_length(codec, self.system_ids, window, carried, None) if unchanged and window else 0
-        )
+        reused_tokens = 0
+        if unchanged and window:
+            # The previous request's prompt and what it generated, up to where the shown answer
+            # (its thinking dropped) departs from it.
+            last = window[-1]
+            shown = last.shown_answer(codec)
+            sent = [*last.opening_ids, *last.answer_ids]
+            same = next((i for i, (a, b) in enumerate(zip(shown, sent)) if a != b), min(len(shown), len(sent)))
+            reused_tokens = prompt_length(codec, self.system_ids, window, carried, None) - len(shown) + same
         return Plan(
             prompt_ids=prompt,
             turn=turn,
@@ -393,7 +457,8 @@ class Conversation:
         return turn
 
     def commit(self, plan: Plan, generated_ids: Sequence[int], finish_reason: str | None, codec: ChatCodec) -> Turn:
-        """Keep the turn with what was generated (also a partial, stopped answer)."""
+        """Keep the turn with what was generated (also a partial, stopped answer), thinking
+        included: later prompts drop it (`Turn.shown_answer`), the stored chat keeps it."""
         turn = plan.turn
         turn.answer_ids = codec.close_answer(generated_ids)
         turn.finish_reason = finish_reason
@@ -446,6 +511,7 @@ class TurnRequest:
     max_tokens: int
     reused: list[Piece]
     ingested: Ingested | None = None
+    enable_thinking: bool = True
 
 
 @dataclass
@@ -481,12 +547,20 @@ class TokenHistory:
         self.codec = codec
         self.conversation = conversation if conversation is not None else Conversation()
         self.passage_budget = passage_budget or PassageBudget(DEFAULT_PASSAGE_SHARE)
+        self.enable_thinking = True  # a hybrid model's switch (chat_template_kwargs' meaning)
 
     def __len__(self) -> int:
         return len(self.conversation.turns)
 
     def set_system_prompt(self, prompt: str) -> None:
         self.conversation.set_system_prompt(prompt, self.codec)
+
+    @property
+    def thinking_switch(self) -> bool:
+        return self.codec.thinking.switchable
+
+    def set_thinking(self, enabled: bool) -> None:
+        self.enable_thinking = enabled
 
     def _turn_of(self, message_id: str) -> int | None:
         for index, turn in enumerate(self.conversation.turns):
@@ -512,7 +586,10 @@ class TokenHistory:
         base = self.conversation.copy()
         index = self._turn_of(message_id)
         reused = base.truncate(index).documents if index is not None else []
-        request = TurnRequest(question, message_id, max_model_len, max_tokens, reused)
+        request = TurnRequest(
+            question, message_id, max_model_len, max_tokens, reused,
+            enable_thinking=self.enable_thinking,
+        )
         return self.plan_turn(base, request, None, documents)
 
     def plan_turn(
@@ -523,6 +600,7 @@ class TokenHistory:
         if request.ingested is None:
             fixed = (
                 len(base.system_ids) + len(self.codec.user_prefix) + len(self.codec.turn_suffix)
+                + len(self.codec.opening(request.enable_thinking))
                 + len(self.codec.text(request.question.strip()))
                 + sum(len(p.ids) for p in request.reused)
             )
@@ -530,6 +608,7 @@ class TokenHistory:
         plan = base.prepare(
             self.codec, request.question, (), request.max_model_len, request.max_tokens,
             request.reused, self.passage_budget, summaries, request.ingested,
+            request.enable_thinking,
         )
         plan.turn.message_id = request.message_id
         summary = TurnSummary(
@@ -543,6 +622,7 @@ class TokenHistory:
             dropped_documents=plan.dropped_documents,
             sources=plan.sources,
             summary_jobs=plan.summary_jobs,
+            thinking=opening_mode(self.codec.thinking.opening(request.enable_thinking)),
         )
         return TokenTurn(self, base, plan, summary, request)
 
@@ -617,6 +697,12 @@ def _user_ids_length(codec: ChatCodec, turn: Turn, carried: Sequence[Piece]) -> 
     )
 
 
+def _after_suffix(codec: ChatCodec, turn: Turn, new_turn: Turn | None) -> list[int]:
+    """What follows a turn's `<|im_start|>assistant\\n`: the new turn's opening (the model
+    goes on from there), or an earlier turn's answer without its thinking."""
+    return list(turn.opening_ids) if turn is new_turn else turn.shown_answer(codec)
+
+
 def prompt_length(
     codec: ChatCodec, system_ids: Sequence[int], window: Sequence[Turn], carried: Sequence[Piece],
     new_turn: Turn | None,
@@ -626,8 +712,7 @@ def prompt_length(
     for j, turn in enumerate(turns):
         n += len(codec.newline) if j else 0
         n += _user_ids_length(codec, turn, carried if j == 0 else ())
-        if turn is not new_turn:
-            n += len(turn.answer_ids)
+        n += len(_after_suffix(codec, turn, new_turn))
     return n
 
 
@@ -648,6 +733,5 @@ def build_prompt(
         for piece in turn.pieces:
             ids += piece.ids
         ids += codec.turn_suffix
-        if turn is not new_turn:
-            ids += turn.answer_ids
+        ids += _after_suffix(codec, turn, new_turn)
     return ids

@@ -141,7 +141,22 @@ def _tier_metrics(s: EngineStats) -> Iterable[Metric]:
         used.add_metric(["disk"], tiers.disk_blocks)
         hits.add_metric(["disk"], tiers.disk_hit_tokens)
     yield from (used, total, hits)
-    if tiers is None or not disk:
+    if tiers is None:
+        return
+    moved = CounterMetricFamily(
+        "pagechat_kv_tier_moved_bytes",
+        "KV bytes moved through each lower tier: host write = device to host (evictions), host "
+        "read = host to device (hits); disk write = block files written, disk read = read back",
+        labels=["tier", "direction"],
+    )
+    if tiers.host_blocks_total:
+        moved.add_metric(["host", "write"], tiers.host_bytes_out)
+        moved.add_metric(["host", "read"], tiers.host_bytes_in)
+    if disk:
+        moved.add_metric(["disk", "write"], tiers.disk_bytes_written)
+        moved.add_metric(["disk", "read"], tiers.disk_bytes_read)
+    yield moved
+    if not disk:
         return
     yield GaugeMetricFamily(
         "pagechat_kv_disk_bytes", "Bytes of KV block files in the disk tier", value=tiers.disk_bytes
