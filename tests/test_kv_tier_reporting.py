@@ -75,7 +75,9 @@ def test_restart_reports_disk_tokens_and_load_time(tiny_checkpoint, written, mon
     samples = scrape(llm)
     hits = samples[("pagechat_kv_tier_hit_tokens_total", (("tier", "disk"),))]
     assert hits == prefix.disk_tokens + again.disk_tokens
-    moved = samples[("pagechat_kv_tier_moved_bytes_total", (("direction", "read"), ("tier", "disk")))]
+    moved = samples[
+        ("pagechat_kv_tier_moved_bytes_total", (("direction", "read"), ("tier", "disk")))
+    ]
     assert moved == llm.stats().kv_tiers.disk_bytes_read >= DOC_BLOCKS * BLOCK_BYTES
     assert samples[("pagechat_kv_disk_load_seconds_total", ())] >= DOC_BLOCKS * READ_DELAY_S
     assert ("pagechat_kv_tier_moved_bytes_total", (("direction", "write"), ("tier", "disk"))) in (
@@ -101,7 +103,9 @@ def test_host_and_device_tokens_are_reported_apart(tiny_checkpoint):
     assert after.host_hit_tokens - tiers.host_hit_tokens == prefix.host_tokens
     assert after.device_hit_tokens - tiers.device_hit_tokens == prefix.device_tokens
     samples = scrape(llm)
-    read = samples[("pagechat_kv_tier_moved_bytes_total", (("direction", "read"), ("tier", "host")))]
+    read = samples[
+        ("pagechat_kv_tier_moved_bytes_total", (("direction", "read"), ("tier", "host")))
+    ]
     written = samples[
         ("pagechat_kv_tier_moved_bytes_total", (("direction", "write"), ("tier", "host")))
     ]

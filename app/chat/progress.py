@@ -120,10 +120,21 @@ class ReadingProgress:
             left=left,
         )
 
-    async def close(self, cached_tokens: int, seconds: float | None) -> None:
+    async def close(
+        self,
+        cached_tokens: int,
+        seconds: float | None,
+        disk_tokens: int = 0,
+        disk_load_seconds: float = 0.0,
+    ) -> None:
         """The prompt is read: `cached_tokens` came from the cache, in `seconds` (None: since
-        the step opened)."""
-        if self.step is None or self.closed:
+        the step opened); `disk_tokens` of them were loaded from the disk tier in
+        `disk_load_seconds` (after a restart: the step then says so, even with little to read)."""
+        if self.closed:
+            return
+        if self.step is None and disk_tokens > 0:
+            await self._open(self.total - cached_tokens)
+        if self.step is None:
             self.closed = True
             return
         self.closed = True
@@ -134,7 +145,25 @@ class ReadingProgress:
             "reading_done", self.language, what=self.what, tokens=computed, seconds=seconds
         )
         done = t("reading_progress", self.language, done=self.total, total=self.total, percent=100)
-        self.step.output = "\n\n".join([*self.lines, done])
+        lines = [*self.lines, done]
+        if disk_tokens > 0:
+            if computed < self.min_tokens:  # nothing worth naming was read: the cache is the news
+                self.step.name = t(
+                    "reading_from_disk",
+                    self.language,
+                    what=self.what,
+                    tokens=disk_tokens,
+                    seconds=disk_load_seconds,
+                )
+            lines.append(
+                t(
+                    "reading_from_disk_line",
+                    self.language,
+                    tokens=disk_tokens,
+                    seconds=disk_load_seconds,
+                )
+            )
+        self.step.output = "\n\n".join(lines)
         self.step.end = utc_now()
         await self.step.update()
 

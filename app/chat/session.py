@@ -411,13 +411,13 @@ class ChatSession:
                     if out.first_token_time is None and not out.finished:
                         await reading.progress(out.num_computed_prompt_tokens, out.num_cached_tokens)
                         continue
-                    await reading.close(out.num_cached_tokens, _seconds_to_first_token(out))
+                    await _close_reading(reading, out)
                     if out.delta_text:
                         await view.add(out.delta_text)
         except asyncio.CancelledError:  # the stop button
             with contextlib.suppress(Exception):
                 await engine.abort(request_id)
-            await reading.close(last.num_cached_tokens if last else 0, _seconds_to_first_token(last))
+            await _close_reading(reading, last)
             await self._finish(turn, collected, view, last, stopped=True)
             raise
         except ValueError as exc:  # refused before the first output (numbers in the text)
@@ -468,6 +468,13 @@ class ChatSession:
             "stats", prompt=stats.prompt_tokens, cached=stats.cached_tokens,
             ttft=stats.ttft_s or 0.0, tps=stats.tokens_per_s,
         )
+        prefix = out.cached_prefix  # the cached tokens from below the device pool, by tier
+        if prefix is not None and prefix.host_tokens:
+            line += " · " + self.t("stats_from_host", tokens=prefix.host_tokens)
+        if prefix is not None and prefix.disk_tokens:
+            line += " · " + self.t(
+                "stats_from_disk", tokens=prefix.disk_tokens, seconds=prefix.disk_load_seconds
+            )
         if stopped:
             line += " · " + self.t("stats_stopped")
         elif out.finish_reason == "length":
@@ -484,6 +491,17 @@ class ChatSession:
             await rt.data_layer.save_history(thread_id, {**self._history.to_dict(), "options": self.options})
         except Exception:  # the chat goes on; the log says why it will not resume exactly
             logger.exception("could not save the history of thread %s", thread_id)
+
+
+async def _close_reading(reading: ReadingProgress, out: RequestOutput | None) -> None:
+    """Close the reading step with what the engine reused, and what of it came from disk."""
+    prefix = out.cached_prefix if out is not None else None
+    await reading.close(
+        out.num_cached_tokens if out is not None else 0,
+        _seconds_to_first_token(out),
+        disk_tokens=prefix.disk_tokens if prefix is not None else 0,
+        disk_load_seconds=prefix.disk_load_seconds if prefix is not None else 0.0,
+    )
 
 
 def _seconds_to_first_token(out: RequestOutput | None) -> float | None:
