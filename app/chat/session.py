@@ -248,7 +248,7 @@ class ChatSession:
         if not question and not documents and not edited:
             return  # every file failed; each got its message
         history.set_system_prompt(options["system_prompt"])
-        history.set_thinking(bool(options["enable_thinking"]))
+        history.set_thinking(bool(options.get("enable_thinking", True)))
         max_tokens = chat_options.requested_max_tokens(options, engine.max_model_len)
         try:
             turn = await asyncio.to_thread(
