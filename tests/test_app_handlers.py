@@ -270,7 +270,7 @@ async def test_resume_restores_old_rows_and_says_when_the_history_is_lost(emitte
     resumed = ChatSession(runtime, "en-US")
     await resumed.resume({"id": "old", "steps": steps})
     assert resumed.history.to_dict() == first.history.to_dict()
-    assert resumed.options == first.options
+    assert resumed.options == {**first.options, "enable_thinking": True}  # new key: its default
     assert not any("could not be restored" in s["output"] for s in _outputs(emitter.send_step))
 
     lost = ChatSession(runtime, "en-US")
