@@ -13,7 +13,7 @@ from tests.app_client import ChatClient, Server
 
 FROM_DISK = re.compile(r"([\d,]+) from disk \(([\d.]+) s to load\)")
 STEP_FROM_DISK = re.compile(
-    r"the conversation \(from the cache on disk: ([\d,]+) tokens loaded in ([\d.]+) s\)"
+    r"notes\.md \(from the cache on disk: ([\d,]+) tokens loaded in ([\d.]+) s\)"
 )
 CACHED = re.compile(r"([\d,]+) prompt tokens · ([\d,]+) cached")
 
@@ -67,8 +67,7 @@ async def test_reopened_document_chat_answers_from_disk_and_says_so(tiny_checkpo
     disk_tokens = int(stats.group(1).replace(",", ""))
     # The document's prefix came back from disk: most of what was cached, at least 300 tokens.
     assert 300 <= disk_tokens <= cached
-    # The reading step (of the conversation: this turn brings no new document) names the
-    # cache on disk and the load time.
+    # The reading step names the chat's document, the cache on disk and the load time.
     match = STEP_FROM_DISK.search(step.get("name", ""))
     assert match, step
     assert int(match.group(1).replace(",", "")) == disk_tokens

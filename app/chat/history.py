@@ -156,6 +156,11 @@ class ChatHistory(Protocol):
         """Thinking on or off for the next turns (`enable_thinking` of the template)."""
         ...
 
+    def document_names(self) -> list[str]:
+        """Names of the documents the chat's kept turns read, oldest first, each once (what a
+        follow-up's reading step names when its prompt came from the cache)."""
+        ...
+
     def documents_of(self, message_id: str) -> list[str]:
         """Names of the documents of the turn `message_id` asked: an edit of that message
         reads them again. Empty when no turn came from that message."""

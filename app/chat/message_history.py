@@ -151,6 +151,10 @@ class MessageHistory:
                 return index
         return None
 
+    def document_names(self) -> list[str]:
+        names = [n for turn in self.transcript.turns for n in turn.get("documents") or []]
+        return list(dict.fromkeys(names))
+
     def documents_of(self, message_id: str) -> list[str]:
         index = self._turn_of(message_id)
         return [] if index is None else list(self.transcript.turns[index].get("documents") or [])

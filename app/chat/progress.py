@@ -47,9 +47,11 @@ class ReadingProgress:
         lines: Sequence[str],
         min_tokens: int,
         interval: float,
+        earlier_documents: Sequence[str] = (),
     ) -> None:
         """`total_tokens` of the prompt, `to_compute` of them not shared with the previous
-        request, the `documents` (names) it brings and their `lines` (one each)."""
+        request, the `documents` (names) it brings and their `lines` (one each); the chat's
+        `earlier_documents` are named when the prompt comes from the cache on disk."""
         self.language = language
         self.total = total_tokens
         self.to_compute = to_compute
@@ -58,6 +60,7 @@ class ReadingProgress:
         self.min_tokens = min_tokens
         self.wanted = bool(documents) or to_compute >= min_tokens
         self.what = ", ".join(documents) if documents else t("reading_chat", language)
+        self.cached_what = ", ".join(documents or earlier_documents) or self.what
         self.step: cl.Step | None = None
         self.started = time.monotonic()
         self.start_done = 0
@@ -151,7 +154,7 @@ class ReadingProgress:
                 self.step.name = t(
                     "reading_from_disk",
                     self.language,
-                    what=self.what,
+                    what=self.cached_what,
                     tokens=disk_tokens,
                     seconds=disk_load_seconds,
                 )

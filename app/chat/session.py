@@ -367,6 +367,7 @@ class ChatSession:
         return ReadingProgress(
             self.language, summary.prompt_tokens, summary.prompt_tokens - summary.reused_tokens,
             [doc.name for doc in summary.documents], lines, PROGRESS_MIN_TOKENS, PROGRESS_INTERVAL_S,
+            earlier_documents=self.history.document_names(),
         )
 
     # ---- generation ----------------------------------------------------------------------

@@ -568,6 +568,10 @@ class TokenHistory:
                 return index
         return None
 
+    def document_names(self) -> list[str]:
+        whole = [p.name for turn in self.conversation.turns for p in turn.documents]
+        return list(dict.fromkeys(whole + [d.name for d in self.conversation.library]))
+
     def documents_of(self, message_id: str) -> list[str]:
         index = self._turn_of(message_id)
         if index is None:
