@@ -164,7 +164,9 @@ class AsyncLLM:
             try:
                 self.engine.add_request(prompt, params, request_id=request_id)
             except Exception as exc:  # refused: tell that caller only
-                self._deliver(request_id, exc if isinstance(exc, ValueError) else RuntimeError(str(exc)))
+                self._deliver(
+                    request_id, exc if isinstance(exc, ValueError) else RuntimeError(str(exc))
+                )
         elif kind == "abort":
             out = self.engine.abort(command[1])
             if out is not None:  # a caller still listening sees the request end

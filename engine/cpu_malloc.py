@@ -38,7 +38,9 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     if mallopt(M_MMAP_MAX, 0) != 1 or mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES) != 1:
-        logger.warning("glibc mallopt refused the CPU allocator tuning; large tensors will page-fault")
+        logger.warning(
+            "glibc mallopt refused the CPU allocator tuning; large tensors will page-fault"
+        )
         return False
     _applied = True
     logger.info("CPU allocator: freed memory is kept for reuse (mmap off, trim above 2 GiB)")

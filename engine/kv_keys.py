@@ -205,5 +205,5 @@ class ModelFingerprint:
 
 
 def _dtype_name(dtype: object) -> str:
-    """"bfloat16" for torch.bfloat16 or "bfloat16"."""
+    """ "bfloat16" for torch.bfloat16 or "bfloat16"."""
     return str(dtype).removeprefix("torch.")

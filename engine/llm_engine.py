@@ -104,12 +104,19 @@ class LLMEngine:
         )
         # Host-memory and disk tiers below the device pool (None when both are off).
         self.kv_tiers = build_kv_tiers(
-            config, self.runner.device, self.runner.kv_block_shape, self.runner.dtype,
+            config,
+            self.runner.device,
+            self.runner.kv_block_shape,
+            self.runner.dtype,
             self.model_fingerprint.digest,
         )
         self.scheduler = Scheduler(
-            config, self.runner.num_blocks, self.max_model_len, self.eos_token_ids,
-            self.model_fingerprint.digest, self.kv_tiers,
+            config,
+            self.runner.num_blocks,
+            self.max_model_len,
+            self.eos_token_ids,
+            self.model_fingerprint.digest,
+            self.kv_tiers,
         )
         self.requests: dict[str, RequestState] = {}
         self._next_id = 0
@@ -119,7 +126,9 @@ class LLMEngine:
         self._throughput = _Throughput()
         logger.info(
             "engine ready: %s, max_model_len %d, KV pool %d tokens, model fingerprint %s",
-            self.model_path, self.max_model_len, pool_tokens,
+            self.model_path,
+            self.max_model_len,
+            pool_tokens,
             self.model_fingerprint.digest.hex()[:16],
         )
 
@@ -153,7 +162,9 @@ class LLMEngine:
         ids = self.encode_prompt(prompt)
         vocab = self.model_config.vocab_size
         if params.logit_bias and any(t >= vocab for t in params.logit_bias):
-            raise ValueError(f"SamplingParams.logit_bias token ids must be below the vocabulary size {vocab}")
+            raise ValueError(
+                f"SamplingParams.logit_bias token ids must be below the vocabulary size {vocab}"
+            )
         seq = Sequence(request_id, ids, params, arrival_time=arrival_time)
         if params.min_tokens:
             eos = [] if params.ignore_eos else self.eos_token_ids
@@ -268,7 +279,9 @@ class LLMEngine:
                 logger.exception("step failed for request %s", batch[0].seq.request_id)
                 batch[0].error = MODEL_ERROR
                 return
-            logger.exception("batched step failed; retrying its %d sequences one by one", len(batch))
+            logger.exception(
+                "batched step failed; retrying its %d sequences one by one", len(batch)
+            )
         for s in batch:
             s.token_id, s.logprobs = None, None
             try:
@@ -277,7 +290,9 @@ class LLMEngine:
                 logger.exception("step failed for request %s", s.seq.request_id)
                 s.error = MODEL_ERROR
 
-    def _collect_outputs(self, out: SchedulerOutput, progressed: list[Sequence]) -> list[RequestOutput]:
+    def _collect_outputs(
+        self, out: SchedulerOutput, progressed: list[Sequence]
+    ) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
         now = time.monotonic()
         progressed_ids = {id(seq) for seq in progressed}
@@ -323,7 +338,11 @@ class LLMEngine:
             state.num_sent_tokens += len(new_ids)
             outputs.append(
                 self._output(
-                    state, finished=finished, reason=reason, delta_text=delta, delta_ids=new_ids,
+                    state,
+                    finished=finished,
+                    reason=reason,
+                    delta_text=delta,
+                    delta_ids=new_ids,
                     delta_logprobs=new_logprobs,
                 )
             )
@@ -347,6 +366,8 @@ class LLMEngine:
     ) -> RequestOutput:
         """This step's deltas; the whole answer too when the request is finished (once)."""
         seq = state.seq
+        if state.cached_prefix is None:
+            state.cached_prefix = self.scheduler.take_cached_prefix(seq.request_id)
         if delta_logprobs is None and state.logprobs is not None:
             delta_logprobs = []
         return RequestOutput(
@@ -359,6 +380,7 @@ class LLMEngine:
             finished=finished,
             finish_reason=reason,
             num_cached_tokens=seq.num_cached_tokens,
+            cached_prefix=state.cached_prefix,
             error=error,
             arrival_time=seq.arrival_time,
             first_token_time=state.first_token_time,
@@ -366,8 +388,6 @@ class LLMEngine:
             delta_logprobs=delta_logprobs,
             num_computed_prompt_tokens=min(seq.num_computed_tokens, seq.num_prompt_tokens),
             num_generated_tokens=seq.num_output_tokens,
-        if state.cached_prefix is None:
-            state.cached_prefix = self.scheduler.take_cached_prefix(seq.request_id)
             stop_reason=seq.stop_reason if finished else None,
             prompt_logprobs=(
                 seq.prompt_logprobs
@@ -380,7 +400,6 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager
-            cached_prefix=state.cached_prefix,
         return EngineStats(
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
@@ -412,7 +431,9 @@ def fix_max_model_len(requested: int | None, max_positions: int, pool_tokens: in
         logger.warning(
             "max_model_len %d does not fit the KV cache (%d tokens); serving %d tokens per "
             "request. Give the cache more memory to serve the full context.",
-            max_len, pool_tokens, pool_tokens,
+            max_len,
+            pool_tokens,
+            pool_tokens,
         )
         max_len = pool_tokens
     return max_len

@@ -144,9 +144,7 @@ class ModelConfig:
             torch_dtype=dtype,
             eos_token_ids=_eos_ids(generation.get("eos_token_id"))
             or _eos_ids(raw.get("eos_token_id")),
-            sampling_defaults={
-                k: generation[k] for k in SAMPLING_DEFAULT_KEYS if k in generation
-            },
+            sampling_defaults={k: generation[k] for k in SAMPLING_DEFAULT_KEYS if k in generation},
         )
 
 

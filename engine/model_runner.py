@@ -141,11 +141,19 @@ class ModelRunner:
         num_tokens = self.config.max_num_batched_tokens
         scratch_blocks = (num_tokens + self.block_size - 1) // self.block_size
         shape = (scratch_blocks, self.block_size, mc.num_key_value_heads, mc.head_dim)
-        k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_hidden_layers)]
-        v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(mc.num_hidden_layers)]
+        k = [
+            torch.empty(shape, dtype=self.dtype, device=self.device)
+            for _ in range(mc.num_hidden_layers)
+        ]
+        v = [
+            torch.empty(shape, dtype=self.dtype, device=self.device)
+            for _ in range(mc.num_hidden_layers)
+        ]
         self.model.bind_kv_cache(k, v)
         inputs = self._build_inputs(
-            token_ids=[[0] * num_tokens], starts=[0], block_tables=[list(range(scratch_blocks))],
+            token_ids=[[0] * num_tokens],
+            starts=[0],
+            block_tables=[list(range(scratch_blocks))],
             samples=[True],
         )
         with torch.inference_mode():

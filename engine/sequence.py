@@ -98,7 +98,9 @@ class Sequence:
     @property
     def wants_prompt_logprobs(self) -> bool:
         """Some prompt tokens still lack their log-probabilities."""
-        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+        return (
+            self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
+        )
 
     def append_token(self, token_id: int) -> None:
         self.token_ids.append(token_id)

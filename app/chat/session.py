@@ -32,8 +32,8 @@ from app.chat.i18n import t
 from app.chat.progress import ReadingProgress, SummaryProgress
 from app.chat.sources import excerpt_note, source_elements
 from app.chat.streaming import AnswerCollector, answer_stats, close_open_fence
-from app.chat.thinking_step import AnswerView
 from app.chat.summaries import MapProgress, Summarizer
+from app.chat.thinking_step import AnswerView
 from app.documents.extraction import Document, DocumentError, extract_file_async
 from app.documents.progress_line import ExtractionLine
 from app.serving.metrics import track
