@@ -68,7 +68,7 @@ def _target_macros(cc: str, march: str) -> str:
 
 def library_path(cc: str, march: str) -> Path:
     digest = hashlib.sha256()
-    for source in SOURCES:
+    for source in (*SOURCES, Path(__file__).with_name("bf16.h")):
         digest.update(source.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     digest.update(_target_macros(cc, march).encode())

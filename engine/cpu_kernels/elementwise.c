@@ -10,25 +10,12 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 /* torch rounds every multiply and add on its own: no fused multiply-adds here. */
 #pragma GCC optimize("fp-contract=off")
 
-static inline float bf(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t tobf(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
-
-static inline float round_bf(float f) { return bf(tobf(f)); }
+static inline float round_bf(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 /* Below this many elements a step runs on the calling thread alone: waking the other threads
  * costs more than the work (a decode step's rows are one token each). */
@@ -41,7 +28,7 @@ static inline void norm_row(const float *r, const uint16_t *w, uint16_t *out, in
     for (int64_t i = 0; i < n; i++) sum += r[i] * r[i];
     const float scale = 1.0f / sqrtf(sum / (float)n + eps);
 #pragma omp simd
-    for (int64_t i = 0; i < n; i++) out[i] = tobf(bf(w[i]) * round_bf(r[i] * scale));
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf(r[i] * scale));
 }
 
 /* rms_norm (residual NULL) or add_rms_norm: residual_out = bf16(x + residual), out = norm of
@@ -60,12 +47,12 @@ void pc_add_rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uin
                 uint16_t *ro = residual_out + row * n;
 #pragma omp simd
                 for (int64_t i = 0; i < n; i++) {
-                    ro[i] = tobf(bf(xr[i]) + bf(rr[i]));
-                    r[i] = bf(ro[i]);
+                    ro[i] = f32_to_bf16(bf16_to_f32(xr[i]) + bf16_to_f32(rr[i]));
+                    r[i] = bf16_to_f32(ro[i]);
                 }
             } else {
 #pragma omp simd
-                for (int64_t i = 0; i < n; i++) r[i] = bf(xr[i]);
+                for (int64_t i = 0; i < n; i++) r[i] = bf16_to_f32(xr[i]);
             }
             norm_row(r, w, out + row * n, n, eps);
         }
@@ -92,14 +79,14 @@ void pc_qk_norm_rotary_bf16(const uint16_t *q, int64_t q_stride, const uint16_t 
             const int is_q = h < q_heads;
             const uint16_t *src = is_q ? q + t * q_stride + h * d : k + t * k_stride + (h - q_heads) * d;
             uint16_t *dst = is_q ? q_out + (t * q_heads + h) * d : k_out + (t * kv_heads + h - q_heads) * d;
-            for (int64_t i = 0; i < d; i++) r[i] = bf(src[i]);
+            for (int64_t i = 0; i < d; i++) r[i] = bf16_to_f32(src[i]);
             norm_row(r, is_q ? q_w : k_w, normed, d, eps);
             const float *c = cos + t * cs_stride, *s = sin + t * cs_stride;
 #pragma omp simd
             for (int64_t i = 0; i < half; i++) {
-                const float x1 = bf(normed[i]), x2 = bf(normed[i + half]);
-                dst[i] = tobf(x1 * c[i] - x2 * s[i]);
-                dst[i + half] = tobf(x2 * c[i] + x1 * s[i]);
+                const float x1 = bf16_to_f32(normed[i]), x2 = bf16_to_f32(normed[i + half]);
+                dst[i] = f32_to_bf16(x1 * c[i] - x2 * s[i]);
+                dst[i + half] = f32_to_bf16(x2 * c[i] + x1 * s[i]);
             }
         }
     }
@@ -113,9 +100,9 @@ void pc_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_
         uint16_t *o = out + row * n;
 #pragma omp simd
         for (int64_t i = 0; i < n; i++) {
-            const float gate = bf(g[i]);
+            const float gate = bf16_to_f32(g[i]);
             const float silu = round_bf(gate / (1.0f + expf(-gate)));
-            o[i] = tobf(silu * bf(u[i]));
+            o[i] = f32_to_bf16(silu * bf16_to_f32(u[i]));
         }
     }
 }

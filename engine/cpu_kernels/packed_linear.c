@@ -16,6 +16,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define PC_AVX512_BF16 1
@@ -34,21 +36,6 @@
 #define BLOCK_COLS 16
 #define SMALL_ROWS 4 /* activation rows served per pass of the few-rows kernel */
 #define SMALL_BLOCKS 4 /* column blocks in flight per pass of the few-rows kernel */
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 /* 1 if this build has the AVX512-BF16 few-rows kernel, 2 if also AMX; 0 = portable only. */
 int pc_kernel_level(void) { return PC_AMX ? 2 : PC_AVX512_BF16; }
