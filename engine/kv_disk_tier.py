@@ -17,12 +17,15 @@ One file per block, named by its key (engine.kv_keys): `<dir>/<key[:2] hex>/<key
     88      4n    the block's token ids, int32 little-endian
     88+4n   p     the block's KV, the device cache's block (k|v, layer, slot, kv_head, head_dim)
                   in the engine's KV dtype, native byte order of this machine's torch
-    end-4   4     CRC-32 (zlib) of everything before it, uint32
+    end-8   8     XXH3-64 (xxhash) of everything before it, uint64 little-endian
 
 A write goes to a temporary file in the same directory, is fsynced, then renamed over the
 final name (and the directory fsynced), so a crash leaves either the whole file or none. On a
 load every field is checked (magic, version, fingerprint, key, token ids, sizes, checksum); a
-torn, truncated, foreign or corrupt file is logged, deleted and never loaded. Leftover
+torn, truncated, foreign or corrupt file is logged, deleted and never loaded. A load reads each
+file with one system call, its KV straight into one buffer for all the blocks (no zero-filled
+staging copy), and checks it with XXH3 (~10 GB/s here; format 1's CRC-32 ran ~2 GB/s and was
+a third of a restarted follow-up's load). Leftover
 temporary files are deleted at start. The directory is kept under its byte cap by deleting the
 least recently used files (file mtimes carry the order across restarts: a load touches them).
 """
@@ -36,22 +39,22 @@ import struct
 import threading
 import time
 import weakref
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+import xxhash
 
 from engine.kv_keys import BlockRef
 
 logger = logging.getLogger(__name__)
 
-FILE_FORMAT_VERSION = 1
+FILE_FORMAT_VERSION = 2  # 1: CRC-32 checksum (such files are deleted as foreign)
 MAGIC = b"PCKVBLK\0"
 HEADER = struct.Struct("<8sI32s32sIQ")
-CHECKSUM = struct.Struct("<I")
+CHECKSUM = struct.Struct("<Q")
 SUFFIX = ".kv"
 # KV waiting for the writer beyond this is not queued (a disk slower than the prefill would
 # otherwise pile up the KV of a long document in memory); those blocks are not saved.
@@ -68,6 +71,13 @@ def encode_header(fingerprint: bytes, ref: BlockRef, payload_bytes: int) -> byte
     return HEADER.pack(
         MAGIC, FILE_FORMAT_VERSION, fingerprint, ref.key, n, payload_bytes
     ) + struct.pack(f"<{n}i", *ref.token_ids)
+
+
+def checksum(header: bytes | bytearray, payload: memoryview) -> int:
+    """XXH3-64 of a block file's bytes before the checksum field (header, then payload)."""
+    h = xxhash.xxh3_64(header)
+    h.update(payload)
+    return h.intdigest()
 
 
 class DiskKVStore:
@@ -235,7 +245,7 @@ class DiskKVStore:
             with open(tmp, "wb") as f:
                 f.write(header)
                 f.write(payload)
-                f.write(CHECKSUM.pack(zlib.crc32(payload, zlib.crc32(header))))
+                f.write(CHECKSUM.pack(checksum(header, payload)))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -259,14 +269,16 @@ class DiskKVStore:
 
     def _load(self, refs: list[BlockRef]) -> list[torch.Tensor]:
         start = time.perf_counter()
-        blocks: list[torch.Tensor] = []
+        # One uninitialized buffer for every block: each file's KV is read straight into its row
+        # (the model runner then copies the rows into the pool in one operation).
+        out = torch.empty((len(refs), *self.block_shape), dtype=self.dtype)
+        rows = out.view(len(refs), -1).view(torch.uint8)
+        loaded = 0
         nbytes = 0
         for ref in refs:
             path = self.path_of(ref.key)
             try:
-                data = self._read_block(path)
-                blocks.append(self._decode(data, ref))
-                nbytes += len(data)
+                nbytes += self._read_block(path, ref, rows[loaded])
             except FileNotFoundError:
                 with self._lock:
                     self._forget(ref.key)
@@ -278,6 +290,7 @@ class DiskKVStore:
                     self.bad_files += 1
                 _unlink(path)
                 break
+            loaded += 1
             with self._lock:
                 if ref.key in self._index:
                     self._index.move_to_end(ref.key)
@@ -287,23 +300,23 @@ class DiskKVStore:
                 pass
         with self._lock:
             self.bytes_read += nbytes
-            self.blocks_read += len(blocks)
+            self.blocks_read += loaded
             self.load_seconds += time.perf_counter() - start
-        return blocks
+        return list(out[:loaded].unbind(0))
 
-    def _read_block(self, path: Path) -> bytearray:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            data = bytearray(size)
-            if f.readinto(data) != size:
-                raise BadBlockFile("short read")
-        return data
-
-    def _decode(self, data: bytearray, ref: BlockRef) -> torch.Tensor:
-        """The block's KV from a file's bytes, after checking every field against `ref`."""
-        if len(data) < HEADER.size + CHECKSUM.size:
-            raise BadBlockFile(f"truncated: {len(data)} bytes")
-        magic, version, fingerprint, key, n, payload_bytes = HEADER.unpack_from(data)
+    def _read_block(self, path: Path, ref: BlockRef, payload: torch.Tensor) -> int:
+        """Read the block file `path` (its KV into `payload`, uint8) after checking every field
+        against `ref`; returns the file's size. Raises BadBlockFile for a file not to load."""
+        head = bytearray(HEADER.size + 4 * len(ref.token_ids))
+        tail = bytearray(CHECKSUM.size + 1)  # one byte more: a longer file fills it
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.preadv(fd, [head, payload.numpy().data, tail], 0)
+        finally:
+            os.close(fd)
+        if size < HEADER.size:
+            raise BadBlockFile(f"truncated: {size} bytes")
+        magic, version, fingerprint, key, n, payload_bytes = HEADER.unpack_from(head)
         if magic != MAGIC:
             raise BadBlockFile("not a KV block file")
         if version != FILE_FORMAT_VERSION:
@@ -312,21 +325,20 @@ class DiskKVStore:
             raise BadBlockFile("written for another model fingerprint")
         if key != ref.key:
             raise BadBlockFile("holds another block key")
-        expected = HEADER.size + 4 * n + payload_bytes + CHECKSUM.size
-        if len(data) != expected:
-            raise BadBlockFile(f"truncated or padded: {len(data)} bytes, header says {expected}")
         if payload_bytes != self.payload_bytes:
             raise BadBlockFile(f"payload of {payload_bytes} bytes, expected {self.payload_bytes}")
-        body = memoryview(data)[: -CHECKSUM.size]
-        (stored,) = CHECKSUM.unpack_from(data, len(data) - CHECKSUM.size)
-        if zlib.crc32(body) != stored:
+        if n != len(ref.token_ids):
+            raise BadBlockFile(f"holds {n} token ids, expected {len(ref.token_ids)}")
+        expected = len(head) + payload_bytes + CHECKSUM.size
+        if size != expected:
+            # A file longer than expected fills the spare byte of `tail`: size says so too.
+            raise BadBlockFile(f"truncated or padded: {size}+ bytes, header says {expected}")
+        (stored,) = CHECKSUM.unpack_from(tail)
+        if checksum(head, payload.numpy().data) != stored:
             raise BadBlockFile("checksum mismatch")
-        tokens = struct.unpack_from(f"<{n}i", data, HEADER.size)
-        if tokens != ref.token_ids:
+        if struct.unpack_from(f"<{n}i", head, HEADER.size) != ref.token_ids:
             raise BadBlockFile("holds other token ids")
-        offset = HEADER.size + 4 * n
-        flat = torch.frombuffer(data, dtype=torch.uint8, count=payload_bytes, offset=offset)
-        return flat.view(self.dtype).view(self.block_shape)
+        return size
 
 
 class _Writer:

@@ -34,6 +34,10 @@ from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
+# Blocks loaded from disk move into the pool in copies of at most this many bytes (on CUDA each
+# is also a temporary on the device).
+LOADED_COPY_BYTES = 256 << 20
+
 GiB = 1 << 30
 PROMPT_LOGPROB_ROWS = 256  # prompt positions whose logits are computed at once
 
@@ -210,18 +214,40 @@ class ModelRunner:
         kv = self.kv_cache
         stream = self._side_stream()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            loaded: list[KVCopy] = []  # consecutive blocks loaded from disk: copied together
             for c in copies:
+                if c.kind == "from_cpu":
+                    loaded.append(c)
+                    continue
+                if loaded:
+                    self._copy_loaded(loaded, non_blocking=stream is not None)
+                    loaded = []
                 if c.kind == "to_host":
                     assert host is not None
                     host.block(c.host_slot).copy_(kv[:, :, c.block_id], non_blocking=True)
                 elif c.kind == "from_host":
                     assert host is not None
                     kv[:, :, c.block_id].copy_(host.block(c.host_slot), non_blocking=True)
-                else:
-                    assert c.tensor is not None
-                    kv[:, :, c.block_id].copy_(c.tensor, non_blocking=stream is not None)
+            if loaded:
+                self._copy_loaded(loaded, non_blocking=stream is not None)
         if stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(stream)
+
+    def _copy_loaded(self, copies: list[KVCopy], non_blocking: bool) -> None:
+        """Blocks loaded from disk into their device blocks: one copy per LOADED_COPY_BYTES.
+
+        A load's blocks are consecutive rows of one buffer (engine.kv_disk_tier), taken as one
+        tensor without a copy; one index_copy_ then moves them all (a copy per block cost 4.6x
+        as much on the CPU: 351 vs 76 ms for 257 blocks of Qwen3-0.6B in bf16)."""
+        assert self.kv_cache is not None
+        per_copy = max(1, LOADED_COPY_BYTES // max(1, self.kv_cache[:, :, 0].nbytes))
+        for i in range(0, len(copies), per_copy):
+            part = copies[i : i + per_copy]
+            tensors = [c.tensor for c in part if c.tensor is not None]
+            assert len(tensors) == len(part)
+            src = _as_one_tensor(tensors).to(self.device, non_blocking=non_blocking)
+            index = torch.tensor([c.block_id for c in part], dtype=torch.int64)
+            self.kv_cache.index_copy_(2, index.to(self.device), src.movedim(0, 2))
 
     @torch.inference_mode()
     def gather_kv(self, block_ids: list[int]) -> tuple[torch.Tensor, Callable[[], None] | None]:
@@ -355,3 +381,20 @@ def sampling_row(seq: Sequence) -> SamplingRow:
     return SamplingRow(
         seq.params, seq.prompt_token_ids, seq.output_token_ids, seq.generator, banned
     )
+
+
+def _as_one_tensor(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Equally shaped tensors stacked on a new first dimension: a view when they are the
+    consecutive rows of one buffer (a disk load's blocks), else a stacked copy."""
+    first = tensors[0]
+    step = first.numel()
+    base = first.untyped_storage().data_ptr()
+    if first.is_contiguous() and all(
+        t.is_contiguous()
+        and t.shape == first.shape
+        and t.untyped_storage().data_ptr() == base
+        and t.storage_offset() == first.storage_offset() + i * step
+        for i, t in enumerate(tensors)
+    ):
+        return first.as_strided((len(tensors), *first.shape), (step, *first.stride()))
+    return torch.stack(tensors)

@@ -44,10 +44,10 @@ def test_restart_reports_disk_tokens_and_load_time(tiny_checkpoint, written, mon
     disk = llm.engine.kv_tiers.disk
     real_read = disk._read_block
 
-    def slow_read(path: Path) -> bytearray:
+    def slow_read(path: Path, *args) -> int:
         assert threading.current_thread() is not threading.main_thread()
         time.sleep(READ_DELAY_S)
-        return real_read(path)
+        return real_read(path, *args)
 
     monkeypatch.setattr(disk, "_read_block", slow_read)
     out = llm.generate(DOC + Q2, GREEDY)[0]

@@ -222,7 +222,7 @@ SHAPE = (2, 1, 4, 1, 8)  # a small block: 256 bytes of float32
 
 
 def make_store(directory: Path, cap_blocks: float) -> DiskKVStore:
-    file_bytes = 88 + 4 * 4 + 256 + 4
+    file_bytes = 88 + 4 * 4 + 256 + 8  # header, token ids, KV, XXH3-64 checksum
     return DiskKVStore(directory, int(cap_blocks * file_bytes), b"\x02" * 32, SHAPE, torch.float32)
 
 
@@ -266,6 +266,43 @@ def test_store_cap_lru_and_round_trip(tmp_path):
     assert refs[0].key not in again and refs[1].key in again and again.num_files == 10
     assert not store.path_of(refs[0].key).exists()
     again.close()
+
+
+def test_file_layout_checksum_and_old_or_padded_files(tmp_path, caplog):
+    """The documented layout, checked with xxhash itself; a format-1 (CRC-32) file and a padded
+    one are rejected and deleted, never loaded; a load's blocks share one buffer."""
+    import struct
+
+    import xxhash
+
+    store = make_store(tmp_path, 10)
+    refs, kv = refs_for(3), torch.randn(3, *SHAPE)
+    store.save(refs, kv)
+    assert store.flush(5)
+    data = store.path_of(refs[0].key).read_bytes()
+    assert len(data) == 88 + 4 * 4 + 256 + 8
+    assert data[:8] == b"PCKVBLK\0" and struct.unpack_from("<I", data, 8) == (2,)
+    assert struct.unpack_from("<4i", data, 88) == refs[0].token_ids
+    assert data[104:-8] == kv[0].numpy().tobytes()
+    assert struct.unpack("<Q", data[-8:])[0] == xxhash.xxh3_64_intdigest(data[:-8])
+    got = store.load(refs).result()
+    assert all(torch.equal(g, kv[i]) for i, g in enumerate(got))
+    assert got[1].data_ptr() == got[0].data_ptr() + got[0].nbytes  # rows of one buffer
+    # A format-1 file: version 1, CRC-32 in 4 bytes (what version 1 wrote).
+    import zlib
+
+    old = bytearray(data[:-8])
+    struct.pack_into("<I", old, 8, 1)
+    old += struct.pack("<I", zlib.crc32(old))
+    store.path_of(refs[1].key).write_bytes(old)
+    store.path_of(refs[2].key).write_bytes(store.path_of(refs[2].key).read_bytes() + b"\0")
+    caplog.set_level(logging.WARNING, logger="engine.kv_disk_tier")
+    assert len(store.load(refs).result()) == 1
+    assert "format version 1, expected 2" in caplog.text
+    assert not store.path_of(refs[1].key).exists() and refs[1].key not in store
+    assert len(store.load(refs[2:]).result()) == 0 and "padded" in caplog.text
+    assert not store.path_of(refs[2].key).exists() and store.bad_files == 2
+    store.close()
 
 
 def test_a_full_disk_costs_the_cache_not_the_answer(tiny_checkpoint, tmp_path, cold, caplog):
@@ -385,10 +422,10 @@ def test_other_streams_step_while_a_load_runs(tiny_checkpoint, kv_dir, cold, mon
     gate = threading.Event()
     slow_read = disk._read_block
 
-    def read_when_allowed(path: Path) -> bytearray:
+    def read_when_allowed(path: Path, *args) -> int:
         assert threading.current_thread() is not threading.main_thread()
         gate.wait(10)  # a large, slow load: held until the other stream has stepped
-        return slow_read(path)
+        return slow_read(path, *args)
 
     monkeypatch.setattr(disk, "_read_block", read_when_allowed)
     long_answer = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
@@ -421,7 +458,9 @@ def test_abort_while_loading_frees_everything(tiny_checkpoint, kv_dir, monkeypat
     )
     gate = threading.Event()
     read = engine.kv_tiers.disk._read_block
-    monkeypatch.setattr(engine.kv_tiers.disk, "_read_block", lambda p: (gate.wait(10), read(p))[1])
+    monkeypatch.setattr(
+        engine.kv_tiers.disk, "_read_block", lambda *a: (gate.wait(10), read(*a))[1]
+    )
     engine.add_request(DOC + Q2, GREEDY, request_id="doc")
     assert engine.step() == [] and engine.scheduler.num_loading == 1
     assert engine.abort("doc").finish_reason == "abort"
