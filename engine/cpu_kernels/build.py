@@ -1,6 +1,7 @@
 """Compile the engine's C kernels for this CPU once, cache the library, load it with ctypes.
 
-The kernels (packed_linear.c, paged_attention.c, elementwise.c: one library) are plain C with OpenMP, built with `-O3 -march=native`, so the
+The kernels (packed_linear.c, paged_attention.c, prefill_attention.c, elementwise.c: one
+library) are plain C with OpenMP, built with `-O3 -march=native`, so the
 compiler targets exactly the vector units this CPU has (AVX512-BF16 and AMX, AVX2, NEON). A
 build takes about a second; the library is cached under the user's cache directory, keyed by a
 digest of the source, the compiler and the instruction-set macros it defines for this CPU, so
@@ -31,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("packed_linear.c", "paged_attention.c", "elementwise.c")
+    for name in ("packed_linear.c", "paged_attention.c", "prefill_attention.c", "elementwise.c")
 )
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
@@ -143,6 +144,16 @@ def _declare(lib: ctypes.CDLL) -> None:
         *(i64, i64, i64, i64),  # q_heads, kv_heads, head_dim, block_size
         ctypes.c_float,
         *(i32, i32),  # is_bf16, threads
+    ]
+    lib.pc_prefill_attention_level.restype = i32
+    lib.pc_prefill_attention_level.argtypes = []
+    lib.pc_paged_prefill_attention.restype = i32
+    lib.pc_paged_prefill_attention.argtypes = [
+        *(ptr, i64, ptr, i64, i64),  # q, q_stride, out, out_stride, query_len
+        *(ptr, ptr, ptr, i64),  # k_cache, v_cache, block_table, seq_len
+        *(i64, i64, i64, i64, i64),  # q_heads, kv_heads, head_dim, block_size, cache_elems
+        ctypes.c_float,
+        i32,  # threads
     ]
     f32 = ctypes.c_float
     lib.pc_add_rms_norm_bf16.restype = None

@@ -1,0 +1,331 @@
+/* Prompt attention on the CPU with AMX: one sequence's query chunk over its paged KV cache.
+ *
+ * The chunk's T queries sit at positions prefix .. prefix + T - 1 of a sequence holding
+ * seq_len = prefix + T keys (all already stored in the cache); query i sees keys 0 .. prefix
+ * + i. A fresh prompt is prefix 0; a chunk after a cached prefix (a follow-up, chunked
+ * prefill) is the same call. Flash attention: blocks of 32 queries pass over blocks of 32
+ * keys keeping a running maximum and sum per query (online softmax), so the T x seq_len
+ * scores are never stored.
+ *
+ * Per KV head, its keys and values are first copied out of the paged blocks into the layouts
+ * AMX reads (keys as [16 keys][D/2][2] column blocks, like the packed linear weights; values
+ * as pairs of keys interleaved, [32 keys / 2][16 dims][2] per tile); then the query heads of
+ * the group and the query blocks are spread over the threads. Scores and the output are
+ * summed in float32 (AMX bf16 products are exact); probabilities are rounded to bfloat16
+ * before P @ V, as GPU flash kernels and torch's own bf16 CPU kernel do. A query block's
+ * result depends only on its own rows and keys: never on the thread count or batch mates.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bf16.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AMX_TILE__) && \
+    defined(__AMX_BF16__) && defined(__linux__)
+#include <immintrin.h>
+#define PC_PREFILL_AMX 1
+#else
+#define PC_PREFILL_AMX 0
+#endif
+
+#define QB 32 /* queries per block */
+#define KB 32 /* keys per AMX unit (the packing unit) */
+#define SB 128 /* keys per softmax block: SB / KB units */
+#define MAX_D 256
+#define PACK_BYTES ((int64_t)64 << 20) /* packed keys and values per pass, at most */
+
+/* 1 if this build has the AMX prompt-attention kernel. */
+int pc_prefill_attention_level(void) { return PC_PREFILL_AMX; }
+
+#if PC_PREFILL_AMX
+typedef struct {
+    uint8_t palette;
+    uint8_t start_row;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Every tile 16 rows of 64 bytes. C: 0-3; A: 4, 5; B: 6, 7. */
+static void configure_tiles(void) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.colsb[t] = 64;
+        c.rows[t] = 16;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* 2^x for x <= 0, clamped at 2^-100 (no subnormal results, which cost microcode assists;
+ * x = -inf gives 2^-100: callers mask those lanes to 0).
+ * Degree-4 Taylor polynomial of 2^f on |f| <= 0.5 (relative error < 5e-5, far below the
+ * bf16 rounding of the probabilities), scaled by 2^n. */
+static inline __m512 exp2_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(9.6181291e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Offset of key `j`'s row of KV head `h` in a cache of [blocks, block_size, kv_heads, d]. */
+static inline int64_t row_offset(const int32_t *table, int64_t j, int64_t block_size,
+                                 int64_t kv_heads, int64_t h, int64_t d) {
+    return (((int64_t)table[j / block_size] * block_size + j % block_size) * kv_heads + h) * d;
+}
+
+/* Keys of one 32-key unit into two 16-key column blocks [D/2][16][2]: row p of a block holds
+ * dims 2p, 2p + 1 of its 16 keys, gathered 16 keys at a time; zeros past seq_len. */
+static void pack_keys(const uint16_t *cache, const int32_t *table, int64_t unit, int64_t seq_len,
+                      int64_t block_size, int64_t kv_heads, int64_t h, int64_t d, uint16_t *kp) {
+    for (int64_t half = 0; half < 2; half++) {
+        int32_t offsets[16];
+        __mmask16 present = 0;
+        for (int64_t n = 0; n < 16; n++) {
+            const int64_t j = unit * KB + half * 16 + n;
+            offsets[n] = 0;
+            if (j < seq_len) {
+                /* dword index of the key's row relative to the cache start (< 2^31 dwords
+                 * checked by the caller) */
+                offsets[n] = (int32_t)(row_offset(table, j, block_size, kv_heads, h, d) / 2);
+                present |= (__mmask16)(1u << n);
+            }
+        }
+        const __m512i index = _mm512_loadu_si512(offsets);
+        uint16_t *dst = kp + half * d * 16;
+        const int32_t *base = (const int32_t *)cache;
+        for (int64_t p = 0; p < d / 2; p++) {
+            const __m512i pairs =
+                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), present, index, base + p, 4);
+            _mm512_storeu_si512(dst + p * 32, pairs);
+        }
+    }
+}
+
+/* Values of one 32-key unit as d/16 B tiles of [16 key pairs][16 dims][2]: row kp of a tile
+ * interleaves keys 2kp and 2kp + 1 over 16 dims; zeros past seq_len. */
+static void pack_values(const uint16_t *cache, const int32_t *table, int64_t unit, int64_t seq_len,
+                        int64_t block_size, int64_t kv_heads, int64_t h, int64_t d, uint16_t *vp) {
+    for (int64_t kp = 0; kp < KB / 2; kp++) {
+        const int64_t j0 = unit * KB + 2 * kp, j1 = j0 + 1;
+        const uint16_t *r0 =
+            j0 < seq_len ? cache + row_offset(table, j0, block_size, kv_heads, h, d) : NULL;
+        const uint16_t *r1 =
+            j1 < seq_len ? cache + row_offset(table, j1, block_size, kv_heads, h, d) : NULL;
+        for (int64_t c = 0; c < d; c += 16) {
+            const __m512i lo = r0 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(r0 + c)))
+                                  : _mm512_setzero_si512();
+            const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(r1 + c)))
+                                  : _mm512_setzero_si512();
+            _mm512_storeu_si512(vp + (c / 16) * 512 + kp * 32,
+                                _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+    }
+}
+
+/* Softmax of one row's scores over `n` keys (a multiple of 16) of a key block, the first
+ * `visible` of them visible: updates the row's running maximum and sum, rescales its output
+ * accumulator when the maximum grows, writes the bf16 probabilities (0 where masked). */
+static inline void softmax_row(const float *scores, uint16_t *probs, float *acc, int64_t d,
+                               int64_t n, int64_t visible, float scale_log2, float *row_max,
+                               float *row_sum) {
+    /* the maximum is taken on the raw scores (scale > 0), then 2^(s * c - max * c) */
+    const __m512 neg = _mm512_set1_ps(-INFINITY), c = _mm512_set1_ps(scale_log2);
+    __m512 s[SB / 16];
+    __mmask16 mask[SB / 16];
+    __m512 top = neg;
+    for (int64_t i = 0; i < n / 16; i++) {
+        const int64_t left = visible - 16 * i;
+        mask[i] = left >= 16 ? (__mmask16)0xffff : (left <= 0 ? 0 : (__mmask16)((1u << left) - 1u));
+        s[i] = _mm512_mask_loadu_ps(neg, mask[i], scores + 16 * i);
+        top = _mm512_max_ps(top, s[i]);
+    }
+    const float old_max = *row_max;
+    const float new_max = fmaxf(old_max, _mm512_reduce_max_ps(top) * scale_log2);
+    const __m512 mv = _mm512_set1_ps(new_max);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n / 16; i += 2) {
+        const __m512 p0 = _mm512_maskz_mov_ps(mask[i], exp2_ps(_mm512_fmsub_ps(s[i], c, mv)));
+        const __m512 p1 =
+            _mm512_maskz_mov_ps(mask[i + 1], exp2_ps(_mm512_fmsub_ps(s[i + 1], c, mv)));
+        total = _mm512_add_ps(total, _mm512_add_ps(p0, p1));
+        _mm512_storeu_si512(probs + 16 * i, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    }
+    if (new_max > old_max) {
+        const float alpha = old_max == -INFINITY ? 0.0f : exp2f(old_max - new_max);
+        const __m512 av = _mm512_set1_ps(alpha);
+        for (int64_t c16 = 0; c16 < d; c16 += 16)
+            _mm512_storeu_ps(acc + c16, _mm512_mul_ps(_mm512_loadu_ps(acc + c16), av));
+        *row_sum *= alpha;
+        *row_max = new_max;
+    }
+    *row_sum += _mm512_reduce_add_ps(total);
+}
+
+/* One block of up to 32 queries of one head over its visible keys, in key blocks of SB keys
+ * (SB / KB AMX units of 32 keys); writes the block's out rows. */
+static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int64_t out_stride,
+                        int64_t rows, int64_t first_pos, int64_t seq_len, int64_t d,
+                        const uint16_t *keys, const uint16_t *values, float scale_log2) {
+    _Alignas(64) uint16_t qbuf[QB * MAX_D];
+    _Alignas(64) float scores[QB * SB];
+    _Alignas(64) uint16_t probs[QB * SB];
+    _Alignas(64) float acc[QB * MAX_D];
+    float row_max[QB], row_sum[QB];
+    for (int64_t r = 0; r < QB; r++) {
+        if (r < rows)
+            memcpy(qbuf + r * d, q + r * q_stride, (size_t)d * 2);
+        else
+            memset(qbuf + r * d, 0, (size_t)d * 2);
+        row_max[r] = -INFINITY;
+        row_sum[r] = 0.0f;
+    }
+    memset(acc, 0, sizeof(float) * QB * (size_t)d);
+    const int64_t last_key = first_pos + rows < seq_len ? first_pos + rows : seq_len;
+    const int64_t unit_elems = KB * d; /* one packed 32-key unit, keys or values */
+    for (int64_t k0 = 0; k0 < last_key; k0 += SB) {
+        const int64_t n = last_key - k0 < SB ? (last_key - k0 + KB - 1) / KB * KB : SB;
+        /* scores[32, n] = q[32, d] @ keys[k0 .. k0 + n, d]^T, one 32-key unit at a time */
+        for (int64_t u = 0; u < n / KB; u++) {
+            const uint16_t *kp = keys + (k0 / KB + u) * unit_elems;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t kk = 0; kk < d; kk += 32) {
+                _tile_loadd(4, qbuf + kk, d * 2);
+                _tile_loadd(5, qbuf + 16 * d + kk, d * 2);
+                _tile_loadd(6, kp + (kk / 2) * 32, 64);
+                _tile_loadd(7, kp + d * 16 + (kk / 2) * 32, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, scores + u * KB, SB * 4);
+            _tile_stored(1, scores + u * KB + 16, SB * 4);
+            _tile_stored(2, scores + 16 * SB + u * KB, SB * 4);
+            _tile_stored(3, scores + 16 * SB + u * KB + 16, SB * 4);
+        }
+        for (int64_t r = 0; r < QB; r++) {
+            /* keys k0 .. limit - 1 are visible to this row */
+            const int64_t limit = first_pos + r + 1 < seq_len ? first_pos + r + 1 : seq_len;
+            const int64_t visible = r < rows ? limit - k0 : 0;
+            if (visible <= 0) {
+                memset(probs + r * SB, 0, (size_t)n * 2);
+                continue;
+            }
+            softmax_row(scores + r * SB, probs + r * SB, acc + r * d, d, n, visible, scale_log2,
+                        &row_max[r], &row_sum[r]);
+        }
+        /* acc[32, d] += probs[32, n] @ values[n, d], two 16-dim column tiles at a time */
+        for (int64_t c16 = 0; c16 < d; c16 += 32) {
+            _tile_loadd(0, acc + c16, d * 4);
+            _tile_loadd(1, acc + c16 + 16, d * 4);
+            _tile_loadd(2, acc + 16 * d + c16, d * 4);
+            _tile_loadd(3, acc + 16 * d + c16 + 16, d * 4);
+            for (int64_t u = 0; u < n / KB; u++) {
+                const uint16_t *vp = values + (k0 / KB + u) * unit_elems;
+                _tile_loadd(4, probs + u * KB, SB * 2);
+                _tile_loadd(5, probs + 16 * SB + u * KB, SB * 2);
+                _tile_loadd(6, vp + (c16 / 16) * 512, 64);
+                _tile_loadd(7, vp + (c16 / 16 + 1) * 512, 64);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_dpbf16ps(1, 4, 7);
+                _tile_dpbf16ps(2, 5, 6);
+                _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_stored(0, acc + c16, d * 4);
+            _tile_stored(1, acc + c16 + 16, d * 4);
+            _tile_stored(2, acc + 16 * d + c16, d * 4);
+            _tile_stored(3, acc + 16 * d + c16 + 16, d * 4);
+        }
+    }
+    for (int64_t r = 0; r < rows; r++) {
+        const float inv = 1.0f / row_sum[r];
+        for (int64_t c = 0; c < d; c++) out[r * out_stride + c] = f32_to_bf16(acc[r * d + c] * inv);
+    }
+}
+#endif
+
+/* q, out: bf16 rows of one sequence's chunk, [query_len] rows of q_stride / out_stride
+ * values, head h at h * head_dim; caches bf16 [blocks, block_size, kv_heads, head_dim];
+ * block_table: the sequence's int32 row; cache_elems: values in one cache (keys are gathered
+ * with 32-bit indices). Returns 0, or 1 where this build or these shapes cannot run it
+ * (head_dim a multiple of 32 up to 256, whole KV groups, caches under 2^32 values). */
+int pc_paged_prefill_attention(const uint16_t *q, int64_t q_stride, uint16_t *out,
+                               int64_t out_stride, int64_t query_len, const uint16_t *k_cache,
+                               const uint16_t *v_cache, const int32_t *block_table,
+                               int64_t seq_len, int64_t q_heads, int64_t kv_heads,
+                               int64_t head_dim, int64_t block_size, int64_t cache_elems,
+                               float scale, int threads) {
+#if PC_PREFILL_AMX
+    const int64_t d = head_dim;
+    if (d % 32 || d > MAX_D || q_heads % kv_heads || query_len > seq_len || query_len <= 0 ||
+        cache_elems / 2 >= ((int64_t)1 << 31))
+        return 1;
+    const int64_t group = q_heads / kv_heads, prefix = seq_len - query_len;
+    const int64_t units = (seq_len + KB - 1) / KB;
+    const int64_t query_blocks = (query_len + QB - 1) / QB;
+    const float scale_log2 = scale * 1.4426950408889634f;
+    /* KV heads packed per pass: all of them unless their copies would pass PACK_BYTES (long
+     * sequences); each pass is two parallel loops, so few passes means few barriers. */
+    const int64_t head_bytes = units * KB * d * 2 * 2;
+    int64_t heads_per_pass = PACK_BYTES / head_bytes;
+    heads_per_pass = heads_per_pass < 1 ? 1 : (heads_per_pass > kv_heads ? kv_heads : heads_per_pass);
+    uint16_t *keys = aligned_alloc(64, (size_t)(heads_per_pass * head_bytes / 2));
+    uint16_t *values = aligned_alloc(64, (size_t)(heads_per_pass * head_bytes / 2));
+    if (!keys || !values) {
+        free(keys);
+        free(values);
+        return 2;
+    }
+    const int64_t head_elems = units * KB * d;
+#pragma omp parallel num_threads(threads)
+    {
+        configure_tiles();
+        for (int64_t h0 = 0; h0 < kv_heads; h0 += heads_per_pass) {
+            const int64_t heads = kv_heads - h0 < heads_per_pass ? kv_heads - h0 : heads_per_pass;
+#pragma omp for schedule(static)
+            for (int64_t i = 0; i < heads * units; i++) {
+                const int64_t h = i / units, u = i % units;
+                pack_keys(k_cache, block_table, u, seq_len, block_size, kv_heads, h0 + h, d,
+                          keys + h * head_elems + u * KB * d);
+                pack_values(v_cache, block_table, u, seq_len, block_size, kv_heads, h0 + h, d,
+                            values + h * head_elems + u * KB * d);
+            }
+            /* the last query blocks see the most keys: hand them out first */
+            const int64_t items = query_blocks * heads * group;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t it = 0; it < items; it++) {
+                const int64_t qb = query_blocks - 1 - it / (heads * group);
+                const int64_t h = it % (heads * group) / group;
+                const int64_t head = (h0 + h) * group + it % group;
+                const int64_t row0 = qb * QB;
+                const int64_t rows = query_len - row0 < QB ? query_len - row0 : QB;
+                query_block(q + row0 * q_stride + head * d, q_stride,
+                            out + row0 * out_stride + head * d, out_stride, rows, prefix + row0,
+                            seq_len, d, keys + h * head_elems, values + h * head_elems,
+                            scale_log2);
+            }
+        }
+        _tile_release();
+    }
+    free(keys);
+    free(values);
+    return 0;
+#else
+    (void)q, (void)q_stride, (void)out, (void)out_stride, (void)query_len, (void)k_cache;
+    (void)v_cache, (void)block_table, (void)seq_len, (void)q_heads, (void)kv_heads;
+    (void)head_dim, (void)block_size, (void)cache_elems, (void)scale, (void)threads;
+    return 1;
+#endif
+}
