@@ -127,6 +127,44 @@ class BlockManager:
             hits.append(block_id)
         return hits
 
+    def find_partial(self, seq: Sequence, holders: Iterable[Sequence]) -> tuple[int, int] | None:
+        """A holder's block with the KV of seq's tokens after its cacheable full blocks, up to
+        (not including) its last token: `(block id, slots)` to copy into a fresh block of seq.
+
+        Call when every cacheable full block of seq is a hit. The holder (a running sequence,
+        e.g. choice 0 of an `n > 1` request) must continue the same chain (equal key of the
+        block before), hold the same token ids there and have computed them; its slots there
+        never change again, so a copy before the step's forward pass is exact. None if no
+        holder fits or there is nothing to copy.
+        """
+        if not self.enable_prefix_caching:
+            return None
+        bs = self.block_size
+        index = (seq.num_tokens - 1) // bs
+        start, end = index * bs, seq.num_tokens - 1
+        if end == start:
+            return None
+        tokens = seq.token_ids[start:end]
+
+        def parent_key(s: Sequence) -> bytes:
+            return (
+                self.block_hash(s, index - 1)
+                if index
+                else chain_root(self.model_digest, s.params.cache_salt)
+            )
+
+        key = parent_key(seq)
+        for other in holders:
+            if (
+                other is not seq
+                and other.num_computed_tokens >= end
+                and len(other.block_table) > index
+                and other.token_ids[start:end] == tokens
+                and parent_key(other) == key
+            ):
+                return other.block_table[index], end - start
+        return None
+
     def num_free_among(self, block_ids: list[int]) -> int:
         """How many of these (cached) blocks sit in the free list: taking them uses free blocks."""
         return sum(1 for b in block_ids if self.blocks[b].ref_count == 0)

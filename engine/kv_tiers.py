@@ -44,12 +44,19 @@ DEFAULT_CUDA_HOST_GB = 32.0
 
 @dataclass
 class KVCopy:
-    """One block copy the model runner performs before the step's forward pass."""
+    """One block copy the model runner performs before the step's forward pass.
 
-    kind: Literal["to_host", "from_host", "from_cpu"]
+    `on_device` copies the first `num_slots` slots of device block `src_block` into `block_id`:
+    a prompt's last, partial block that a running sequence computed already (the scheduler's
+    copy on write, engine.scheduler).
+    """
+
+    kind: Literal["to_host", "from_host", "from_cpu", "on_device"]
     block_id: int  # the device block
     host_slot: int = -1  # to_host / from_host
     tensor: torch.Tensor | None = None  # from_cpu: a block loaded from disk
+    src_block: int = -1  # on_device
+    num_slots: int = 0  # on_device
 
 
 @dataclass

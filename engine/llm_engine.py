@@ -412,6 +412,7 @@ class LLMEngine:
             generation_tokens_total=self._generation_tokens_total,
             requests_finished_total=self._finished_total,
             generation_tokens_per_s=self._throughput.rate(),
+            prompt_tokens_computed=self.scheduler.num_computed_prompt_tokens,
             kv_tiers=(
                 self.kv_tiers.snapshot(self.scheduler.num_loading)
                 if self.kv_tiers is not None

@@ -205,7 +205,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def copy_kv(self, copies: list[KVCopy], host: HostKVCache | None) -> None:
-        """Run a step's block copies in order (device <-> host slots, loaded blocks -> device).
+        """Run a step's block copies in order (device <-> host slots, loaded blocks -> device,
+        a shared prompt's partial block within the device).
 
         On CUDA they run on a side stream (asynchronously from pinned host memory) that the
         step's forward pass then waits for: the step waits for its own copies only.
@@ -228,6 +229,9 @@ class ModelRunner:
                 elif c.kind == "from_host":
                     assert host is not None
                     kv[:, :, c.block_id].copy_(host.block(c.host_slot), non_blocking=True)
+                elif c.kind == "on_device":
+                    m = c.num_slots
+                    kv[:, :, c.block_id, :m].copy_(kv[:, :, c.src_block, :m])
             if loaded:
                 self._copy_loaded(loaded, non_blocking=stream is not None)
         if stream is not None:

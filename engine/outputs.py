@@ -83,6 +83,9 @@ class EngineStats:
     generation_tokens_total: int
     requests_finished_total: int
     generation_tokens_per_s: float  # over the last few seconds
+    # Prompt positions the model computed (not found in a cache tier nor copied from a running
+    # sequence's block); a preempted request's recompute counts again.
+    prompt_tokens_computed: int = 0
     kv_tiers: KVTierStats | None = None  # host and disk KV tiers' counters, when they are on
 
     @property

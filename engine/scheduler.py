@@ -8,6 +8,12 @@ sequence preempts the newest running sequences (their blocks are freed and they 
 later, mostly from the prefix cache); the oldest sequence can always proceed on its own, so the
 engine never deadlocks.
 
+A prompt whose full blocks are all cache hits may continue, up to its last token, into the
+partial block of a running sequence with the same prefix (the later choices of an `n > 1`
+request): admission copies those computed slots into a fresh block of its own (copy on
+write), so only the last token is computed. The copy runs in `SchedulerOutput.kv_copies`,
+after the tiers' copies.
+
 With lower KV tiers (engine.kv_tiers), admission continues the device pool's cached prefix in
 the host tier and in blocks loaded from disk; when the disk holds more of a prompt's prefix, the
 request first waits in a loading state (out of the waiting queue, holding no blocks) while the
@@ -122,6 +128,12 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: the last is preempted first
         self._live: dict[str, Sequence] = {}
         self.num_preemptions = 0
+        # Prompt positions the model computed (postprocess): not served from a cache tier nor
+        # copied; a chunked prompt counts once, a preempted one's recompute counts again.
+        self.num_computed_prompt_tokens = 0
+        # Admissions that copied a running sequence's partial prompt block, and this step's copies.
+        self.num_partial_copies = 0
+        self._device_copies: list[KVCopy] = []
         self.kv_tiers = kv_tiers
         if kv_tiers is not None:
             self.block_manager.on_evict = kv_tiers.on_evict
@@ -218,6 +230,8 @@ class Scheduler:
         if not step.preempted:  # blocks are contended when something was just preempted
             self._admit_waiting(step)
         copies = self.kv_tiers.take_copies() if self.kv_tiers is not None else []
+        copies += self._device_copies
+        self._device_copies = []
         return SchedulerOutput(
             scheduled=list(step.scheduled.values()), preempted=step.preempted, kv_copies=copies
         )
@@ -270,12 +284,19 @@ class Scheduler:
             free_for_new = bm.num_free_blocks - bm.num_free_among(hits)
             # Lower-tier hits take fresh blocks; at least one more is left for the new tokens.
             lower = lower[: max(0, free_for_new - 1)]
-            cached = (len(hits) + len(lower)) * self.block_size
-            # The cached prefix ends on a block boundary, so new tokens fill fresh blocks only.
+            full = len(hits) + len(lower)
+            # Every full block hit: a running sequence may hold the rest but the last token.
+            partial = None
+            if full == bm.num_max_cacheable_blocks(seq) and not seq.wants_prompt_logprobs:
+                partial = bm.find_partial(seq, self.running)
+            copied = partial[1] if partial is not None else 0
+            cached = full * self.block_size + copied
+            # The full blocks end on a block boundary, so the copied slots and the new tokens
+            # fill fresh blocks only.
             n = min(
                 seq.num_tokens - cached,
                 step.budget_left,
-                (free_for_new - len(lower)) * self.block_size,
+                (free_for_new - len(lower)) * self.block_size - copied,
             )
             if n <= 0:
                 break
@@ -293,12 +314,21 @@ class Scheduler:
                 seq.admitted_once = True
                 on_host = sum(1 for h in lower if h.host_slot is not None)
                 self._cached_prefixes[seq.request_id] = CachedPrefix(
-                    device_tokens=len(hits) * self.block_size,
+                    device_tokens=len(hits) * self.block_size + copied,
                     host_tokens=on_host * self.block_size,
                     disk_tokens=(len(lower) - on_host) * self.block_size,
                     disk_load_seconds=self._load_seconds.pop(seq.request_id, 0.0),
                 )
             bm.allocate(seq, cached + n)
+            if partial is not None:
+                # After the tiers' copies (which fill and empty blocks before this one is read).
+                self._device_copies.append(
+                    KVCopy(
+                        "on_device", seq.block_table[full], src_block=partial[0], num_slots=copied
+                    )
+                )
+                seq.num_computed_tokens = cached
+                self.num_partial_copies += 1
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             step.add(ScheduledSequence(seq, n, cached))
@@ -381,6 +411,9 @@ class Scheduler:
                 continue
             seq = s.seq
             seq.num_computed_tokens = s.start + s.num_new_tokens
+            self.num_computed_prompt_tokens += max(
+                0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - s.start
+            )
             self.block_manager.register_computed(seq, s.start, seq.num_computed_tokens)
             if s.prompt_logprobs and seq.prompt_logprobs is not None:
                 seq.prompt_logprobs.extend(s.prompt_logprobs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import uuid
 
+import httpx
 import openai
 import pytest
 import torch
@@ -192,6 +193,67 @@ def test_n_choices_share_the_prompt_and_seeds_reproduce(client, server, model):
         for c in chunk.choices:
             streamed[c.index] += c.text
     assert streamed == texts
+
+
+def prompt_tokens_computed(server) -> tuple[int, int]:
+    """The engine's count of computed prompt tokens, from stats() and from GET /metrics."""
+    text = httpx.get(server.url + "/metrics").text
+    name = "pagechat_prompt_tokens_computed_total"
+    line = next(x for x in text.splitlines() if x.startswith(name + " "))
+    return server.engine.stats().prompt_tokens_computed, int(float(line.split()[-1]))
+
+
+def test_n_choices_compute_the_prompt_once_and_free_their_blocks(client, server, model):
+    """n=4: choice 0 computes the prompt; choices 1-3 find its full blocks in the prefix cache
+    and get its partial block copied, so each computes only the prompt's last token."""
+    bs = server.engine.config.block_size
+    prompt = unique_prompt(50)
+    while len(server.engine.tokenizer.encode(prompt)) % bs < bs // 2:  # a partial block to copy
+        prompt += " more"
+    n_prompt = len(server.engine.tokenizer.encode(prompt))
+    before_computed, before_metric = prompt_tokens_computed(server)
+    assert before_metric == before_computed
+    blocks_before = server.engine.stats().kv_blocks_used
+    # Long enough that choice 0 is still running when the others arrive (its first token).
+    done = client.completions.create(
+        model=model,
+        prompt=prompt,
+        n=4,
+        max_tokens=48,
+        temperature=1.0,
+        seed=5,
+        extra_body={"ignore_eos": True},
+    )
+    assert [c.index for c in done.choices] == [0, 1, 2, 3]
+    assert all(c.finish_reason == "length" for c in done.choices)
+    assert len({c.text for c in done.choices}) == 4
+    computed, metric = prompt_tokens_computed(server)
+    assert computed - before_computed == n_prompt + 3 < 2 * n_prompt  # 4 prefills: 4 * n_prompt
+    assert metric - before_metric == n_prompt + 3
+    assert done.usage.prompt_tokens_details.cached_tokens == 3 * (n_prompt - 1)
+    assert server.engine.stats().kv_blocks_used == blocks_before
+
+
+def test_n_choices_with_prompt_logprobs_each_compute_the_prompt(client, server, model):
+    """Prompt logprobs need every prompt position's logits: each choice computes its prompt
+    (no cache, no copy) and carries the same prompt logprobs."""
+    prompt = unique_prompt(20)
+    n_prompt = len(server.engine.tokenizer.encode(prompt))
+    before, _ = prompt_tokens_computed(server)
+    done = client.completions.create(
+        model=model,
+        prompt=prompt,
+        n=2,
+        max_tokens=2,
+        temperature=1.0,
+        seed=1,
+        extra_body={"prompt_logprobs": 1},
+    )
+    entries = [c.model_dump()["prompt_logprobs"] for c in done.choices]
+    assert len(entries[0]) == n_prompt and entries[0][0] is None
+    assert all(len(e) >= 1 for e in entries[0][1:])
+    assert entries[1] == entries[0]
+    assert prompt_tokens_computed(server)[0] - before == 2 * n_prompt
 
 
 def test_chat_n_streams_choice_indexes(client, model):

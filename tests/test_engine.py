@@ -115,6 +115,63 @@ def test_shared_prefix_is_held_once(tiny_checkpoint):
     assert_all_blocks_free(llm)
 
 
+def test_a_later_copy_of_a_prompt_copies_the_partial_block_of_a_running_one(tiny_checkpoint):
+    """Choices 1.. of an n > 1 request: every full block is a hit, the partial block's computed
+    slots are copied from the running choice 0, so one prompt token is computed per copy; its
+    greedy tokens and logprobs equal an engine without prefix caching. Lengths: the partial
+    block is the first one, the third, and a full last block (the copy is then replaced by the
+    block choice 0 registered)."""
+    llm = LLM(str(tiny_checkpoint))
+    uncached = LLM(str(tiny_checkpoint), enable_prefix_caching=False)
+    engine, bs = llm.engine, llm.config.block_size
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3)
+    for n_prompt, seed in [(10, 21), (45, 22), (48, 23)]:
+        prompt = random_prompts([n_prompt], seed=seed)[0]
+        reference = uncached.generate([prompt], params)[0]
+        computed = engine.scheduler.num_computed_prompt_tokens
+        first = engine.add_request(prompt, params)
+        outs = {}
+        while not engine.requests[first].seq.output_token_ids:
+            outs.update({o.request_id: o for o in engine.step()})
+        later = [engine.add_request(prompt, params) for _ in range(2)]
+        while engine.has_unfinished():
+            outs.update({o.request_id: o for o in engine.step()})
+            engine.scheduler.check_integrity()
+        assert engine.scheduler.num_computed_prompt_tokens - computed == n_prompt + 2
+        for rid in later:
+            assert outs[rid].num_cached_tokens == n_prompt - 1
+        for rid in [first, *later]:
+            assert outs[rid].token_ids == reference.token_ids
+            for got, want in zip(outs[rid].logprobs, reference.logprobs):
+                assert got.keys() == want.keys()
+                for token, value in want.items():
+                    assert got[token] == pytest.approx(value, abs=1e-4)
+        assert_all_blocks_free(llm)
+    assert engine.scheduler.num_partial_copies == 2 * 3
+    assert engine.stats().prompt_tokens_computed == engine.scheduler.num_computed_prompt_tokens
+    assert uncached.engine.scheduler.num_partial_copies == 0
+    assert bs == 16  # the lengths above were chosen for 16-token blocks
+
+
+def test_preempted_twins_resume_from_each_others_partial_block(tiny_checkpoint, prompts):
+    """Identical greedy prompts under preemption: a re-admitted twin copies the partial block of
+    the one still running (same prompt and same generated tokens) and still matches HF."""
+    # 34 blocks of 16 tokens: the 300-token prompt preempts the newest twin (seen: 1
+    # preemption, 2 copies).
+    llm = LLM(str(tiny_checkpoint), num_kv_blocks=34, max_num_batched_tokens=64)
+    engine = llm.engine
+    batch = [prompts[6], prompts[7], prompts[6], prompts[6]]
+    ids = [engine.add_request(p, GREEDY) for p in batch]
+    outs = {}
+    while engine.has_unfinished():
+        outs.update({o.request_id: o for o in engine.step()})
+        engine.scheduler.check_integrity()
+    assert engine.scheduler.num_preemptions > 0 and engine.scheduler.num_partial_copies > 0
+    expected = [hf_greedy(tiny_checkpoint, p, NEW_TOKENS) for p in batch]
+    assert [outs[r].token_ids for r in ids] == expected
+    assert_all_blocks_free(llm)
+
+
 def test_refuses_prompts_that_can_never_fit(tiny_checkpoint):
     llm = LLM(str(tiny_checkpoint), max_model_len=64)
     with pytest.raises(ValueError, match="64"):

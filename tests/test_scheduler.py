@@ -64,7 +64,13 @@ class FakeModel:
         return seq.block_table[position // self.bs] * self.bs + position % self.bs
 
     def run(self, out: SchedulerOutput) -> SchedulerOutput:
-        """Check and write each record's KV, fill the token of each record that samples."""
+        """Run the step's copies within the pool (a prompt's partial block copied on write), then
+        check and write each record's KV, fill the token of each record that samples."""
+        for c in out.kv_copies:
+            assert c.kind == "on_device", c  # no lower tiers here
+            src, dst = c.src_block * self.bs, c.block_id * self.bs
+            assert None not in self.cache[src : src + c.num_slots], f"{c}: copies unwritten slots"
+            self.cache[dst : dst + c.num_slots] = self.cache[src : src + c.num_slots]
         for s in out.scheduled:
             seq, end = s.seq, s.start + s.num_new_tokens
             assert len(seq.block_table) * self.bs >= end, f"{seq}: block table too short for {end}"
@@ -269,6 +275,43 @@ def test_a_long_prefill_never_stalls_running_decodes_and_allocates_as_it_goes():
 
 
 # ---- prefix cache ---------------------------------------------------------------------------
+
+
+def test_a_later_copy_of_a_running_prompt_copies_its_partial_block():
+    """The fake model checks every earlier slot before it runs a chunk: the copied slots must
+    hold exactly the prompt's KV. Only the last prompt token is computed; a different
+    cache_salt or a different token in the partial block gets no copy."""
+    sched = make_scheduler()
+    model = FakeModel(sched)
+    shared = prompt(40, 6)  # 2 full blocks, then 8 tokens in the third
+    first = add(sched, "r0", shared, max_tokens=20, ignore_eos=True)
+    out = sched.schedule()
+    sched.postprocess(model.run(out))
+    assert first.num_output_tokens == 1
+    twin = add(sched, "twin", shared, max_tokens=20, ignore_eos=True)
+    salted = add(sched, "salted", shared, max_tokens=20, ignore_eos=True, cache_salt="b")
+    other = add(sched, "other", [*shared[:-2], 39 - shared[-2], shared[-1]], max_tokens=20)
+    out = sched.schedule()
+    assert [c.kind for c in out.kv_copies] == ["on_device"]
+    copy = out.kv_copies[0]
+    assert (copy.src_block, copy.block_id, copy.num_slots) == (
+        first.block_table[2],
+        twin.block_table[2],
+        7,
+    )
+    assert twin.block_table[:2] == first.block_table[:2] and twin.num_cached_tokens == 39
+    assert salted.num_cached_tokens == 0 and other.num_cached_tokens == 32
+    assert [(s.seq.request_id, s.start, s.num_new_tokens) for s in out.scheduled][1:] == [
+        ("twin", 39, 1),
+        ("salted", 0, 40),
+        ("other", 32, 8),
+    ]
+    computed = sched.num_computed_prompt_tokens
+    sched.postprocess(model.run(out))
+    assert sched.num_computed_prompt_tokens - computed == 1 + 40 + 8
+    assert sched.num_partial_copies == 1
+    drive(sched, model)
+    assert_solo_equal([first, twin, salted, other])
 
 
 def test_four_requests_sharing_a_200_token_prefix_hold_one_copy():

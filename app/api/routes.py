@@ -821,7 +821,8 @@ def _job(
 
     A choice's seed is the request's seed + its number, so the n answers differ and each is
     reproducible. Choices after the first start once the first has produced its first token:
-    its prompt blocks are in the prefix cache by then, so the prompt is computed once.
+    its full prompt blocks are in the prefix cache by then and the scheduler copies its last,
+    partial block (engine.scheduler), so each later choice computes only the prompt's last token.
     """
     n = body.n
     count = len(starts) * n

@@ -96,6 +96,12 @@ class _EngineCollector:
             yield GaugeMetricFamily(f"pagechat_{name}", doc, value=value)
         counters = [
             ("prompt_tokens", "Prompt tokens received", s.prompt_tokens_total),
+            (
+                "prompt_tokens_computed",
+                "Prompt tokens the model computed, not served from a KV cache tier nor copied "
+                "from a running request's block (a preempted request's recompute counts again)",
+                s.prompt_tokens_computed,
+            ),
             ("generation_tokens", "Tokens generated", s.generation_tokens_total),
             (
                 "prefix_cache_queries",

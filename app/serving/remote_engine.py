@@ -291,6 +291,8 @@ class RemoteEngine:
             generation_tokens_total=self._generation_tokens,
             requests_finished_total=self._finished,
             generation_tokens_per_s=0.0,
+            # As the upstream's usage tells: its prompt tokens not served from its cache.
+            prompt_tokens_computed=self._prompt_tokens - self._cached_tokens,
         )
 
     async def _stream(
