@@ -77,6 +77,89 @@ static float scores_avx512(const float *qf, const void *k_cache, int is_bf16, co
     return top;
 }
 
+/* The query heads of a KV group in one pass over the keys and one over the values, each row
+ * read once for all of them (group * d / 16 <= GROUP_REGS). Same sums, same order, as the
+ * per-head loops above: only the memory traffic differs. */
+#define GROUP_REGS 16
+
+static void scores_group_avx512(const float *qf, const void *k_cache, int is_bf16,
+                                const int64_t *rows, int64_t d, int64_t len, int64_t group,
+                                float *scores, float *top) {
+    const int64_t chunks = d / 16;
+    __m512 qv[GROUP_REGS];
+    for (int64_t g = 0; g < group; g++) {
+        top[g] = -INFINITY;
+        for (int64_t c = 0; c < chunks; c++) qv[g * chunks + c] = _mm512_loadu_ps(qf + g * d + 16 * c);
+    }
+    for (int64_t t = 0; t < len; t++) {
+        if (t + PREFETCH < len) prefetch_row(k_cache, is_bf16, rows[t + PREFETCH], d);
+        const int64_t off = rows[t];
+        __m512 kv[GROUP_REGS];
+        for (int64_t c = 0; c < chunks; c++) kv[c] = load16(k_cache, is_bf16, off + 16 * c);
+        for (int64_t g = 0; g < group; g++) {
+            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+            int64_t c = 0;
+            for (; c + 1 < chunks; c += 2) {
+                a0 = _mm512_fmadd_ps(qv[g * chunks + c], kv[c], a0);
+                a1 = _mm512_fmadd_ps(qv[g * chunks + c + 1], kv[c + 1], a1);
+            }
+            if (c < chunks) a0 = _mm512_fmadd_ps(qv[g * chunks + c], kv[c], a0);
+            const float dot = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+            scores[g * len + t] = dot;
+            top[g] = dot > top[g] ? dot : top[g];
+        }
+    }
+}
+
+static void values_group_avx512(const float *p, const void *v_cache, int is_bf16,
+                                const int64_t *rows, int64_t d, int64_t len, int64_t group,
+                                float *acc) {
+    const int64_t chunks = d / 16;
+    __m512 av[GROUP_REGS];
+    for (int64_t i = 0; i < group * chunks; i++) av[i] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < len; t++) {
+        if (t + PREFETCH < len) prefetch_row(v_cache, is_bf16, rows[t + PREFETCH], d);
+        const int64_t off = rows[t];
+        __m512 pv[GROUP_REGS];
+        for (int64_t g = 0; g < group; g++) pv[g] = _mm512_set1_ps(p[g * len + t]);
+        for (int64_t c = 0; c < chunks; c++) {
+            const __m512 v = load16(v_cache, is_bf16, off + 16 * c);
+            for (int64_t g = 0; g < group; g++)
+                av[g * chunks + c] = _mm512_fmadd_ps(pv[g], v, av[g * chunks + c]);
+        }
+    }
+    for (int64_t g = 0; g < group; g++)
+        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(acc + g * d + 16 * c, av[g * chunks + c]);
+}
+
+/* scores[t] = exp(scores[t] - top) for the whole 16-wide chunks of len, summed into *sum;
+ * returns how many were done. exp(x) = 2^(x log2 e): a degree-6 polynomial of 2^f on
+ * |f| <= 0.5 scaled by 2^n, within 2e-7 of expf (a float32 ulp) at a fraction of its cost;
+ * the bf16 cache's path only (float32 models keep libm's expf, their bits pinned by tests). */
+static int64_t exp_avx512(float *scores, int64_t len, float top, float *sum) {
+    const __m512 log2e = _mm512_set1_ps(1.4426950408889634f), mv = _mm512_set1_ps(top);
+    __m512 total = _mm512_setzero_ps();
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16) {
+        __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(scores + t), mv), log2e);
+        x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f)); /* exp underflows to ~0, not subnormal */
+        const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 f = _mm512_sub_ps(x, n);
+        __m512 p = _mm512_set1_ps(1.5403530e-4f);
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+        p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+        p = _mm512_scalef_ps(p, n);
+        _mm512_storeu_ps(scores + t, p);
+        total = _mm512_add_ps(total, p);
+    }
+    *sum = _mm512_reduce_add_ps(total);
+    return t;
+}
+
 /* acc = sum_t p[t] * V[t] for one query head (d = 16 * chunks <= 256). */
 static void values_avx512(const float *p, const void *v_cache, int is_bf16, const int64_t *rows,
                           int64_t d, int64_t len, float *acc) {
@@ -159,7 +242,10 @@ int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, c
             float top[MAX_GROUP];
             const int fast = PC_ATT_AVX512 && head_dim % 16 == 0 && head_dim <= 256;
 #if PC_ATT_AVX512
-            if (fast)
+            const int grouped = fast && group * (head_dim / 16) <= GROUP_REGS;
+            if (grouped)
+                scores_group_avx512(qf, k_cache, is_bf16, rows, head_dim, len, group, scores, top);
+            else if (fast)
                 for (int64_t g = 0; g < group; g++)
                     top[g] = scores_avx512(qf + g * head_dim, k_cache, is_bf16, rows, head_dim, len,
                                            scores + g * len);
@@ -179,7 +265,11 @@ int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, c
             float total[MAX_GROUP];
             for (int64_t g = 0; g < group; g++) {
                 float sum = 0.0f;
-                for (int64_t t = 0; t < len; t++) {
+                int64_t t = 0;
+#if PC_ATT_AVX512
+                if (fast && is_bf16) t = exp_avx512(scores + g * len, len, top[g], &sum);
+#endif
+                for (; t < len; t++) {
                     float p = expf(scores[g * len + t] - top[g]);
                     scores[g * len + t] = p;
                     sum += p;
@@ -189,7 +279,9 @@ int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, c
             }
             /* Pass 3: the weighted sum of the values. */
 #if PC_ATT_AVX512
-            if (fast)
+            if (grouped)
+                values_group_avx512(scores, v_cache, is_bf16, rows, head_dim, len, group, acc);
+            else if (fast)
                 for (int64_t g = 0; g < group; g++)
                     values_avx512(scores + g * len, v_cache, is_bf16, rows, head_dim, len,
                                   acc + g * head_dim);
