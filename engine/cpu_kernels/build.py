@@ -1,7 +1,7 @@
 """Compile the engine's C kernels for this CPU once, cache the library, load it with ctypes.
 
-The kernels (packed_linear.c, paged_attention.c, prefill_attention.c, elementwise.c: one
-library) are plain C with OpenMP, built with `-O3 -march=native`, so the
+The kernels (packed_linear.c, paged_attention.c, prefill_attention.c, elementwise.c and
+decoder_step.c, which chains them: one library) are plain C with OpenMP, built with `-O3 -march=native`, so the
 compiler targets exactly the vector units this CPU has (AVX512-BF16 and AMX, AVX2, NEON). A
 build takes about a second; the library is cached under the user's cache directory, keyed by a
 digest of the source, the compiler and the instruction-set macros it defines for this CPU, so
@@ -32,7 +32,13 @@ logger = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name(name)
-    for name in ("packed_linear.c", "paged_attention.c", "prefill_attention.c", "elementwise.c")
+    for name in (
+        "packed_linear.c",
+        "paged_attention.c",
+        "prefill_attention.c",
+        "elementwise.c",
+        "decoder_step.c",
+    )
 )
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 
@@ -154,6 +160,15 @@ def _declare(lib: ctypes.CDLL) -> None:
         *(i64, i64, i64, i64, i64),  # q_heads, kv_heads, head_dim, block_size, cache_elems
         ctypes.c_float,
         i32,  # threads
+    ]
+    lib.pc_decoder_decode_bf16.restype = i32
+    lib.pc_decoder_decode_bf16.argtypes = [
+        ptr,  # hidden
+        *(i64, i64, i64, i64, i64, i64, i64),  # m, layers, hidden, q_heads, kv_heads, d, inter
+        *(ptr, ptr, i64),  # layer params, final norm, block_size
+        *(ptr, ptr, i64),  # cos, sin, cs_stride
+        *(ptr, ptr, i64, ptr),  # slots, block_tables, table_stride, seq_lens
+        *(ctypes.c_float, ctypes.c_float, i64, i32),  # eps, scale, amx_min_rows, threads
     ]
     f32 = ctypes.c_float
     lib.pc_add_rms_norm_bf16.restype = None

@@ -30,8 +30,9 @@ import torch
 from torch import nn
 
 from engine.cpu_kernels import packed_bf16
+from engine.cpu_kernels.decoder_step import DecoderShape, DecoderStep, LayerTensors, eligible
 from engine.layers.activation import SiluAndMul
-from engine.layers.attention import AttentionBackend, AttentionMetadata
+from engine.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
 from engine.layers.embedding import VocabEmbedding
 from engine.layers.linear import (
     Linear,
@@ -168,6 +169,8 @@ class Qwen3Model(nn.Module):
             Qwen3DecoderLayer(config, backend, kernels) for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, kernels)
+        self._step: DecoderStep | None = None
+        self._step_key: tuple[int, ...] | None = None
         self.rotary_emb = RotaryEmbedding(
             config.head_dim,
             config.rope_theta,
@@ -180,12 +183,76 @@ class Qwen3Model(nn.Module):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary_emb.cos_sin(positions)  # once per step, shared by all layers
+        if self.kernels == "cpu" and DecoderStep.serves_step(
+            hidden, meta.query_lens_cpu, meta.seq_lens_cpu
+        ):
+            step = self._decoder_step()
+            if step is not None:  # the same kernels, one C call for the whole stack
+                return step.run(
+                    hidden, cos, sin, meta.slot_mapping, meta.block_tables, meta.seq_lens
+                )
         residual: torch.Tensor | None = None
         for layer in self.layers:
             hidden, residual = layer(hidden, residual, cos, sin, meta)
         if residual is None:  # no layers
             return self.norm(hidden)
         return self.norm(hidden, residual)[0]
+
+    def _decoder_step(self) -> DecoderStep | None:
+        """The C decode step over these layers' current tensors (rebuilt when a weight, a cache
+        or a backend changes), or None where it does not serve them: another attention
+        backend or precision, float32, weights not packed."""
+        layers = [cast(Qwen3DecoderLayer, layer) for layer in self.layers]
+        backends = [layer.self_attn.backend for layer in layers]
+        if not all(isinstance(b, TorchAttentionBackend) and not b.native_decode for b in backends):
+            return None
+        tensors = [_layer_tensors(layer) for layer in layers]
+        if any(t is None for t in tensors):
+            return None
+        key = tuple(id(x) for t in tensors for x in vars(t).values()) + (id(self.norm.weight),)
+        if self._step_key != key:
+            ready = [t for t in tensors if t is not None]
+            self._step = (
+                DecoderStep(self._shape(layers[0]), ready, self.norm.weight)
+                if layers and eligible(ready, self.norm.weight)
+                else None
+            )
+            self._step_key = key
+        return self._step
+
+    def _shape(self, layer: Qwen3DecoderLayer) -> DecoderShape:
+        attn = layer.self_attn
+        return DecoderShape(
+            hidden_size=self.norm.weight.shape[0],
+            q_heads=attn.num_heads,
+            kv_heads=attn.num_kv_heads,
+            head_dim=attn.head_dim,
+            intermediate_size=layer.mlp.down_proj.in_features,
+            eps=self.norm.eps,
+            scale=attn.scale,
+        )
+
+
+def _layer_tensors(layer: Qwen3DecoderLayer) -> LayerTensors | None:
+    """The tensors the C decode step reads, or None if the layer has biases or no cache."""
+    attn, mlp = layer.self_attn, layer.mlp
+    linears = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    if attn.k_cache is None or attn.v_cache is None or any(m.bias is not None for m in linears):
+        return None
+    if attn.q_norm.eps != layer.input_layernorm.eps:
+        return None
+    return LayerTensors(
+        input_norm=layer.input_layernorm.weight,
+        qkv=attn.qkv_proj.weight,
+        q_norm=attn.q_norm.weight,
+        k_norm=attn.k_norm.weight,
+        o=attn.o_proj.weight,
+        post_norm=layer.post_attention_layernorm.weight,
+        gate_up=mlp.gate_up_proj.weight,
+        down=mlp.down_proj.weight,
+        k_cache=attn.k_cache,
+        v_cache=attn.v_cache,
+    )
 
 
 class Qwen3ForCausalLM(nn.Module):

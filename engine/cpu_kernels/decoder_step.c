@@ -1,0 +1,117 @@
+/* A whole decode step of the Qwen3 decoder stack in one call, for bfloat16 models on the CPU.
+ *
+ * When every row of a step is a decoding sequence, the Python forward spends a fifth of the
+ * step between kernels (module calls, views, small allocations: ~15 per layer). This driver
+ * runs the same kernels of this library in the same order with the same arguments, layer
+ * after layer, so its result is the Python forward's bit for bit (a test compares them):
+ *
+ *   h, res = add_rms_norm(x, res)         (first layer: h = rms_norm(x), res = x)
+ *   qkv    = h @ Wqkv^T;  q, k = qk_norm_rotary(q, k);  store k, v at the rows' slots
+ *   a      = decode_attention(q)          o = a @ Wo^T
+ *   h, res = add_rms_norm(o, res);        x = silu_and_mul(h @ Wgu^T) @ Wdown^T
+ *   ...    final: hidden = add_rms_norm(x, res)
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+void pc_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m, int64_t n,
+                    int64_t k, int threads, int64_t amx_min_rows);
+void pc_add_rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *w,
+                          uint16_t *out, uint16_t *residual_out, int64_t rows, int64_t n, float eps,
+                          int threads);
+void pc_qk_norm_rotary_bf16(const uint16_t *q, int64_t q_stride, const uint16_t *k,
+                            int64_t k_stride, const float *cos, const float *sin, int64_t cs_stride,
+                            const uint16_t *q_w, const uint16_t *k_w, uint16_t *q_out,
+                            uint16_t *k_out, int64_t tokens, int64_t q_heads, int64_t kv_heads,
+                            int64_t d, float eps, int threads);
+void pc_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n, int threads);
+int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, const void *k_cache,
+                              const void *v_cache, const int32_t *block_tables,
+                              int64_t table_stride, const int32_t *seq_lens, int64_t num_seqs,
+                              int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+                              int64_t block_size, float scale, int is_bf16, int threads);
+
+/* Per-layer parameters: arrays of `layers` pointers each. */
+typedef struct {
+    const uint16_t *const *input_norm, *const *qkv, *const *q_norm, *const *k_norm, *const *o;
+    const uint16_t *const *post_norm, *const *gate_up, *const *down;
+    uint16_t *const *k_cache, *const *v_cache;
+} pc_layer_params;
+
+/* hidden [m, hidden_size] bf16: the embeddings in, the final normed hidden states out.
+ * slots int64 [m] (-1: not stored); block_tables int32 [m, table_stride]; seq_lens int32 [m];
+ * cos/sin float32 rows of d/2 at cs_stride. amx_min_rows as pc_linear_bf16 takes it.
+ * Returns 0, -2 when scratch memory could not be had, or the attention kernel's status. */
+int pc_decoder_decode_bf16(uint16_t *hidden, int64_t m, int64_t layers, int64_t hidden_size,
+                           int64_t q_heads, int64_t kv_heads, int64_t d, int64_t inter,
+                           const pc_layer_params *p, const uint16_t *final_norm,
+                           int64_t block_size, const float *cos, const float *sin,
+                           int64_t cs_stride, const int64_t *slots, const int32_t *block_tables,
+                           int64_t table_stride, const int32_t *seq_lens, float eps, float scale,
+                           int64_t amx_min_rows, int threads) {
+    const int64_t qkv_n = (q_heads + 2 * kv_heads) * d, kv_row = kv_heads * d;
+    const int64_t widest = qkv_n > 2 * inter ? qkv_n : 2 * inter;
+    uint16_t *x = malloc((size_t)(m * hidden_size) * 2), *res = malloc((size_t)(m * hidden_size) * 2);
+    uint16_t *res2 = malloc((size_t)(m * hidden_size) * 2), *h = malloc((size_t)(m * hidden_size) * 2);
+    uint16_t *wide = malloc((size_t)(m * widest) * 2), *act = malloc((size_t)(m * inter) * 2);
+    uint16_t *q = malloc((size_t)(m * q_heads * d) * 2), *k = malloc((size_t)(m * kv_row) * 2);
+    uint16_t *att = malloc((size_t)(m * q_heads * d) * 2);
+    int64_t *rows = malloc((size_t)m * sizeof(int64_t));
+    int status = 0;
+    if (!x || !res || !res2 || !h || !wide || !act || !q || !k || !att || !rows) {
+        status = -2;
+        goto done;
+    }
+    for (int64_t i = 0; i < m; i++) rows[i] = i;
+    memcpy(x, hidden, (size_t)(m * hidden_size) * 2);
+    for (int64_t l = 0; l < layers; l++) {
+        if (l == 0) {
+            pc_add_rms_norm_bf16(x, NULL, p->input_norm[0], h, NULL, m, hidden_size, eps, threads);
+            memcpy(res, x, (size_t)(m * hidden_size) * 2);
+        } else {
+            pc_add_rms_norm_bf16(x, res, p->input_norm[l], h, res2, m, hidden_size, eps, threads);
+            uint16_t *t = res;
+            res = res2;
+            res2 = t;
+        }
+        pc_linear_bf16(h, p->qkv[l], wide, m, qkv_n, hidden_size, threads, amx_min_rows);
+        pc_qk_norm_rotary_bf16(wide, qkv_n, wide + q_heads * d, qkv_n, cos, sin, cs_stride,
+                               p->q_norm[l], p->k_norm[l], q, k, m, q_heads, kv_heads, d, eps,
+                               threads);
+        for (int64_t i = 0; i < m; i++) {
+            if (slots[i] < 0) continue;
+            memcpy(p->k_cache[l] + slots[i] * kv_row, k + i * kv_row, (size_t)kv_row * 2);
+            memcpy(p->v_cache[l] + slots[i] * kv_row, wide + i * qkv_n + (q_heads + kv_heads) * d,
+                   (size_t)kv_row * 2);
+        }
+        status = pc_paged_decode_attention(q, att, rows, p->k_cache[l], p->v_cache[l], block_tables,
+                                           table_stride, seq_lens, m, q_heads, kv_heads, d,
+                                           block_size, scale, 1, threads);
+        if (status != 0) goto done;
+        pc_linear_bf16(att, p->o[l], x, m, hidden_size, q_heads * d, threads, amx_min_rows);
+        pc_add_rms_norm_bf16(x, res, p->post_norm[l], h, res2, m, hidden_size, eps, threads);
+        uint16_t *t = res;
+        res = res2;
+        res2 = t;
+        pc_linear_bf16(h, p->gate_up[l], wide, m, 2 * inter, hidden_size, threads, amx_min_rows);
+        pc_silu_and_mul_bf16(wide, act, m, inter, threads);
+        pc_linear_bf16(act, p->down[l], x, m, hidden_size, inter, threads, amx_min_rows);
+    }
+    if (layers == 0)
+        pc_add_rms_norm_bf16(x, NULL, final_norm, hidden, NULL, m, hidden_size, eps, threads);
+    else
+        pc_add_rms_norm_bf16(x, res, final_norm, hidden, res2, m, hidden_size, eps, threads);
+done:
+    free(x);
+    free(res);
+    free(res2);
+    free(h);
+    free(wide);
+    free(act);
+    free(q);
+    free(k);
+    free(att);
+    free(rows);
+    return status;
+}

@@ -1,0 +1,59 @@
+"""The one-call C decode step (engine.cpu_kernels.decoder_step) against the Python forward it
+replaces: the same kernels in the same order, so the same bits, for bf16 models on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import LLM, SamplingParams
+from engine.cpu_kernels import decoder_step
+from engine.cpu_kernels.build import compiler
+
+pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on this machine")
+
+PROMPTS = [list(range(300, 340)), list(range(1000, 1007)), [5, 6]]
+
+
+def run(checkpoint, monkeypatch, use_step: bool, calls: list[int]):
+    real = decoder_step.DecoderStep.run
+
+    def counted(self, *args):
+        calls.append(args[0].shape[0])
+        return real(self, *args)
+
+    monkeypatch.setattr(decoder_step.DecoderStep, "run", counted)
+    if not use_step:
+        monkeypatch.setattr(decoder_step.DecoderStep, "serves_step", staticmethod(lambda *a: False))
+    llm = LLM(str(checkpoint), dtype="bfloat16", kv_cache_memory_gb=0.05, block_size=16)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
+    outs = llm.generate(PROMPTS, params)
+    llm.engine.close()
+    monkeypatch.undo()
+    return [(o.token_ids, o.logprobs) for o in outs]
+
+
+def test_the_c_step_gives_the_python_forwards_bits(tiny_checkpoint, monkeypatch):
+    with_step: list[int] = []
+    without: list[int] = []
+    fast = run(tiny_checkpoint, monkeypatch, True, with_step)
+    slow = run(tiny_checkpoint, monkeypatch, False, without)
+    assert with_step and max(with_step) == len(PROMPTS)  # decode steps went through C...
+    assert not without  # ...and the reference run never did
+    assert fast == slow  # tokens and logprobs, bit for bit
+
+
+def test_prompt_steps_and_float32_keep_the_python_forward(tiny_checkpoint, monkeypatch):
+    calls: list[int] = []
+    real = decoder_step.DecoderStep.run
+    monkeypatch.setattr(
+        decoder_step.DecoderStep, "run", lambda self, *a: calls.append(1) or real(self, *a)
+    )
+    llm = LLM(str(tiny_checkpoint), dtype="float32", kv_cache_memory_gb=0.05)
+    llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=4))
+    llm.engine.close()
+    assert not calls
+    hidden = torch.zeros(2, 8, dtype=torch.bfloat16)
+    assert not decoder_step.DecoderStep.serves_step(hidden, [1, 3], [5, 9])  # a prompt chunk
+    assert not decoder_step.DecoderStep.serves_step(hidden, [1, 1], [1, 9])  # a 1-token prompt
+    assert decoder_step.DecoderStep.serves_step(hidden, [1, 1], [2, 9])
