@@ -5,7 +5,9 @@ every other thread of the process, the event loop included, waiting ~15-20 s, an
 `asyncio.to_thread` does not help. A worker process has its own GIL. It is started (spawned,
 never forked from a process running an engine thread) on first use, loads the same
 tokenizer.json and chat template, and imports neither torch nor the model. Ids come back as
-one packed array, which the caller unpacks in milliseconds.
+one packed array, which the caller unpacks in milliseconds; with `max_len`, a prompt longer
+than that (one the server refuses anyway) comes back as its count only (`PromptTooLong`):
+turning a 16 MB prompt's 8M ids into a list took ~0.3 s of the event loop.
 """
 
 from __future__ import annotations
@@ -65,8 +67,27 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(0)
 
 
+class PromptTooLong(ValueError):
+    """The text encodes to more than the caller's `max_len` ids (their count is given)."""
+
+    def __init__(self, num_tokens: int) -> None:
+        super().__init__(f"{num_tokens} tokens")
+        self.num_tokens = num_tokens
+
+
 def _pack(ids: list[int]) -> bytes:
     return array("I", ids).tobytes()
+
+
+def _pack_within(ids: list[int], max_len: int | None) -> bytes | int:
+    """The ids packed, or only their count when there are more than max_len."""
+    return len(ids) if max_len is not None and len(ids) > max_len else _pack(ids)
+
+
+def _result(data: bytes | int) -> list[int]:
+    if isinstance(data, int):
+        raise PromptTooLong(data)
+    return _unpack(data)
 
 
 def _unpack(data: bytes) -> list[int]:
@@ -75,9 +96,9 @@ def _unpack(data: bytes) -> list[int]:
     return ids.tolist()
 
 
-def _encode(text: str) -> bytes:
+def _encode(text: str, max_len: int | None = None) -> bytes | int:
     assert _worker_tokenizer is not None
-    return _pack(_worker_tokenizer.encode(text))
+    return _pack_within(_worker_tokenizer.encode(text), max_len)
 
 
 def _decode(data: bytes) -> str:
@@ -85,9 +106,11 @@ def _decode(data: bytes) -> str:
     return _worker_tokenizer.decode(_unpack(data))
 
 
-def _encode_chat(messages: list[dict[str, Any]], options: dict[str, Any]) -> bytes:
+def _encode_chat(
+    messages: list[dict[str, Any]], options: dict[str, Any], max_len: int | None = None
+) -> bytes | int:
     assert _worker_tokenizer is not None
-    return _pack(_worker_tokenizer.encode_chat(messages, **options))
+    return _pack_within(_worker_tokenizer.encode_chat(messages, **options), max_len)
 
 
 class TokenizerProcess:
@@ -144,11 +167,12 @@ class TokenizerProcess:
             ) from exc
         return data
 
-    async def encode(self, text: str) -> list[int]:
-        """`Tokenizer.encode`; in the worker when `text` is long."""
+    async def encode(self, text: str, max_len: int | None = None) -> list[int]:
+        """`Tokenizer.encode`; in the worker when `text` is long. PromptTooLong when the worker
+        finds more than `max_len` ids."""
         if len(text) <= LONG_TEXT_CHARS:
             return self.tokenizer.encode(text)
-        return _unpack(await self._run(_encode, text))
+        return _result(await self._run(_encode, text, max_len))
 
     async def decode(self, ids: Sequence[int]) -> str:
         """`Tokenizer.decode`; in the worker for a long list of ids."""
@@ -157,11 +181,14 @@ class TokenizerProcess:
         text: str = await self._run(_decode, _pack(list(ids)))
         return text
 
-    async def encode_chat(self, messages: Sequence[dict[str, Any]], **options: Any) -> list[int]:
-        """`Tokenizer.encode_chat`; in the worker when the messages' text is long."""
+    async def encode_chat(
+        self, messages: Sequence[dict[str, Any]], max_len: int | None = None, **options: Any
+    ) -> list[int]:
+        """`Tokenizer.encode_chat`; in the worker when the messages' text is long.
+        PromptTooLong when the worker finds more than `max_len` ids."""
         if _text_size(messages) <= LONG_TEXT_CHARS:
             return self.tokenizer.encode_chat(messages, **options)
-        return _unpack(await self._run(_encode_chat, list(messages), options))
+        return _result(await self._run(_encode_chat, list(messages), options, max_len))
 
     def close(self) -> None:
         with self._lock:

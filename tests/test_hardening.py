@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 from app.settings import AppSettings
-from engine.tokenizer_process import TokenizerProcess
+from engine.tokenizer_process import PromptTooLong, TokenizerProcess
 from tests.api_helpers import api_server
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -244,6 +244,34 @@ def test_the_tokenizer_worker_ends_with_its_server(tmp_path, tiny_checkpoint):
     while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not Path(f"/proc/{pid}").exists(), "the worker outlived its server"
+
+
+def test_a_prompt_longer_than_the_context_comes_back_as_its_count(roomy):
+    """Over `max_len` ids the worker sends only their count (the server refuses such a prompt):
+    unpacking a 16 MB prompt's 8M ids into a list held the event loop ~0.3 s. The API's 400
+    states that count."""
+    tok = roomy.engine.tokenizer
+    process = TokenizerProcess.of(tok)
+    text = random_text(60_000, 3)
+    ids = tok.encode(text)
+    assert asyncio.run(process.encode(text, max_len=len(ids))) == ids
+    with pytest.raises(PromptTooLong) as refused:
+        asyncio.run(process.encode(text, max_len=len(ids) - 1))
+    assert refused.value.num_tokens == len(ids)
+    messages = [{"role": "user", "content": text}]
+    chat_ids = tok.encode_chat(messages)
+    with pytest.raises(PromptTooLong) as refused:
+        asyncio.run(process.encode_chat(messages, max_len=len(chat_ids) - 1))
+    assert refused.value.num_tokens == len(chat_ids)
+    model = str(roomy.engine.config.model)
+    for path, body, n in [
+        ("/v1/completions", {"prompt": text}, len(ids)),
+        ("/v1/chat/completions", {"messages": messages}, len(chat_ids)),
+    ]:
+        answer = httpx.post(roomy.url + path, json={"model": model, **body}, timeout=120)
+        error = answer.json()["error"]
+        assert answer.status_code == 400 and error["code"] == "context_length_exceeded"
+        assert f"resulted in {n} tokens" in error["message"]
 
 
 def test_a_killed_tokenizer_worker_fails_only_its_request(roomy):

@@ -66,7 +66,7 @@ from engine.client import EngineClient
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
-from engine.tokenizer_process import TokenizerProcess, TokenizerWorkerDied
+from engine.tokenizer_process import PromptTooLong, TokenizerProcess, TokenizerWorkerDied
 
 Stream = AsyncGenerator[RequestOutput, None]
 
@@ -158,13 +158,20 @@ def _check_unsupported(body: SamplingRequest) -> None:
 async def _chat_prompt_ids(
     tokenizer: Tokenizer,
     messages: list[EngineMessage],
+    max_model_len: int,
     tools: list[dict[str, Any]] | None = None,
     **options: Any,
 ) -> list[int]:
     # encode_chat: control tokens written in the messages stay plain text (issue 17); a long
-    # conversation is encoded in a worker process (tokenizing holds the GIL).
+    # conversation is encoded in a worker process (tokenizing holds the GIL), and one that
+    # cannot fit comes back as its count only (no list of millions of ids on the event loop).
     try:
-        return await TokenizerProcess.of(tokenizer).encode_chat(messages, tools=tools, **options)
+        return await TokenizerProcess.of(tokenizer).encode_chat(
+            messages, max_len=max_model_len - 1, tools=tools, **options
+        )
+    except PromptTooLong as exc:
+        _check_length(exc.num_tokens, None, max_model_len, "messages")
+        raise AssertionError("unreachable: the prompt is longer than the context") from exc
     except TokenizerWorkerDied as exc:
         raise APIError(503, str(exc), type="server_error", headers={"Retry-After": "1"}) from exc
     except Exception as exc:  # the template refuses some message orders (raise_exception)
@@ -919,7 +926,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         def start(rid: str, params: SamplingParams) -> Stream:
             return engine.chat(messages, params, request_id=rid)
     else:
-        ids = await _chat_prompt_ids(tokenizer, messages, plan.tools, **_template_options(body))
+        ids = await _chat_prompt_ids(
+            tokenizer, messages, engine.max_model_len, plan.tools, **_template_options(body)
+        )
         _check_length(len(ids), max_tokens, engine.max_model_len, "messages")
         mode = thinking_mode(
             tokenizer, ids, body.chat_template_kwargs or {}, constrained=structured is not None
@@ -998,7 +1007,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         else:
             if isinstance(prompt, str):
                 try:
-                    prompt_input = await TokenizerProcess.of(tokenizer).encode(prompt)
+                    prompt_input = await TokenizerProcess.of(tokenizer).encode(
+                        prompt, max_len=engine.max_model_len - 1
+                    )
+                except PromptTooLong as exc:
+                    _check_length(exc.num_tokens, None, engine.max_model_len, "prompt")
+                    raise AssertionError("unreachable: longer than the context") from exc
                 except TokenizerWorkerDied as exc:
                     raise APIError(
                         503, str(exc), type="server_error", headers={"Retry-After": "1"}
