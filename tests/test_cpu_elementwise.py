@@ -60,6 +60,16 @@ def test_silu_and_mul():
     assert torch.equal(SiluAndMul("cpu")(x), silu_and_mul(x))
 
 
+def test_silu_and_mul_on_every_finite_bf16_gate():
+    """The vector path's exp is torch's (SLEEF u10): the same bits for all 65,280 finite
+    bf16 gates (rows of 255: 15 vectors of 16 and a scalar tail of 15), up = 1 and -3."""
+    gates = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gates = gates[torch.isfinite(gates)].reshape(-1, 255)
+    for up in (1.0, -3.0):
+        x = torch.cat([gates, torch.full_like(gates, up)], dim=-1)
+        assert torch.equal(SiluAndMul("cpu")(x), silu_and_mul(x))
+
+
 def test_float32_keeps_the_torch_ops_bit_for_bit():
     torch.manual_seed(3)
     x = torch.randn(4, 64)
