@@ -84,9 +84,8 @@ def test_prompts_equal_the_template_and_drop_earlier_thinking(tokenizer, enable_
         assert same == len(before_answer)
 
 
+@pytest.mark.parametrize("tokenizer", ["hybrid", "thinking"], indirect=True)
 def test_an_answer_stopped_while_thinking_leaves_an_empty_turn(tokenizer):
-    if tokenizer.kind == "instruct":
-        pytest.skip("no thinking")
     history = TokenHistory(ChatCodec(tokenizer))
     first = history.prepare("Hi", [], "m1", 4096, 64)
     raw = ("" if first.plan.turn.opening_ids else "<think>") + "SECRET-THOUGHT cut"
