@@ -157,7 +157,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pc_paged_prefill_attention.argtypes = [
         *(ptr, i64, ptr, i64, i64),  # q, q_stride, out, out_stride, query_len
         *(ptr, ptr, ptr, i64),  # k_cache, v_cache, block_table, seq_len
-        *(i64, i64, i64, i64, i64),  # q_heads, kv_heads, head_dim, block_size, cache_elems
+        *(i64, i64, i64, i64),  # q_heads, kv_heads, head_dim, block_size
         ctypes.c_float,
         i32,  # threads
     ]

@@ -82,30 +82,50 @@ static inline int64_t row_offset(const int32_t *table, int64_t j, int64_t block_
     return (((int64_t)table[j / block_size] * block_size + j % block_size) * kv_heads + h) * d;
 }
 
+/* A 16 x 16 matrix of 32-bit elements, transposed in registers (r[i] row i in, column i out). */
+static inline void transpose16_epi32(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int k = 0; k < 8; k++) {
+        a[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+        a[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+    }
+    /* b[4k + m], 128-bit lane L: element 4L + m of rows 4k .. 4k + 3 */
+    for (int k = 0; k < 4; k++) {
+        b[4 * k] = _mm512_unpacklo_epi64(a[4 * k], a[4 * k + 2]);
+        b[4 * k + 1] = _mm512_unpackhi_epi64(a[4 * k], a[4 * k + 2]);
+        b[4 * k + 2] = _mm512_unpacklo_epi64(a[4 * k + 1], a[4 * k + 3]);
+        b[4 * k + 3] = _mm512_unpackhi_epi64(a[4 * k + 1], a[4 * k + 3]);
+    }
+    for (int m = 0; m < 4; m++) {
+        const __m512i u0 = _mm512_shuffle_i32x4(b[m], b[4 + m], 0x44);
+        const __m512i u1 = _mm512_shuffle_i32x4(b[m], b[4 + m], 0xEE);
+        const __m512i v0 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], 0x44);
+        const __m512i v1 = _mm512_shuffle_i32x4(b[8 + m], b[12 + m], 0xEE);
+        r[m] = _mm512_shuffle_i32x4(u0, v0, 0x88);
+        r[4 + m] = _mm512_shuffle_i32x4(u0, v0, 0xDD);
+        r[8 + m] = _mm512_shuffle_i32x4(u1, v1, 0x88);
+        r[12 + m] = _mm512_shuffle_i32x4(u1, v1, 0xDD);
+    }
+}
+
 /* Keys of one 32-key unit into two 16-key column blocks [D/2][16][2]: row p of a block holds
- * dims 2p, 2p + 1 of its 16 keys, gathered 16 keys at a time; zeros past seq_len. */
+ * dims 2p, 2p + 1 of its 16 keys: the keys' rows, as 32-bit pairs, transposed 16 x 16 at a
+ * time in registers; zeros past seq_len. */
 static void pack_keys(const uint16_t *cache, const int32_t *table, int64_t unit, int64_t seq_len,
                       int64_t block_size, int64_t kv_heads, int64_t h, int64_t d, uint16_t *kp) {
     for (int64_t half = 0; half < 2; half++) {
-        int32_t offsets[16];
-        __mmask16 present = 0;
+        const uint16_t *rows[16];
         for (int64_t n = 0; n < 16; n++) {
             const int64_t j = unit * KB + half * 16 + n;
-            offsets[n] = 0;
-            if (j < seq_len) {
-                /* dword index of the key's row relative to the cache start (< 2^31 dwords
-                 * checked by the caller) */
-                offsets[n] = (int32_t)(row_offset(table, j, block_size, kv_heads, h, d) / 2);
-                present |= (__mmask16)(1u << n);
-            }
+            rows[n] = j < seq_len ? cache + row_offset(table, j, block_size, kv_heads, h, d) : NULL;
         }
-        const __m512i index = _mm512_loadu_si512(offsets);
         uint16_t *dst = kp + half * d * 16;
-        const int32_t *base = (const int32_t *)cache;
-        for (int64_t p = 0; p < d / 2; p++) {
-            const __m512i pairs =
-                _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), present, index, base + p, 4);
-            _mm512_storeu_si512(dst + p * 32, pairs);
+        for (int64_t c = 0; c < d / 32; c++) { /* pairs 16c .. 16c + 15 */
+            __m512i r[16];
+            for (int n = 0; n < 16; n++)
+                r[n] = rows[n] ? _mm512_loadu_si512(rows[n] + 32 * c) : _mm512_setzero_si512();
+            transpose16_epi32(r);
+            for (int e = 0; e < 16; e++) _mm512_storeu_si512(dst + (16 * c + e) * 32, r[e]);
         }
     }
 }
@@ -258,19 +278,16 @@ static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int6
 
 /* q, out: bf16 rows of one sequence's chunk, [query_len] rows of q_stride / out_stride
  * values, head h at h * head_dim; caches bf16 [blocks, block_size, kv_heads, head_dim];
- * block_table: the sequence's int32 row; cache_elems: values in one cache (keys are gathered
- * with 32-bit indices). Returns 0, or 1 where this build or these shapes cannot run it
- * (head_dim a multiple of 32 up to 256, whole KV groups, caches under 2^32 values). */
+ * block_table: the sequence's int32 row. Returns 0, or 1 where this build or these shapes
+ * cannot run it (head_dim a multiple of 32 up to 256, whole KV groups). */
 int pc_paged_prefill_attention(const uint16_t *q, int64_t q_stride, uint16_t *out,
                                int64_t out_stride, int64_t query_len, const uint16_t *k_cache,
                                const uint16_t *v_cache, const int32_t *block_table,
                                int64_t seq_len, int64_t q_heads, int64_t kv_heads,
-                               int64_t head_dim, int64_t block_size, int64_t cache_elems,
-                               float scale, int threads) {
+                               int64_t head_dim, int64_t block_size, float scale, int threads) {
 #if PC_PREFILL_AMX
     const int64_t d = head_dim;
-    if (d % 32 || d > MAX_D || q_heads % kv_heads || query_len > seq_len || query_len <= 0 ||
-        cache_elems / 2 >= ((int64_t)1 << 31))
+    if (d % 32 || d > MAX_D || q_heads % kv_heads || query_len > seq_len || query_len <= 0)
         return 1;
     const int64_t group = q_heads / kv_heads, prefix = seq_len - query_len;
     const int64_t units = (seq_len + KB - 1) / KB;
@@ -325,7 +342,7 @@ int pc_paged_prefill_attention(const uint16_t *q, int64_t q_stride, uint16_t *ou
 #else
     (void)q, (void)q_stride, (void)out, (void)out_stride, (void)query_len, (void)k_cache;
     (void)v_cache, (void)block_table, (void)seq_len, (void)q_heads, (void)kv_heads;
-    (void)head_dim, (void)block_size, (void)cache_elems, (void)scale, (void)threads;
+    (void)head_dim, (void)block_size, (void)scale, (void)threads;
     return 1;
 #endif
 }

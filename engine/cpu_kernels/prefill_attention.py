@@ -70,7 +70,6 @@ def prefill_attention(
         kv_heads,
         head_dim,
         block_size,
-        k_cache.numel(),
         scale,
         threads,
     )
