@@ -9,6 +9,7 @@
  * mates or on the thread count.
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -201,6 +202,7 @@ int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, c
     int64_t keys = 0;
     for (int64_t s = 0; s < num_seqs; s++) keys += seq_lens[s];
     const int parallel = keys * kv_heads * head_dim >= (1 << 18);
+    const int64_t total_keys = keys * kv_heads;
 #pragma omp parallel num_threads(threads) if (parallel)
     {
         /* Per thread: scores [group][longest], scaled queries and accumulators [group][d]. */
@@ -217,8 +219,22 @@ int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, c
         }
         float *qf = scores ? scores + longest * group : NULL;
         float *acc = qf ? qf + group * head_dim : NULL, *row = acc ? acc + group * head_dim : NULL;
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t item = 0; item < items; item++) {
+        /* Each thread takes one contiguous run of items holding its share of the keys: it
+         * streams neighbouring rows (a token's heads lie side by side, a sequence's blocks
+         * often follow each other), and sequences of different lengths still balance. */
+        const int nthreads = omp_get_num_threads(), me = omp_get_thread_num();
+        int64_t first_item = items, last_item = items;
+        {
+            const int64_t lo = total_keys * me / nthreads, hi = total_keys * (me + 1) / nthreads;
+            int64_t acc_keys = 0;
+            for (int64_t it = 0; it < items; it++) {
+                if (first_item == items && acc_keys >= lo) first_item = it;
+                if (acc_keys >= hi) { last_item = it; break; }
+                acc_keys += seq_lens[it / kv_heads];
+            }
+            if (first_item > last_item) first_item = last_item;
+        }
+        for (int64_t item = first_item; item < last_item; item++) {
             if (scores == NULL) continue;
             const int64_t s = item / kv_heads, h = item % kv_heads, len = seq_lens[s];
             const int32_t *table = block_tables + s * table_stride;
