@@ -116,7 +116,9 @@ class DiskKVStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._scan()
         self._writer = _Writer(self)
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pagechat-kv-load")
+        self._loader = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="pagechat-kv-load", initializer=_yield_to_steps
+        )
         # Normal interpreter exit writes what is queued (LLMEngine.close does it earlier). The
         # writer thread holds the store, so this runs at close() or at exit, never mid-run.
         self._finalizer = weakref.finalize(self, _Writer.stop, self._writer, 30.0)
@@ -422,6 +424,23 @@ class _Writer:
                     self._pending -= 1
                     self._queued_bytes -= nbytes
                     self._idle.notify_all()
+
+
+def _yield_to_steps() -> None:
+    """The loader thread runs only when a core is otherwise idle (Linux SCHED_IDLE).
+
+    A thread reading gigabytes competed with the engine's OpenMP workers for the cores: a
+    running stream's step then waited at its barriers for a worker that got no core, once for
+    about the whole load (0.4-0.6 s for 2 GiB on 2 cores). At idle priority the load fills the
+    gaps between steps instead (and takes every core when nothing else runs, as after a
+    restart). Elsewhere, or where the policy is refused, the thread keeps the default."""
+    policy = getattr(os, "SCHED_IDLE", None)
+    if policy is None:
+        return
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError as exc:
+        logger.info("KV disk cache: loader stays at normal priority (%s)", exc)
 
 
 def _unlink(path: str | Path) -> None:
