@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
@@ -103,20 +102,28 @@ def test_the_thinking_streams_into_a_collapsible_step_above_the_answer(thinking_
     page.keyboard.press("Escape")
     page.wait_for_selector("#chat-settings", state="detached", timeout=5_000)
 
+    # While it thinks: the step is open and its text grows before any answer text shows. Every
+    # change of the page is recorded by a MutationObserver (polling from here missed the
+    # stream once the engine wrote the ~35 thinking tokens faster than a poll round trip).
+    page.evaluate(
+        """([stepSel, answerSel]) => {
+            window.__seen = [];
+            const record = () => {
+                const steps = document.querySelectorAll(stepSel);
+                if (!steps.length) return;
+                const region = steps[steps.length - 1]
+                    .querySelector("[role='region'] .message-content");
+                const answered = document.querySelectorAll(answerSel).length > 1;  // 1: notice
+                window.__seen.push([region ? region.innerText.length : 0, answered]);
+            };
+            new MutationObserver(record).observe(
+                document.body, {subtree: true, childList: true, characterData: true});
+        }""",
+        [STEP, ANSWER],
+    )
     send(page, QUESTION)
-    # While it thinks: the step is open and its text grows before any answer text shows.
-    seen: list[tuple[int, bool]] = []
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        step = page.locator(STEP)
-        answered = page.locator(ANSWER).count() > 1  # the demo's notice is the first
-        if step.count():
-            region = step.last.locator("[role='region'] .message-content")
-            text = region.inner_text() if region.count() else ""
-            seen.append((len(text), answered))
-        if page.locator(ANSWER, has_text="prompt tokens").count():
-            break
-        time.sleep(0.02)
+    page.locator(ANSWER, has_text="prompt tokens").first.wait_for(timeout=30_000)
+    seen = [tuple(x) for x in page.evaluate("window.__seen")]
     before_answer = {n for n, answered in seen if n and not answered}
     assert len(before_answer) >= 2, seen  # streamed: at least two lengths before the answer
 
