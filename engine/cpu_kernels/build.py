@@ -75,7 +75,7 @@ def _target_macros(cc: str, march: str) -> str:
 
 def library_path(cc: str, march: str) -> Path:
     digest = hashlib.sha256()
-    for source in (*SOURCES, Path(__file__).with_name("bf16.h")):
+    for source in (*SOURCES, *(Path(__file__).with_name(h) for h in ("bf16.h", "amx.h"))):
         digest.update(source.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     digest.update(_target_macros(cc, march).encode())

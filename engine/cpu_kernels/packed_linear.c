@@ -28,6 +28,7 @@
 #if PC_AVX512_BF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
+#include "amx.h"
 #define PC_AMX 1
 #else
 #define PC_AMX 0
@@ -122,25 +123,8 @@ static void linear_small_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y,
 #endif
 
 #if PC_AMX
-typedef struct {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
 /* tmm0, tmm1: C (rows x 16 float32); tmm2: A (rows x 32 bf16); tmm3, tmm4: B (16 x 32 bf16). */
-static void configure_tiles(int rows) {
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        c.colsb[t] = 64;
-        c.rows[t] = (uint8_t)(t == 3 || t == 4 ? 16 : rows);
-    }
-    _tile_loadconfig(&c);
-}
+static void configure_tiles(int rows) { pc_amx_configure(rows); }
 
 static void store_tile_rows(const float *c, uint16_t *y, int64_t n, int64_t col0, int rows) {
     for (int r = 0; r < rows; r++)

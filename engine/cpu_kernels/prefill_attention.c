@@ -24,7 +24,7 @@
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AMX_TILE__) && \
     defined(__AMX_BF16__) && defined(__linux__)
-#include <immintrin.h>
+#include "amx.h"
 #define PC_PREFILL_AMX 1
 #else
 #define PC_PREFILL_AMX 0
@@ -40,25 +40,8 @@
 int pc_prefill_attention_level(void) { return PC_PREFILL_AMX; }
 
 #if PC_PREFILL_AMX
-typedef struct {
-    uint8_t palette;
-    uint8_t start_row;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
 /* Every tile 16 rows of 64 bytes. C: 0-3; A: 4, 5; B: 6, 7. */
-static void configure_tiles(void) {
-    tile_config c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        c.colsb[t] = 64;
-        c.rows[t] = 16;
-    }
-    _tile_loadconfig(&c);
-}
+static void configure_tiles(void) { pc_amx_configure(16); }
 
 /* 2^x for x <= 0, clamped at 2^-100 (no subnormal results, which cost microcode assists;
  * x = -inf gives 2^-100: callers mask those lanes to 0).
