@@ -22,11 +22,16 @@ One file per block, named by its key (engine.kv_keys): `<dir>/<key[:2] hex>/<key
 A write goes to a temporary file in the same directory, is fsynced, then renamed over the
 final name (and the directory fsynced), so a crash leaves either the whole file or none. On a
 load every field is checked (magic, version, fingerprint, key, token ids, sizes, checksum); a
-torn, truncated, foreign or corrupt file is logged, deleted and never loaded. A load reads each
-file with one system call, its KV straight into one buffer for all the blocks (no zero-filled
-staging copy), and checks it with XXH3 (~10 GB/s here; format 1's CRC-32 ran ~2 GB/s and was
-a third of a restarted follow-up's load). Leftover
-temporary files are deleted at start. The directory is kept under its byte cap by deleting the
+torn, truncated, foreign or corrupt file is logged, deleted and never loaded, and the load stops
+there (it brings the longest valid prefix of the blocks asked for). A load reads each file with
+one system call (`os.preadv`) straight into its destination and checks it with XXH3 streamed
+over the same buffers in file order (~10 GB/s here; format 1's CRC-32 ran ~2 GB/s). The
+destination is either the device pool's own block (`load_into`, on the CPU, where the pool is
+host memory: one buffer per (k|v, layer) segment of the pool block, so nothing is copied again
+and no fresh memory is faulted in while other requests step) or one row of a staging buffer
+for all the blocks (`load`, on CUDA: the model runner then copies the rows to the device). A
+load can be told to stop before its next file (`stop`). Leftover temporary files are deleted
+at start. The directory is kept under its byte cap by deleting the
 least recently used files (file mtimes carry the order across restarts: a load touches them).
 """
 
@@ -60,6 +65,10 @@ SUFFIX = ".kv"
 # otherwise pile up the KV of a long document in memory); those blocks are not saved.
 MAX_QUEUED_BYTES = 2 << 30
 TMP_MARK = ".tmp-"
+try:
+    IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))  # buffers one preadv fills (1024 on Linux)
+except (AttributeError, ValueError, OSError):
+    IOV_MAX = 16
 
 
 class BadBlockFile(Exception):
@@ -73,10 +82,12 @@ def encode_header(fingerprint: bytes, ref: BlockRef, payload_bytes: int) -> byte
     ) + struct.pack(f"<{n}i", *ref.token_ids)
 
 
-def checksum(header: bytes | bytearray, payload: memoryview) -> int:
-    """XXH3-64 of a block file's bytes before the checksum field (header, then payload)."""
+def checksum(header: bytes | bytearray, *payload: memoryview) -> int:
+    """XXH3-64 of a block file's bytes before the checksum field: the header, then the payload
+    (given whole, or as the consecutive pieces a load read it into: the same digest)."""
     h = xxhash.xxh3_64(header)
-    h.update(payload)
+    for part in payload:
+        h.update(part)
     return h.intdigest()
 
 
@@ -265,55 +276,93 @@ class DiskKVStore:
 
     # ---- loading -------------------------------------------------------------------------------
 
-    def load(self, refs: Sequence[BlockRef]) -> Future[list[torch.Tensor]]:
-        """Read blocks on the loader thread: the KV of the longest valid prefix of `refs`."""
-        return self._loader.submit(self._load, list(refs))
+    def load(
+        self, refs: Sequence[BlockRef], stop: threading.Event | None = None
+    ) -> Future[list[torch.Tensor]]:
+        """Read blocks on the loader thread into one new staging buffer: the KV of the longest
+        valid prefix of `refs`, one tensor of `block_shape` per block (consecutive rows)."""
+        return self._loader.submit(self._load_staged, list(refs), stop)
 
-    def _load(self, refs: list[BlockRef]) -> list[torch.Tensor]:
-        start = time.perf_counter()
+    def load_into(
+        self,
+        refs: Sequence[BlockRef],
+        destinations: Callable[[int], list[memoryview]],
+        stop: threading.Event | None = None,
+    ) -> Future[int]:
+        """Read blocks on the loader thread straight into their destinations; the future gives
+        how many of `refs`, from the first, verified (their destinations hold their KV).
+
+        `destinations(i)` (called on the loader thread) is where block i's payload goes: writable
+        byte buffers, `payload_bytes` in all, in the file's order. A destination after the last
+        verified block may hold anything. Once the future is done the loader never touches
+        them again; `stop`, once set, ends the load before its next file."""
+        return self._loader.submit(self._load, list(refs), destinations, stop)
+
+    def _load_staged(
+        self, refs: list[BlockRef], stop: threading.Event | None
+    ) -> list[torch.Tensor]:
         # One uninitialized buffer for every block: each file's KV is read straight into its row
         # (the model runner then copies the rows into the pool in one operation).
         out = torch.empty((len(refs), *self.block_shape), dtype=self.dtype)
         rows = out.view(len(refs), -1).view(torch.uint8)
-        loaded = 0
-        nbytes = 0
-        for ref in refs:
-            path = self.path_of(ref.key)
-            try:
-                nbytes += self._read_block(path, ref, rows[loaded])
-            except FileNotFoundError:
-                with self._lock:
-                    self._forget(ref.key)
-                break
-            except (BadBlockFile, OSError) as exc:
-                logger.warning("KV disk cache: %s is unusable (%s); deleted, not loaded", path, exc)
-                with self._lock:
-                    self._forget(ref.key)
-                    self.bad_files += 1
-                _unlink(path)
-                break
-            loaded += 1
-            with self._lock:
-                if ref.key in self._index:
-                    self._index.move_to_end(ref.key)
-            try:
-                os.utime(path)  # the LRU order survives a restart
-            except OSError:
-                pass
-        with self._lock:
-            self.bytes_read += nbytes
-            self.blocks_read += loaded
-            self.load_seconds += time.perf_counter() - start
+        loaded = self._load(refs, lambda i: [rows[i].numpy().data], stop)
         return list(out[:loaded].unbind(0))
 
-    def _read_block(self, path: Path, ref: BlockRef, payload: torch.Tensor) -> int:
-        """Read the block file `path` (its KV into `payload`, uint8) after checking every field
-        against `ref`; returns the file's size. Raises BadBlockFile for a file not to load."""
+    def _load(
+        self,
+        refs: list[BlockRef],
+        destinations: Callable[[int], list[memoryview]],
+        stop: threading.Event | None,
+    ) -> int:
+        start = time.perf_counter()
+        loaded = 0
+        nbytes = 0
+        try:
+            for ref in refs:
+                if stop is not None and stop.is_set():
+                    break
+                path = self.path_of(ref.key)
+                try:
+                    nbytes += self._read_block(path, ref, destinations(loaded))
+                except FileNotFoundError:
+                    with self._lock:
+                        self._forget(ref.key)
+                    break
+                except (BadBlockFile, OSError) as exc:
+                    logger.warning(
+                        "KV disk cache: %s is unusable (%s); deleted, not loaded", path, exc
+                    )
+                    with self._lock:
+                        self._forget(ref.key)
+                        self.bad_files += 1
+                    _unlink(path)
+                    break
+                loaded += 1
+                with self._lock:
+                    if ref.key in self._index:
+                        self._index.move_to_end(ref.key)
+                try:
+                    os.utime(path)  # the LRU order survives a restart
+                except OSError:
+                    pass
+        finally:
+            with self._lock:
+                self.bytes_read += nbytes
+                self.blocks_read += loaded
+                self.load_seconds += time.perf_counter() - start
+        return loaded
+
+    def _read_block(self, path: Path, ref: BlockRef, payload: list[memoryview]) -> int:
+        """Read the block file `path` (its KV into the byte buffers `payload`, in order) after
+        checking every field against `ref`; returns the file's size. Raises BadBlockFile for a
+        file not to load (`payload` may then hold part of it)."""
+        if sum(p.nbytes for p in payload) != self.payload_bytes:
+            raise ValueError(f"destination of {sum(p.nbytes for p in payload)} bytes for a block")
         head = bytearray(HEADER.size + 4 * len(ref.token_ids))
         tail = bytearray(CHECKSUM.size + 1)  # one byte more: a longer file fills it
         fd = os.open(path, os.O_RDONLY)
         try:
-            size = os.preadv(fd, [head, payload.numpy().data, tail], 0)
+            size = _preadv_all(fd, [head, *payload, tail])
         finally:
             os.close(fd)
         if size < HEADER.size:
@@ -336,7 +385,7 @@ class DiskKVStore:
             # A file longer than expected fills the spare byte of `tail`: size says so too.
             raise BadBlockFile(f"truncated or padded: {size}+ bytes, header says {expected}")
         (stored,) = CHECKSUM.unpack_from(tail)
-        if checksum(head, payload.numpy().data) != stored:
+        if checksum(head, *payload) != stored:
             raise BadBlockFile("checksum mismatch")
         if struct.unpack_from(f"<{n}i", head, HEADER.size) != ref.token_ids:
             raise BadBlockFile("holds other token ids")
@@ -441,6 +490,21 @@ def _yield_to_steps() -> None:
         os.sched_setscheduler(0, policy, os.sched_param(0))
     except OSError as exc:
         logger.info("KV disk cache: loader stays at normal priority (%s)", exc)
+
+
+def _preadv_all(fd: int, buffers: list[bytearray | memoryview]) -> int:
+    """Fill `buffers` in order from the file's start with `os.preadv`, IOV_MAX of them per call
+    (one call for a block file of any model up to 511 layers); the bytes read (fewer at EOF)."""
+    if len(buffers) <= IOV_MAX:
+        return os.preadv(fd, buffers, 0)
+    total = 0
+    for i in range(0, len(buffers), IOV_MAX):
+        part = buffers[i : i + IOV_MAX]
+        got = os.preadv(fd, part, total)
+        total += got
+        if got < sum(memoryview(b).nbytes for b in part):
+            break
+    return total
 
 
 def _unlink(path: str | Path) -> None:
