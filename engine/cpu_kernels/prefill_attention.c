@@ -302,12 +302,15 @@ int pc_paged_prefill_attention(const uint16_t *q, int64_t q_stride, uint16_t *ou
                 pack_values(v_cache, block_table, u, seq_len, block_size, kv_heads, h0 + h, d,
                             values + h * head_elems + u * KB * d);
             }
-            /* the last query blocks see the most keys: hand them out first */
-            const int64_t items = query_blocks * heads * group;
+            /* KV head by KV head, so the threads' consecutive items read the same packed keys
+             * and values (a head's are ~1 MB for 2K tokens: they stay in L2; taking every head
+             * in turn fetched them from L3 for every query block, 19% slower); within a head
+             * the last query blocks, which see the most keys, first. */
+            const int64_t items = query_blocks * heads * group, per_head = query_blocks * group;
 #pragma omp for schedule(dynamic, 1)
             for (int64_t it = 0; it < items; it++) {
-                const int64_t qb = query_blocks - 1 - it / (heads * group);
-                const int64_t h = it % (heads * group) / group;
+                const int64_t h = it / per_head;
+                const int64_t qb = query_blocks - 1 - it % per_head / group;
                 const int64_t head = (h0 + h) * group + it % group;
                 const int64_t row0 = qb * QB;
                 const int64_t rows = query_len - row0 < QB ? query_len - row0 : QB;
