@@ -123,6 +123,32 @@ def test_with_amx_a_row_gets_the_same_bits_alone_and_in_any_batch():
     assert torch.equal(packed_bf16.linear(x[37:38], packed)[0], full[37])
 
 
+@pytest.mark.skipif(packed_bf16.kernel_level() != 2, reason="the fused SwiGLU needs AMX")
+@pytest.mark.parametrize("inter,k", [(48, 96), (64, 1056), (3072, 1024)])
+def test_the_fused_swiglu_matmul_equals_the_matmul_then_the_silu_kernel(inter, k):
+    """pc_linear_swiglu_bf16 pairs gate block j with up block j inside the AMX tiles: its
+    output must be the two-step result bit for bit (batch sizes on the 16- and 32-row tile
+    paths, an odd count of gate blocks, a prompt-sized batch)."""
+    from engine.cpu_kernels.elementwise import silu_and_mul
+
+    torch.manual_seed(inter + k)
+    w = (torch.randn(2 * inter, k) * 0.05).bfloat16()
+    packed = packed_bf16.pack(w)
+    for m in (1, 3, 16, 17, 40, 300 if inter < 3072 else 64):
+        x = (torch.randn(m, k) * 2).bfloat16()
+        fused = packed_bf16.linear_swiglu(x, packed)
+        assert fused is not None and fused.shape == (m, inter)
+        two_steps = silu_and_mul(packed_bf16.linear(x, packed))
+        assert torch.equal(fused, two_steps), m
+    # and against float64: silu(gate) * up of the exact products, two bf16 roundings away
+    ref = _reference(x, w)
+    gate, up = ref[:, :inter], ref[:, inter:]
+    want = gate / (1 + torch.exp(-gate)) * up
+    scale = (x.double().abs() @ w.double().abs().t())
+    slack = scale[:, :inter] * scale[:, inter:] * 1e-4 + 1e-6
+    assert ((fused.double() - want).abs() <= want.abs() * 2**-6 + slack).all()
+
+
 def test_a_model_with_packed_weights_matches_the_dense_model(tiny_checkpoint):
     """The loader packs every bf16 linear and the tied table; logits stay the dense model's
     within bf16 noise and the greedy choice is the same."""

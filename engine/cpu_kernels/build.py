@@ -75,7 +75,8 @@ def _target_macros(cc: str, march: str) -> str:
 
 def library_path(cc: str, march: str) -> Path:
     digest = hashlib.sha256()
-    for source in (*SOURCES, *(Path(__file__).with_name(h) for h in ("bf16.h", "amx.h"))):
+    headers = ("bf16.h", "amx.h", "swiglu.h")
+    for source in (*SOURCES, *(Path(__file__).with_name(h) for h in headers)):
         digest.update(source.read_bytes())
     digest.update(" ".join(FLAGS).encode())
     digest.update(_target_macros(cc, march).encode())
@@ -141,6 +142,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pc_init.argtypes = []
     lib.pc_linear_bf16.restype = None
     lib.pc_linear_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, i64]
+    lib.pc_linear_swiglu_bf16.restype = i32
+    lib.pc_linear_swiglu_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, i64]
     lib.pc_linear_bf16w_f32.restype = None
     lib.pc_linear_bf16w_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32]
     lib.pc_paged_decode_attention.restype = i32

@@ -9,6 +9,7 @@
  *   qkv    = h @ Wqkv^T;  q, k = qk_norm_rotary(q, k);  store k, v at the rows' slots
  *   a      = decode_attention(q)          o = a @ Wo^T
  *   h, res = add_rms_norm(o, res);        x = silu_and_mul(h @ Wgu^T) @ Wdown^T
+ *                                         (the first two fused where the matmul can: AMX)
  *   ...    final: hidden = add_rms_norm(x, res)
  */
 #include <stdint.h>
@@ -26,6 +27,8 @@ void pc_qk_norm_rotary_bf16(const uint16_t *q, int64_t q_stride, const uint16_t 
                             uint16_t *k_out, int64_t tokens, int64_t q_heads, int64_t kv_heads,
                             int64_t d, float eps, int threads);
 void pc_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n, int threads);
+int pc_linear_swiglu_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t m,
+                          int64_t inter, int64_t k, int threads, int64_t amx_min_rows);
 int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, const void *k_cache,
                               const void *v_cache, const int32_t *block_tables,
                               int64_t table_stride, const int32_t *seq_lens, int64_t num_seqs,
@@ -94,8 +97,12 @@ int pc_decoder_decode_bf16(uint16_t *hidden, int64_t m, int64_t layers, int64_t 
         uint16_t *t = res;
         res = res2;
         res2 = t;
-        pc_linear_bf16(h, p->gate_up[l], wide, m, 2 * inter, hidden_size, threads, amx_min_rows);
-        pc_silu_and_mul_bf16(wide, act, m, inter, threads);
+        if (pc_linear_swiglu_bf16(h, p->gate_up[l], act, m, inter, hidden_size, threads,
+                                  amx_min_rows) != 0) {
+            pc_linear_bf16(h, p->gate_up[l], wide, m, 2 * inter, hidden_size, threads,
+                           amx_min_rows);
+            pc_silu_and_mul_bf16(wide, act, m, inter, threads);
+        }
         pc_linear_bf16(act, p->down[l], x, m, hidden_size, inter, threads, amx_min_rows);
     }
     if (layers == 0)

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "bf16.h"
+#include "swiglu.h"
 
 /* torch rounds every multiply and add on its own: no fused multiply-adds here. */
 #pragma GCC optimize("fp-contract=off")
@@ -22,31 +23,7 @@ static inline float round_bf(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 #define PARALLEL_MIN 65536
 
 #if defined(__AVX512F__)
-#include <immintrin.h>
 #define PC_EW_AVX512 1
-
-/* f32_to_bf16 (bf16.h) on 16 lanes, the same bits: round to nearest even, NaN kept quiet. */
-static inline __m256i f32_to_bf16_ps(__m512 f) {
-    const __m512i bits = _mm512_castps_si512(f);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_srli_epi32(
-        _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmpgt_epu32_mask(
-        _mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)), _mm512_set1_epi32(0x7f800000));
-    const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(0x40));
-    return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
-}
-
-static inline __m512 bf16_to_f32_ps(__m256i h) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-static inline __m512 load_bf16_ps(const uint16_t *p) {
-    return bf16_to_f32_ps(_mm256_loadu_si256((const __m256i *)p));
-}
-
-/* round_bf on 16 lanes: the float32 value of the bf16 that f32_to_bf16 gives. */
-static inline __m512 round_bf16_ps(__m512 f) { return bf16_to_f32_ps(f32_to_bf16_ps(f)); }
 #else
 #define PC_EW_AVX512 0
 #endif
@@ -177,48 +154,6 @@ void pc_qk_norm_rotary_bf16(const uint16_t *q, int64_t q_stride, const uint16_t 
     }
 }
 
-#if PC_EW_AVX512
-/* exp of 16 floats exactly as torch's Vectorized<float>::exp computes it on AVX-512 (SLEEF's
- * expf u10: Cody-Waite reduction by ln 2, degree-6 polynomial, FMAs, scale by 2^q in two
- * steps), so the SiLU below keeps torch's bits while running 16 lanes at a time instead of
- * one libm call per element (a 2K-token prefill spent a fifth of its time in expf). */
-static inline __m512 exp_sleef_u10(__m512 d) {
-    const __m512i q = _mm512_cvt_roundps_epi32(
-        _mm512_mul_ps(d, _mm512_set1_ps(1.442695040888963407359924681001892137426645954152985934135449406931f)),
-        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 qf = _mm512_cvtepi32_ps(q);
-    __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), d);
-    s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
-    __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
-    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
-    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
-    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
-    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
-    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
-    u = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
-    /* u * 2^q as two factors 2^(q >> 1) and 2^(q - (q >> 1)): no overflow of the exponent */
-    const __m512i half = _mm512_srai_epi32(q, 1);
-    const __m512i bias = _mm512_set1_epi32(0x7f);
-    const __m512 p1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(half, bias), 23));
-    const __m512 p2 = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(q, half), bias), 23));
-    u = _mm512_mul_ps(_mm512_mul_ps(u, p1), p2);
-    u = _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.0f), _CMP_LT_OQ),
-                           _mm512_setzero_ps());
-    u = _mm512_mask_mov_ps(u, _mm512_cmp_ps_mask(_mm512_set1_ps(100.0f), d, _CMP_LT_OQ),
-                           _mm512_set1_ps(INFINITY));
-    return u;
-}
-
-/* bf16(bf16(silu(gate)) * up) for 16 elements, torch's steps (see above). */
-static inline void silu_mul16(const uint16_t *g, const uint16_t *u, uint16_t *o) {
-    const __m512 gate = load_bf16_ps(g), up = load_bf16_ps(u);
-    const __m512 e = exp_sleef_u10(_mm512_sub_ps(_mm512_setzero_ps(), gate));
-    const __m512 silu = _mm512_div_ps(gate, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-    _mm256_storeu_si256((__m256i *)o, f32_to_bf16_ps(_mm512_mul_ps(round_bf16_ps(silu), up)));
-}
-#endif
-
 /* x = [gate | up] rows of 2n -> out[row] = bf16(bf16(silu(gate)) * up), n per row. */
 void pc_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads) if (rows * n >= PARALLEL_MIN)
@@ -227,7 +162,9 @@ void pc_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_
         uint16_t *o = out + row * n;
         int64_t start = 0;
 #if PC_EW_AVX512
-        for (; start + 16 <= n; start += 16) silu_mul16(g + start, u + start, o + start);
+        for (; start + 16 <= n; start += 16)
+            _mm256_storeu_si256((__m256i *)(o + start),
+                                silu_mul_ps(load_bf16_ps(g + start), load_bf16_ps(u + start)));
 #endif
 #pragma omp simd
         for (int64_t i = start; i < n; i++) {

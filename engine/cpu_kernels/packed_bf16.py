@@ -133,3 +133,23 @@ def linear(
     if bias is not None:
         out += bias.to(out.dtype)
     return out
+
+
+def linear_swiglu(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up of x [M, K] bfloat16 times a packed [gate | up] weight, in one pass (the
+    matmul writes silu(gate) * up from its own tiles: the same bits as `linear` then the SiLU
+    kernel, without the 2x wider intermediate). None where this CPU has no such kernel (no
+    AMX): the caller runs the two steps."""
+    lib = load()
+    if lib is None or x.dtype != torch.bfloat16 or kernel_level() != 2:
+        return None
+    m, k = x.shape
+    n = out_features(packed)
+    if k != in_features(packed) or n % (2 * BLOCK_COLS):
+        return None
+    x = x.contiguous()
+    out = torch.empty(m, n // 2, dtype=torch.bfloat16)
+    status = lib.pc_linear_swiglu_bf16(
+        _ptr(x), _ptr(packed), _ptr(out), m, n // 2, k, torch.get_num_threads(), AMX_MIN_ROWS
+    )
+    return out if status == 0 else None

@@ -9,7 +9,9 @@
  *     with AVX512-BF16, a widening float32 loop elsewhere (AVX2, NEON: the compiler vectorises
  *     it over the 16 columns, no horizontal sums);
  *   - many rows with AMX: 16x32 tiles of x times 16x32 tiles of the weight (its 64-byte rows
- *     are exactly AMX's B-tile rows), blocks of columns kept in L2 while all row tiles pass.
+ *     are exactly AMX's B-tile rows), blocks of columns kept in L2 while all row tiles pass;
+ *     for an MLP's [gate | up] weight the same tiles can pair each gate block with its up
+ *     block and write silu(gate) * up directly (pc_linear_swiglu_bf16).
  * Every output is summed in float32 in an order fixed by K and the kernel (the kernel depends
  * on M: few rows or AMX); it does not depend on the thread count.
  */
@@ -29,6 +31,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #include "amx.h"
+#include "swiglu.h"
 #define PC_AMX 1
 #else
 #define PC_AMX 0
@@ -123,8 +126,19 @@ static void linear_small_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y,
 #endif
 
 #if PC_AMX
-/* tmm0, tmm1: C (rows x 16 float32); tmm2: A (rows x 32 bf16); tmm3, tmm4: B (16 x 32 bf16). */
+/* Tiles: C 0, 1 (rows 0-15) and 5, 6 (rows 16-31); A 2 (rows 0-15), 7 (rows 16-31); B 3, 4
+ * (the two column blocks of a pair). */
 static void configure_tiles(int rows) { pc_amx_configure(rows); }
+
+/* Which column blocks a kernel call multiplies, and what it writes.
+ *   plain:  pairs of adjacent blocks (2p, 2p + 1) -> y columns 32p .. 32p + 31, y width n;
+ *   swiglu: gate block p with up block p + half (W = [gate | up], half = n / 32 blocks) ->
+ *           y columns 16p .. 16p + 15 = bf16(silu(bf16(gate)) * bf16(up)), y width n / 2. */
+typedef struct {
+    int64_t first_step; /* pair p's first block: p * first_step */
+    int64_t second_offset; /* its second block: first + second_offset */
+    int swiglu;
+} pc_pairing;
 
 /* A stored C tile (rows x 16 float32) to bf16 output rows. The AMX path rounds with the
  * bf16 conversion instructions: to nearest even like f32_to_bf16, except that float32
@@ -135,26 +149,35 @@ static void store_tile_rows(const float *c, uint16_t *y, int64_t n, int64_t col0
                             (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c + r * BLOCK_COLS)));
 }
 
-/* Two stored C tiles of adjacent column blocks: each output row's 32 values in one 64-byte
- * store (a whole cache line where y is aligned), not two half-line ones: 5-9% faster matmuls
- * at 2K rows. */
-static void store_tile_pair(const float *c0, const float *c1, uint16_t *y, int64_t n,
-                            int64_t col0, int rows) {
+/* A pair's two stored C tiles to its output rows: plain, each row's 32 values in one 64-byte
+ * store (a whole cache line where y is aligned; two half-line stores were 5-9% slower at 2K
+ * rows); swiglu, gate and up rounded as a plain matmul rounds them, then silu_mul_ps: the
+ * bits of the matmul followed by the SiLU kernel, without writing and reading back the
+ * 2 x wider gate|up output. */
+static void store_pair(const float *c0, const float *c1, uint16_t *y, int64_t n, int64_t p,
+                       const pc_pairing *pairing, int rows) {
+    if (pairing->swiglu) {
+        for (int r = 0; r < rows; r++) {
+            const __m512 gate = bf16_to_f32_ps((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c0 + r * BLOCK_COLS)));
+            const __m512 up = bf16_to_f32_ps((__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(c1 + r * BLOCK_COLS)));
+            _mm256_storeu_si256((__m256i *)(y + r * n + p * BLOCK_COLS), silu_mul_ps(gate, up));
+        }
+        return;
+    }
     for (int r = 0; r < rows; r++)
-        _mm512_storeu_si512((void *)(y + r * n + col0),
+        _mm512_storeu_si512((void *)(y + r * n + 2 * p * BLOCK_COLS),
                             (__m512i)_mm512_cvtne2ps_pbh(_mm512_load_ps(c1 + r * BLOCK_COLS),
                                                          _mm512_load_ps(c0 + r * BLOCK_COLS)));
 }
 
-/* Tiles: C 0, 1 (rows 0-15) and 5, 6 (rows 16-31); A 2 (rows 0-15), 7 (rows 16-31); B 3, 4
- * (two column blocks). */
-
-/* `rows` (<= 16) rows of x at xa against column blocks [b, b_end). */
+/* `rows` (<= 16) rows of x at xa against pairs [p, p_end); y has width n. */
 static void amx_rows16(const uint16_t *xa, const uint16_t *w, uint16_t *y, int64_t n, int64_t k,
-                       int64_t b, int64_t b_end, int rows, float *c0, float *c1) {
+                       int64_t p, int64_t p_end, const pc_pairing *pairing, int rows, float *c0,
+                       float *c1) {
     const int64_t block_elems = k * BLOCK_COLS, x_stride = k * 2;
-    for (; b + 1 < b_end; b += 2) {
-        const uint16_t *w0 = w + b * block_elems, *w1 = w0 + block_elems;
+    for (; p < p_end; p++) {
+        const uint16_t *w0 = w + p * pairing->first_step * block_elems;
+        const uint16_t *w1 = w0 + pairing->second_offset * block_elems;
         _tile_zero(0);
         _tile_zero(1);
         for (int64_t kk = 0; kk < k; kk += 32) {
@@ -166,28 +189,18 @@ static void amx_rows16(const uint16_t *xa, const uint16_t *w, uint16_t *y, int64
         }
         _tile_stored(0, c0, 64);
         _tile_stored(1, c1, 64);
-        store_tile_pair(c0, c1, y, n, b * BLOCK_COLS, rows);
-    }
-    if (b < b_end) {
-        const uint16_t *w0 = w + b * block_elems;
-        _tile_zero(0);
-        for (int64_t kk = 0; kk < k; kk += 32) {
-            _tile_loadd(2, xa + kk, x_stride);
-            _tile_loadd(3, w0 + kk * BLOCK_COLS, 64);
-            _tile_dpbf16ps(0, 2, 3);
-        }
-        _tile_stored(0, c0, 64);
-        store_tile_rows(c0, y, n, b * BLOCK_COLS, rows);
+        store_pair(c0, c1, y, n, p, pairing, rows);
     }
 }
 
-/* 32 rows of x at xa against pairs of column blocks: 2 x 2 output tiles per pass over k, so
- * each loaded tile feeds two products (the single odd block goes through amx_rows16). */
+/* 32 rows of x at xa against pairs [p, p_end): 2 x 2 output tiles per pass over k, so each
+ * loaded tile feeds two products. */
 static void amx_rows32(const uint16_t *xa, const uint16_t *w, uint16_t *y, int64_t n, int64_t k,
-                       int64_t b, int64_t b_end, float *c0, float *c1) {
+                       int64_t p, int64_t p_end, const pc_pairing *pairing, float *c0, float *c1) {
     const int64_t block_elems = k * BLOCK_COLS, x_stride = k * 2;
-    for (; b + 1 < b_end; b += 2) {
-        const uint16_t *w0 = w + b * block_elems, *w1 = w0 + block_elems;
+    for (; p < p_end; p++) {
+        const uint16_t *w0 = w + p * pairing->first_step * block_elems;
+        const uint16_t *w1 = w0 + pairing->second_offset * block_elems;
         _tile_zero(0);
         _tile_zero(1);
         _tile_zero(5);
@@ -204,42 +217,55 @@ static void amx_rows32(const uint16_t *xa, const uint16_t *w, uint16_t *y, int64
         }
         _tile_stored(0, c0, 64);
         _tile_stored(1, c1, 64);
-        store_tile_pair(c0, c1, y, n, b * BLOCK_COLS, 16);
+        store_pair(c0, c1, y, n, p, pairing, 16);
         _tile_stored(5, c0, 64);
         _tile_stored(6, c1, 64);
-        store_tile_pair(c0, c1, y + 16 * n, n, b * BLOCK_COLS, 16);
-    }
-    if (b < b_end) {
-        amx_rows16(xa, w, y, n, k, b, b_end, 16, c0, c1);
-        amx_rows16(xa + 16 * k, w, y + 16 * n, n, k, b, b_end, 16, c0, c1);
+        store_pair(c0, c1, y + 16 * n, n, p, pairing, 16);
     }
 }
 
-static void linear_amx_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m,
-                            int64_t n, int64_t k, int threads) {
-    const int64_t blocks = n / BLOCK_COLS;
-    /* Column blocks per group: the group's weights (k * 32 bytes a block) stay in L2 while
-     * every tile of x rows passes over them. Even, so blocks go in pairs. */
-    int64_t group = (1 << 20) / (k * 2 * BLOCK_COLS);
-    group = group < 2 ? 2 : group - group % 2;
+/* The single last column block of an odd count (plain only): `rows` <= 16 rows. */
+static void amx_last_block16(const uint16_t *xa, const uint16_t *w, uint16_t *y, int64_t n,
+                             int64_t k, int64_t b, int rows, float *c0) {
+    const uint16_t *w0 = w + b * k * BLOCK_COLS;
+    _tile_zero(0);
+    for (int64_t kk = 0; kk < k; kk += 32) {
+        _tile_loadd(2, xa + kk, k * 2);
+        _tile_loadd(3, w0 + kk * BLOCK_COLS, 64);
+        _tile_dpbf16ps(0, 2, 3);
+    }
+    _tile_stored(0, c0, 64);
+    store_tile_rows(c0, y, n, b * BLOCK_COLS, rows);
+}
+
+/* y [m, n_out] from x [m, k] and `pairs` pairs of column blocks (plus, plain only, one last
+ * block when `last_block` >= 0). */
+static void linear_amx(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m,
+                       int64_t n_out, int64_t k, int64_t pairs, int64_t last_block,
+                       const pc_pairing *pairing, int threads) {
+    /* Pairs per group: the group's weights (k * 64 bytes a pair) stay in L2 while every
+     * tile of x rows passes over them. */
+    int64_t group = (1 << 20) / (k * 4 * BLOCK_COLS);
+    group = group < 1 ? 1 : group;
     /* Groups rounded up to a multiple of the threads where the sizes allow, so none waits for
-     * another at the end
-     * (K = 3072: 7 groups of 10 blocks left one of two threads idle an eighth of the time). */
-    int64_t groups = (blocks + group - 1) / group;
+     * another at the end (K = 3072: 7 groups of 5 pairs left one of two threads idle an
+     * eighth of the time). */
+    int64_t groups = (pairs + group - 1) / group;
     if (groups > 1 && groups % threads) {
         groups += threads - groups % threads;
-        group = (blocks + groups - 1) / groups;
-        group += group % 2;
-        groups = (blocks + group - 1) / group;
+        group = (pairs + groups - 1) / groups;
+        groups = (pairs + group - 1) / group;
     }
+    if (groups == 0) groups = 1;
 #pragma omp parallel num_threads(threads)
     {
         _Alignas(64) float c0[16 * BLOCK_COLS], c1[16 * BLOCK_COLS];
         int configured = 0;
 #pragma omp for schedule(static)
         for (int64_t g = 0; g < groups; g++) {
-            const int64_t b0 = g * group;
-            const int64_t b_end = (g + 1) * group < blocks ? (g + 1) * group : blocks;
+            const int64_t p0 = g * group;
+            const int64_t p_end = (g + 1) * group < pairs ? (g + 1) * group : pairs;
+            const int last = g == groups - 1 && last_block >= 0;
             for (int64_t m0 = 0; m0 < m;) {
                 const int rows = (int)(m - m0 < 16 ? m - m0 : 16);
                 if (rows != configured) {
@@ -247,16 +273,31 @@ static void linear_amx_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, i
                     configured = rows;
                 }
                 if (m - m0 >= 32) {
-                    amx_rows32(x + m0 * k, w, y + m0 * n, n, k, b0, b_end, c0, c1);
+                    amx_rows32(x + m0 * k, w, y + m0 * n_out, n_out, k, p0, p_end, pairing, c0, c1);
+                    if (last) {
+                        amx_last_block16(x + m0 * k, w, y + m0 * n_out, n_out, k, last_block, 16, c0);
+                        amx_last_block16(x + (m0 + 16) * k, w, y + (m0 + 16) * n_out, n_out, k,
+                                         last_block, 16, c0);
+                    }
                     m0 += 32;
                 } else {
-                    amx_rows16(x + m0 * k, w, y + m0 * n, n, k, b0, b_end, rows, c0, c1);
+                    amx_rows16(x + m0 * k, w, y + m0 * n_out, n_out, k, p0, p_end, pairing, rows,
+                               c0, c1);
+                    if (last)
+                        amx_last_block16(x + m0 * k, w, y + m0 * n_out, n_out, k, last_block, rows, c0);
                     m0 += 16;
                 }
             }
         }
         if (configured) _tile_release();
     }
+}
+
+static void linear_amx_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m,
+                            int64_t n, int64_t k, int threads) {
+    const int64_t blocks = n / BLOCK_COLS;
+    const pc_pairing plain = {2, 1, 0};
+    linear_amx(x, w, y, m, n, k, blocks / 2, blocks % 2 ? blocks - 1 : -1, &plain, threads);
 }
 #endif
 
@@ -291,6 +332,24 @@ static void linear_portable_bf16(const uint16_t *x, const uint16_t *w, uint16_t 
     }
 }
 #endif
+
+/* SwiGLU's first half in one pass: x bf16 [m, k] times the packed W = [gate | up] (2 * inter
+ * rows) -> out bf16 [m, inter] = bf16(bf16(silu(gate)) * up), the same bits as pc_linear_bf16
+ * followed by pc_silu_and_mul_bf16. With AMX from `amx_min_rows` rows on; returns 1 (nothing
+ * done) where this build or shape has no fused kernel: the caller then runs those two. */
+int pc_linear_swiglu_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int64_t m,
+                          int64_t inter, int64_t k, int threads, int64_t amx_min_rows) {
+#if PC_AMX
+    if (m >= amx_min_rows && inter % BLOCK_COLS == 0) {
+        const int64_t half = inter / BLOCK_COLS;
+        const pc_pairing swiglu = {1, half, 1};
+        linear_amx(x, w, out, m, inter, k, half, -1, &swiglu, threads);
+        return 0;
+    }
+#endif
+    (void)x, (void)w, (void)out, (void)m, (void)inter, (void)k, (void)threads, (void)amx_min_rows;
+    return 1;
+}
 
 /* x bf16 [m, k], packed bf16 weight, y bf16 [m, n]; `amx_min_rows`: from this many rows on,
  * AMX (where built); below it the few-rows kernel. */

@@ -125,7 +125,19 @@ class Qwen3MLP(nn.Module):
         self.act_fn = SiluAndMul(kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj
+        if (
+            self.act_fn.kernels == "cpu"
+            and gate_up.bias is None
+            and packed_bf16.is_packed(gate_up.weight)
+            and x.dtype == torch.bfloat16
+        ):
+            # the matmul applies the SiLU to its own tiles where the CPU has AMX
+            flat = x.reshape(-1, x.shape[-1])
+            act = packed_bf16.linear_swiglu(flat, gate_up.weight)
+            if act is not None:
+                return self.down_proj(act.view(*x.shape[:-1], act.shape[-1]))
+        return self.down_proj(self.act_fn(gate_up(x)))
 
 
 class Qwen3DecoderLayer(nn.Module):
