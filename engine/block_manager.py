@@ -11,8 +11,10 @@ until it reaches the least-recently-freed end and is handed out again (lazy LRU 
 
 Lower KV tiers (engine.kv_tiers) hook in at three points: `on_evict` sees a registered block
 just before it is handed out again (its KV still intact), `on_register` sees every block entered
-into the cache after its KV was computed, and `admit` takes blocks found below the device pool,
+into the cache after its KV was computed, and `admit` takes blocks found in the host tier,
 giving each a fresh block registered at once (the caller copies their KV in before the step).
+Blocks a disk load fills are plain fresh blocks (`allocate`) until it lands; the verified ones
+are then registered by `register_computed`, like computed blocks.
 """
 
 from __future__ import annotations

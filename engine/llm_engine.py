@@ -113,6 +113,7 @@ class LLMEngine:
             self.runner.kv_block_shape,
             self.runner.dtype,
             self.model_fingerprint.digest,
+            host_pool=self.runner.host_kv_pool,
         )
         self.scheduler = Scheduler(
             config,
@@ -265,6 +266,7 @@ class LLMEngine:
         if tiers is None:
             return
         deadline = time.monotonic() + timeout
+        self.scheduler.stop_loads()  # the loader's queue then ends soon
         if tiers.disk is not None:
             while tiers.unsaved and time.monotonic() < deadline:
                 if not self._save_new_blocks():  # the writer is full: let it catch up

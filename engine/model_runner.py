@@ -34,7 +34,7 @@ from engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
-# Blocks loaded from disk move into the pool in copies of at most this many bytes (on CUDA each
+# Blocks a disk load staged (CUDA) move into the pool in copies of at most this many bytes (each
 # is also a temporary on the device).
 LOADED_COPY_BYTES = 256 << 20
 
@@ -181,9 +181,10 @@ class ModelRunner:
         )
         # Attention only ever reads slots that were written, so the values do not matter. On the
         # CPU the pool is touched once here (zeros) so its pages exist before the first request:
-        # otherwise the first writes into each page, such as a restarted engine copying a
-        # document's blocks loaded from disk into the pool, pay the page faults (0.5 s of an 8K
-        # document's 1 s follow-up after a restart). On CUDA the memory is there already.
+        # otherwise the first writes into each page, such as a restarted engine's disk loader
+        # reading a document's blocks into the pool, pay the page faults (0.5 s of an 8K
+        # document's 1 s follow-up after a restart, and stalls of the steps running beside the
+        # load). On CUDA the memory is there already.
         allocate = torch.zeros if self.device.type == "cpu" else torch.empty
         self.kv_cache = allocate(shape, dtype=self.dtype, device=self.device)
         layers = range(mc.num_hidden_layers)
@@ -199,6 +200,12 @@ class ModelRunner:
         mc = self.model_config
         return (2, mc.num_hidden_layers, self.block_size, mc.num_key_value_heads, mc.head_dim)
 
+    @property
+    def host_kv_pool(self) -> torch.Tensor | None:
+        """The KV pool when it is host memory (on the CPU): the disk tier's loader reads block
+        files straight into its blocks. None on CUDA, where loads are staged and copied in."""
+        return self.kv_cache if self.device.type == "cpu" else None
+
     def _side_stream(self) -> torch.cuda.Stream | None:
         """On CUDA, the stream the tier copies run on, after the work already queued."""
         if self.device.type != "cuda":
@@ -210,8 +217,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def copy_kv(self, copies: list[KVCopy], host: HostKVCache | None) -> None:
-        """Run a step's block copies in order (device <-> host slots, loaded blocks -> device,
-        a shared prompt's partial block within the device).
+        """Run a step's block copies in order (device <-> host slots, blocks staged by a disk
+        load -> device (CUDA only: on the CPU loads read into the pool), a shared prompt's
+        partial block within the device).
 
         On CUDA they run on a side stream (asynchronously from pinned host memory) that the
         step's forward pass then waits for: the step waits for its own copies only.
@@ -243,11 +251,12 @@ class ModelRunner:
             torch.cuda.current_stream(self.device).wait_stream(stream)
 
     def _copy_loaded(self, copies: list[KVCopy], non_blocking: bool) -> None:
-        """Blocks loaded from disk into their device blocks: one copy per LOADED_COPY_BYTES.
+        """Blocks a disk load staged into their device blocks: one copy per LOADED_COPY_BYTES.
 
         A load's blocks are consecutive rows of one buffer (engine.kv_disk_tier), taken as one
         tensor without a copy; one index_copy_ then moves them all (a copy per block cost 4.6x
-        as much on the CPU: 351 vs 76 ms for 257 blocks of Qwen3-0.6B in bf16)."""
+        as much on the CPU: 351 vs 76 ms for 257 blocks of Qwen3-0.6B in bf16). Only CUDA
+        stages loads now."""
         assert self.kv_cache is not None
         per_copy = max(1, LOADED_COPY_BYTES // max(1, self.kv_cache[:, :, 0].nbytes))
         for i in range(0, len(copies), per_copy):

@@ -15,22 +15,32 @@ write), so only the last token is computed. The copy runs in `SchedulerOutput.kv
 after the tiers' copies.
 
 With lower KV tiers (engine.kv_tiers), admission continues the device pool's cached prefix in
-the host tier and in blocks loaded from disk; when the disk holds more of a prompt's prefix, the
-request first waits in a loading state (out of the waiting queue, holding no blocks) while the
-disk tier's thread reads it, and the others keep stepping. A finished load puts the request back
-at the head of the queue. Each step's block copies between tiers travel in
-`SchedulerOutput.kv_copies`, in the order they were decided.
+the host tier. When the disk holds more of a prompt's prefix, the request instead leaves the
+queue for a loading state: it takes its device hits, fresh blocks for its host hits (copied in
+this step) and fresh blocks for the disk blocks, which the disk tier's thread fills (on the CPU
+straight into the pool) while the others keep stepping. Those blocks are not registered, so no
+other request can see or evict them; a load takes only the free blocks that the running
+sequences do not need for their known tokens and next one (fewer disk blocks, or the request
+waits at the head of the queue). A load lands in the first step after it finished, after the
+running sequences took their blocks: the blocks that verified are registered like computed ones,
+the request's blocks are released and it goes back to the head of the queue, where admission
+finds them as device hits (the blocks from the first bad or missing file on are recomputed; a
+failed load's blocks all are). Aborting a loading request stops its load before the next file
+and frees its blocks once the loader is done with them. Each step's block copies between tiers
+travel in `SchedulerOutput.kv_copies`, in the order they were decided.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -91,12 +101,26 @@ class SchedulerOutput:
 
 @dataclass
 class _Load:
-    """A request waiting for its prefix's blocks from disk, from block `first` on."""
+    """A request waiting for its prefix's blocks from disk into `seq.block_table[first:]`.
+
+    The seq holds its device hits, then its host hits (`host_blocks`, registered and copied in
+    at the start), then the unregistered blocks the loader fills until `future` is done."""
 
     seq: Sequence
     first: int
-    future: Future[list[torch.Tensor]]
+    host_blocks: list[int]
+    future: Future[int] | Future[list[torch.Tensor]]
+    stop: threading.Event
     started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Landed:
+    """A landed load, until its request's admission: which blocks came from which tier."""
+
+    seconds: float  # from the load's start to its landing
+    host_blocks: set[int]
+    disk_blocks: set[int]
 
 
 class Scheduler:
@@ -140,11 +164,11 @@ class Scheduler:
             self.block_manager.on_register = kv_tiers.on_register
             kv_tiers.max_unsaved = 4 * num_blocks
         self._loading: dict[str, _Load] = {}  # by request id, in order of their start
-        self._staged: dict[str, dict[bytes, torch.Tensor]] = {}  # loaded blocks by key
+        # Loads of finished (aborted) requests: their blocks are freed once the loader is done.
+        self._draining: list[_Load] = []
         # Requests that had their disk load (one per admission: a failed one is not retried).
         self._loaded: set[str] = set()
-        # How long each landed load took (start to landing), until the request is admitted.
-        self._load_seconds: dict[str, float] = {}
+        self._landed: dict[str, _Landed] = {}  # by request id, until its admission
         # Where each request's cached prefix came from, set at its first admission; the engine
         # takes it for the request's outputs (take_cached_prefix).
         self._cached_prefixes: dict[str, CachedPrefix] = {}
@@ -194,14 +218,19 @@ class Scheduler:
             return
         if self._live.get(seq.request_id) is seq:
             del self._live[seq.request_id]
+            load = self._loading.pop(seq.request_id, None)
             if seq.status is SequenceStatus.RUNNING:
                 self.running.remove(seq)
                 self.block_manager.free(seq)
-            elif self._loading.pop(seq.request_id, None) is None:
+            elif load is not None:
+                # The loader may be writing into its blocks: they are freed once it is done.
+                load.stop.set()
+                load.future.cancel()
+                self._draining.append(load)
+            else:
                 self.waiting.remove(seq)
-            self._staged.pop(seq.request_id, None)
             self._loaded.discard(seq.request_id)
-            self._load_seconds.pop(seq.request_id, None)
+            self._landed.pop(seq.request_id, None)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
@@ -217,7 +246,6 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Pick this step's tokens; each scheduled block table covers [0, start + num_new_tokens)."""
         step = _Step(self.max_num_batched_tokens)
-        self._land_loads()
         decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
         prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
         for seq in decodes + prefills:
@@ -227,6 +255,9 @@ class Scheduler:
             n = self._reserve(seq, n, step)
             if n > 0:
                 step.add(ScheduledSequence(seq, n, seq.num_computed_tokens))
+        # After the running sequences took their blocks, so nothing evicts the landed blocks
+        # before their requests' admission just below.
+        self._land_loads()
         if not step.preempted:  # blocks are contended when something was just preempted
             self._admit_waiting(step)
         copies = self.kv_tiers.take_copies() if self.kv_tiers is not None else []
@@ -278,7 +309,10 @@ class Scheduler:
             lower: list[LowerHit] = []
             if self.kv_tiers is not None and not seq.wants_prompt_logprobs:
                 lower = self._lower_hits(seq, len(hits))
-                if self._start_load(seq, len(hits) + len(lower)):
+                started = self._start_load(seq, hits, lower)
+                if started is None:  # the disk has more, the pool has no room for it yet
+                    break
+                if started:
                     self.waiting.popleft()
                     continue
             free_for_new = bm.num_free_blocks - bm.num_free_among(hits)
@@ -303,21 +337,26 @@ class Scheduler:
             self.waiting.popleft()
             first_time = not seq.admitted_once
             filled = bm.admit(seq, hits, first_time, [h.ref for h in lower])
+            # A landed load's blocks are among the device hits: count them by where they came from.
+            landed = self._landed.pop(seq.request_id, None)
+            on_host, on_disk = len(lower), 0
+            if landed is not None:
+                on_host += sum(1 for b in hits if b in landed.host_blocks)
+                on_disk = sum(1 for b in hits if b in landed.disk_blocks)
+            on_device = full - on_host - on_disk
             if self.kv_tiers is not None:
                 for hit, block_id in zip(lower, filled):
                     self.kv_tiers.copy_in(hit, block_id)
                 if first_time:
-                    self.kv_tiers.count_hits(len(hits), lower, self.block_size)
-                self._staged.pop(seq.request_id, None)
+                    self.kv_tiers.count_hits(on_device, on_host, on_disk, self.block_size)
             if first_time:
                 seq.num_cached_tokens = cached
                 seq.admitted_once = True
-                on_host = sum(1 for h in lower if h.host_slot is not None)
                 self._cached_prefixes[seq.request_id] = CachedPrefix(
-                    device_tokens=len(hits) * self.block_size + copied,
+                    device_tokens=on_device * self.block_size + copied,
                     host_tokens=on_host * self.block_size,
-                    disk_tokens=(len(lower) - on_host) * self.block_size,
-                    disk_load_seconds=self._load_seconds.pop(seq.request_id, 0.0),
+                    disk_tokens=on_disk * self.block_size,
+                    disk_load_seconds=landed.seconds if landed is not None else 0.0,
                 )
             bm.allocate(seq, cached + n)
             if partial is not None:
@@ -340,17 +379,24 @@ class Scheduler:
         return self._cached_prefixes.pop(request_id, None)
 
     def _lower_hits(self, seq: Sequence, start: int) -> list[LowerHit]:
-        """Blocks from `start` on found in the host tier or among the seq's loaded blocks."""
+        """Blocks from `start` on found in the host tier."""
         assert self.kv_tiers is not None
         bm = self.block_manager
         refs = (bm.block_ref(seq, i) for i in range(start, bm.num_max_cacheable_blocks(seq)))
-        return self.kv_tiers.lower_hits(refs, self._staged.get(seq.request_id, {}))
+        return self.kv_tiers.lower_hits(refs)
 
-    def _start_load(self, seq: Sequence, first: int) -> bool:
-        """If the disk holds seq's blocks from `first` on, start loading them; True if started."""
+    def _start_load(self, seq: Sequence, hits: list[int], lower: list[LowerHit]) -> bool | None:
+        """If the disk holds seq's blocks after its device and host hits, start loading them
+        into blocks of the pool that seq takes now (with its hits); True if started, None if
+        the pool has no block to spare for it while others run (seq waits at the queue's head).
+
+        A load takes only free blocks that the running sequences do not need for their known
+        tokens and their next one, leaving one for seq's own new tokens: fewer than the disk
+        holds means a shorter load (the rest is computed)."""
         assert self.kv_tiers is not None
         disk = self.kv_tiers.disk
         bm = self.block_manager
+        first = len(hits) + len(lower)
         limit = bm.num_max_cacheable_blocks(seq)
         if (
             disk is None
@@ -363,35 +409,71 @@ class Scheduler:
         count = disk.count_prefix([r.key for r in refs])
         if count == 0:
             return False
-        self._loading[seq.request_id] = _Load(seq, first, disk.load(refs[:count]))
+        needed = sum(bm.num_new_blocks(s, s.num_tokens + 1) for s in self.running)
+        room = bm.num_free_blocks - bm.num_free_among(hits) - len(lower) - needed - 1
+        count = min(count, room)
+        if count <= 0:
+            return None if self.running else False
+        bm.admit(seq, hits, False, [h.ref for h in lower])  # counted at its real admission
+        host_blocks = seq.block_table[len(hits) :]
+        for hit, block_id in zip(lower, host_blocks):
+            self.kv_tiers.copy_in(hit, block_id)
+        bm.allocate(seq, (first + count) * self.block_size)
+        stop = threading.Event()
+        future = self.kv_tiers.start_load(refs[:count], seq.block_table[first:], stop)
+        self._loading[seq.request_id] = _Load(seq, first, host_blocks, future, stop)
         self._loaded.add(seq.request_id)
         return True
 
     def _land_loads(self) -> None:
-        """Requests whose disk load finished go back to the head of the queue, blocks staged."""
+        """Requests whose disk load finished go back to the head of the queue, their verified
+        blocks registered in the device pool; aborted requests' loads free their blocks."""
+        for load in [load for load in self._draining if load.future.done()]:
+            self._draining.remove(load)
+            self._settle(load)
         done = [load for load in self._loading.values() if load.future.done()]
         for load in reversed(done):  # the earliest started ends up first
             rid = load.seq.request_id
             del self._loading[rid]
-            self._load_seconds[rid] = time.monotonic() - load.started
-            try:
-                blocks = load.future.result()
-            except Exception:
-                logger.exception("KV disk cache: loading blocks for %s failed", rid)
-                blocks = []
-            bm = self.block_manager
-            self._staged[rid] = {
-                bm.block_hash(load.seq, load.first + i): kv for i, kv in enumerate(blocks)
-            }
+            disk_blocks = self._settle(load)
+            seconds = time.monotonic() - load.started
+            self._landed[rid] = _Landed(seconds, set(load.host_blocks), set(disk_blocks))
             self.waiting.appendleft(load.seq)
+
+    def _settle(self, load: _Load) -> list[int]:
+        """Register a finished load's verified blocks like computed ones (device prefix hits
+        from now on) and release all of its sequence's blocks; returns the registered ids."""
+        seq = load.seq
+        loaded = 0
+        if not load.future.cancelled():
+            try:
+                loaded = self.kv_tiers.land_load(  # type: ignore[union-attr]
+                    load.future.result(), seq.block_table[load.first :]
+                )
+            except Exception:
+                logger.exception("KV disk cache: loading blocks for %s failed", seq.request_id)
+        bm = self.block_manager
+        start, end = load.first * self.block_size, (load.first + loaded) * self.block_size
+        bm.register_computed(seq, start, end)  # may switch to an identical block cached since
+        registered = seq.block_table[load.first : load.first + loaded]
+        bm.free(seq)  # the unverified blocks first in line for reuse, the registered ones last
+        seq.num_computed_tokens = 0
+        return registered
+
+    def stop_loads(self) -> None:
+        """Ask every disk load in flight to stop before its next file (the engine is closing;
+        should it step again, the loads land with what they read and the rest is computed)."""
+        for load in [*self._loading.values(), *self._draining]:
+            load.stop.set()
 
     def wait_for_loads(self, timeout: float) -> None:
         """Block up to `timeout` s until a disk load finishes (when nothing else can run)."""
-        if self._loading:
+        futures: list[Future[Any]] = [
+            load.future for load in [*self._loading.values(), *self._draining]
+        ]
+        if futures:
             concurrent.futures.wait(
-                [load.future for load in self._loading.values()],
-                timeout=timeout,
-                return_when=concurrent.futures.FIRST_COMPLETED,
+                futures, timeout=timeout, return_when=concurrent.futures.FIRST_COMPLETED
             )
 
     # ---- after the forward pass -------------------------------------------------------------
@@ -453,7 +535,8 @@ class Scheduler:
 
     def check_integrity(self) -> None:
         """Assert the scheduler's and block manager's invariants (for tests and debugging)."""
-        self.block_manager.check_integrity(self.running)
+        loads = [*self._loading.values(), *self._draining]
+        self.block_manager.check_integrity([*self.running, *(load.seq for load in loads)])
         assert len(self.running) <= self.max_num_seqs
         assert len(self._live) == len(self.running) + len(self.waiting) + len(self._loading)
         for seq in self.running:
@@ -465,7 +548,20 @@ class Scheduler:
         for rid, load in self._loading.items():
             seq = load.seq
             assert seq.status is SequenceStatus.WAITING and self._live[rid] is seq
-            assert not seq.block_table and seq not in self.waiting, seq
+            assert seq not in self.waiting, seq
+        bm = self.block_manager
+        for load in loads:
+            # Hits registered before `first`, the loader's blocks after it: unregistered, held
+            # by this sequence alone (so never evicted nor handed out).
+            seq = load.seq
+            assert seq.num_computed_tokens == load.first * self.block_size, seq
+            assert len(seq.block_table) > load.first, seq
+            for i, block_id in enumerate(seq.block_table):
+                block = bm.blocks[block_id]
+                assert (block.hash is None) == (i >= load.first), (seq, i)
+                assert i < load.first or block.ref_count == 1, (seq, i)
+        for load in self._draining:
+            assert load.seq.is_finished and load.seq.request_id not in self._loading
 
 
 class _Step:

@@ -1,0 +1,459 @@
+"""Disk loads straight into the KV pool's blocks (issue 15, "KV tiers": no staging on the CPU).
+
+On the CPU the pool is host memory: a load takes its request's pool blocks when it starts (held,
+unregistered), the loader reads each block file into them, and landing registers the verified
+ones like computed blocks. Real engines on the tiny float32 checkpoint, stepped by hand with
+`check_integrity()` after every step; every answer must equal, token for token, the greedy
+answer of an engine with prefix caching off.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import xxhash
+
+import engine.kv_disk_tier as disk_tier
+from engine import EngineConfig, SamplingParams
+from engine.kv_disk_tier import DiskKVStore
+from engine.kv_keys import BlockRef, block_keys
+from engine.kv_tiers import HostPool
+from engine.llm_engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.tokenizer import Tokenizer
+from tests.test_kv_tiers import (
+    BLOCK_BYTES,
+    BS,
+    DOC,
+    DOC_BLOCKS,
+    GREEDY,
+    OTHER1,
+    OTHER2,
+    Q1,
+    Q2,
+    doc_file,
+)
+
+STREAM = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+LONG = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+PREEMPTING = {"a": OTHER1, "b": DOC[:100] + Q2, "c": DOC[:150] + Q1}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_tokenizer_load():
+    """Engines here start often; they share one tokenizer load (about 2 s each otherwise)."""
+    loaded: dict[tuple, Tokenizer] = {}
+    real = Tokenizer.from_dir
+
+    def cached(path, *args):
+        key = (str(path), *map(tuple, args))
+        if key not in loaded:
+            loaded[key] = real(path, *args)
+        return loaded[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Tokenizer, "from_dir", staticmethod(cached))
+        yield
+
+
+@pytest.fixture(scope="module")
+def written(tiny_checkpoint, tmp_path_factory):
+    """A disk tier directory that an engine, now closed, left after answering DOC + Q1."""
+    directory = tmp_path_factory.mktemp("kv-written")
+    engine = engine_on(tiny_checkpoint, directory, num_kv_blocks=64)
+    run(engine, [("first", DOC + Q1, GREEDY)])
+    engine.close()  # what AsyncLLM.shutdown does: the writer's queue is written
+    return directory, None, engine.model_fingerprint.digest
+
+
+@pytest.fixture
+def kv_dir(written, tmp_path):
+    """A fresh copy of `written` for one test to restart on (and damage)."""
+    shutil.copytree(written[0], tmp_path / "kv")
+    return tmp_path / "kv"
+
+
+@pytest.fixture(scope="module")
+def cold(tiny_checkpoint):
+    """Answers computed with no cache at all: (prompt) or (name, *prompt) -> greedy tokens."""
+    engine = LLMEngine(
+        EngineConfig(model=str(tiny_checkpoint), enable_prefix_caching=False, num_kv_blocks=64)
+    )
+    answers: dict[tuple, list[int]] = {}
+    for prompt in (DOC + Q1, DOC + Q2, DOC[:100] + Q2, OTHER1, OTHER2):
+        answers[tuple(prompt)] = run(engine, [("r", prompt, GREEDY)])["r"].token_ids
+    for prompt in PREEMPTING.values():
+        answers[("long40", *prompt)] = run(engine, [("r", prompt, LONG)])["r"].token_ids
+    answers[("stream30", *OTHER1)] = run(engine, [("r", OTHER1, STREAM)])["r"].token_ids
+    return answers
+
+
+def engine_on(checkpoint: Path, directory: Path, **kwargs) -> LLMEngine:
+    config = EngineConfig(model=str(checkpoint), kv_disk_dir=directory, **kwargs)
+    engine = LLMEngine(config)
+    assert engine.kv_tiers is not None and engine.kv_tiers.pool is not None  # no staging
+    return engine
+
+
+def no_staging(monkeypatch) -> None:
+    """On the CPU nothing may go through the staging buffer and its copy into the pool."""
+
+    def staged(*args, **kwargs):
+        raise AssertionError("a CPU load went through the staging buffer")
+
+    monkeypatch.setattr(DiskKVStore, "load", staged)
+
+
+def run(
+    engine: LLMEngine,
+    requests: list[tuple[str, list[int], SamplingParams]],
+    each_step=None,
+    timeout: float = 120,
+) -> dict[str, RequestOutput]:
+    """Step until every request finished, checking the invariants after every step."""
+    for rid, prompt, params in requests:
+        engine.add_request(prompt, params, request_id=rid)
+    finished: dict[str, RequestOutput] = {}
+    deadline = time.monotonic() + timeout
+    steps = 0
+    while engine.has_unfinished():
+        assert time.monotonic() < deadline, "requests did not finish"
+        outs = engine.step()
+        engine.scheduler.check_integrity()
+        steps += 1
+        if each_step is not None:
+            each_step(engine, steps)
+        finished.update((o.request_id, o) for o in outs if o.finished)
+    return finished
+
+
+def settle(engine: LLMEngine, timeout: float = 20) -> None:
+    """Step an idle engine until aborted loads gave their blocks back."""
+    deadline = time.monotonic() + timeout
+    while engine.scheduler._draining:
+        assert time.monotonic() < deadline, "an aborted load never finished"
+        engine.step()
+        engine.scheduler.check_integrity()
+
+
+# ---- the store: reading into a strided pool ------------------------------------------------
+
+
+SHAPE = (2, 3, 4, 2, 8)  # k|v, layers, slots, kv heads, head_dim: 6 segments of 64 floats
+
+
+def small_store(directory: Path) -> DiskKVStore:
+    return DiskKVStore(directory, 1 << 20, b"\x03" * 32, SHAPE, torch.float32)
+
+
+def small_refs(n: int) -> list[BlockRef]:
+    keys = block_keys(b"\x03" * 32, list(range(4 * n)), 4, "pool")
+    return [BlockRef(k, tuple(range(4 * i, 4 * i + 4))) for i, k in enumerate(keys)]
+
+
+@pytest.mark.parametrize("iov_max", [1024, 3], ids=["one-preadv", "three-buffers-a-call"])
+def test_load_into_fills_pool_blocks_segment_by_segment(tmp_path, monkeypatch, iov_max):
+    """Files written in format 2 land in the pool blocks asked for, every (k|v, layer) segment
+    in its place, the checksum streamed over the segments; other blocks are untouched."""
+    monkeypatch.setattr(disk_tier, "IOV_MAX", iov_max)
+    store = small_store(tmp_path)
+    refs, kv = small_refs(3), torch.randn(3, *SHAPE)
+    store.save(refs, kv)
+    assert store.flush(5)
+    data = store.path_of(refs[1].key).read_bytes()  # the format is unchanged
+    assert struct.unpack_from("<I", data, 8) == (2,)
+    assert struct.unpack("<Q", data[-8:])[0] == xxhash.xxh3_64_intdigest(data[:-8])
+
+    pool = torch.full((2, 3, 7, 4, 2, 8), -1.0)  # (k|v, layer, block, slot, head, dim)
+    host = HostPool(pool)
+    assert len(host.segments(0)) == 6 and host.segments(0)[0].nbytes == 4 * 2 * 8 * 4
+    targets = [5, 0, 3]
+    loaded = store.load_into(refs, lambda i: host.segments(targets[i])).result()
+    assert loaded == 3 and store.blocks_read == 3
+    for i, block in enumerate(targets):
+        assert torch.equal(pool[:, :, block], kv[i])
+    for block in set(range(7)) - set(targets):
+        assert pool[:, :, block].eq(-1.0).all()
+    # A damaged middle file: the load stops before it; its pool block may hold anything.
+    path = store.path_of(refs[1].key)
+    damaged = bytearray(path.read_bytes())
+    damaged[-9] ^= 0x10
+    path.write_bytes(damaged)
+    pool.fill_(-1.0)
+    assert store.load_into(refs, lambda i: host.segments(targets[i])).result() == 1
+    assert torch.equal(pool[:, :, 5], kv[0]) and store.bad_files == 1 and refs[1].key not in store
+    assert pool[:, :, 3].eq(-1.0).all()  # never reached
+    # A stop before the first file reads nothing.
+    stop = threading.Event()
+    stop.set()
+    assert store.load_into(refs[:1], lambda i: host.segments(6), stop).result() == 0
+    assert pool[:, :, 6].eq(-1.0).all()
+    # A destination of the wrong size is a bug, not a bad file: the future raises.
+    with pytest.raises(ValueError):
+        store.load_into(refs[:1], lambda i: host.segments(6)[:-1]).result()
+    assert refs[0].key in store
+    store.close()
+
+
+def test_pool_in_host_memory_only_where_it_is(tiny_checkpoint, tmp_path):
+    with pytest.raises(ValueError):
+        HostPool(torch.zeros(2, 3, 4, 5).transpose(0, 1))
+    engine = engine_on(tiny_checkpoint, tmp_path, num_kv_blocks=16)
+    assert engine.runner.host_kv_pool is engine.runner.kv_cache
+    engine.close()
+
+
+# ---- restarts: the answers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunk", [2048, 40], ids=["whole-prefill", "chunked-40"])
+def test_restart_loads_into_the_pool(tiny_checkpoint, kv_dir, cold, monkeypatch, chunk):
+    no_staging(monkeypatch)
+    engine = engine_on(tiny_checkpoint, kv_dir, num_kv_blocks=64, max_num_batched_tokens=chunk)
+    seen_loading = []
+    copies: list[str] = []
+    copy_kv = engine.runner.copy_kv
+    monkeypatch.setattr(
+        engine.runner,
+        "copy_kv",
+        lambda cs, host: (copies.extend(c.kind for c in cs), copy_kv(cs, host)),
+    )
+
+    def watch(engine: LLMEngine, step: int) -> None:
+        s = engine.scheduler
+        for load in s._loading.values():  # the request holds its blocks while they load
+            seen_loading.append(len(load.seq.block_table))
+            assert engine.stats().kv_blocks_used >= DOC_BLOCKS
+
+    out = run(engine, [("doc", DOC + Q2, GREEDY)], watch)["doc"]
+    assert out.token_ids == cold[tuple(DOC + Q2)]
+    assert out.num_cached_tokens == DOC_BLOCKS * BS
+    assert out.cached_prefix.disk_tokens == DOC_BLOCKS * BS and out.cached_prefix.device_tokens == 0
+    assert out.cached_prefix.disk_load_seconds > 0
+    assert seen_loading and set(seen_loading) == {DOC_BLOCKS}
+    tiers = engine.stats().kv_tiers
+    assert tiers.disk_hit_tokens == DOC_BLOCKS * BS
+    assert tiers.disk_bytes_in == DOC_BLOCKS * BLOCK_BYTES
+    assert copies == []  # no copy of the loaded blocks into the pool
+    # The loaded blocks are registered like computed ones: the next request hits the device.
+    again = run(engine, [("again", DOC + Q1, GREEDY)])["again"]
+    assert again.token_ids == cold[tuple(DOC + Q1)]
+    assert again.cached_prefix.device_tokens == DOC_BLOCKS * BS
+    assert engine.stats().kv_blocks_used == 0
+    engine.close()
+
+
+def test_device_hits_then_disk_blocks(tiny_checkpoint, kv_dir, cold, monkeypatch):
+    no_staging(monkeypatch)
+    engine = engine_on(tiny_checkpoint, kv_dir, num_kv_blocks=64)
+    first = run(engine, [("short", DOC[:100] + Q2, GREEDY)])["short"]
+    assert first.token_ids == cold[tuple(DOC[:100] + Q2)]
+    assert first.cached_prefix.disk_tokens == 6 * BS
+    out = run(engine, [("doc", DOC + Q2, GREEDY)])["doc"]
+    assert out.token_ids == cold[tuple(DOC + Q2)]
+    prefix = out.cached_prefix
+    assert (prefix.device_tokens, prefix.disk_tokens) == (6 * BS, (DOC_BLOCKS - 6) * BS)
+    tiers = engine.stats().kv_tiers
+    assert tiers.device_hit_tokens == 6 * BS and tiers.disk_hit_tokens == DOC_BLOCKS * BS
+    engine.close()
+
+
+def test_host_hits_then_disk_blocks(tiny_checkpoint, kv_dir, cold, monkeypatch):
+    """Host tier hits in front of the disk blocks are copied in when the load starts."""
+    no_staging(monkeypatch)
+    engine = engine_on(
+        tiny_checkpoint, kv_dir, num_kv_blocks=24, kv_host_gb=64 * BLOCK_BYTES / 2**30
+    )
+    run(engine, [("short", DOC[:100] + Q2, GREEDY)])  # 6 blocks from disk into the pool
+    for i, other in enumerate((OTHER1, OTHER2)):  # ... and out of it, into the host tier
+        run(engine, [(f"other{i}", other, GREEDY)])
+    out = run(engine, [("doc", DOC + Q2, GREEDY)])["doc"]
+    assert out.token_ids == cold[tuple(DOC + Q2)]
+    prefix = out.cached_prefix
+    assert (prefix.device_tokens, prefix.host_tokens, prefix.disk_tokens) == (
+        0,
+        6 * BS,
+        (DOC_BLOCKS - 6) * BS,
+    )
+    assert engine.stats().kv_tiers.host_bytes_in == 6 * BLOCK_BYTES
+    assert engine.stats().kv_blocks_used == 0
+    engine.close()
+
+
+def test_corrupt_file_in_the_middle(tiny_checkpoint, written, kv_dir, cold, monkeypatch):
+    """Blocks 0-8 load, block 9's file is damaged: 9 onwards are recomputed (and rewritten)."""
+    no_staging(monkeypatch)
+    bad = doc_file(written, kv_dir, 9)
+    data = bytearray(bad.read_bytes())
+    data[200] ^= 0x04  # a bit of its KV
+    bad.write_bytes(data)
+    engine = engine_on(tiny_checkpoint, kv_dir, num_kv_blocks=64, max_num_batched_tokens=40)
+    out = run(engine, [("doc", DOC + Q2, GREEDY)])["doc"]
+    assert out.token_ids == cold[tuple(DOC + Q2)]
+    assert out.num_cached_tokens == out.cached_prefix.disk_tokens == 9 * BS
+    tiers = engine.stats().kv_tiers
+    assert tiers.disk_bad_files == 1 and tiers.disk_bytes_in == 9 * BLOCK_BYTES
+    engine.close()
+    assert bad.exists() and bad.read_bytes() != bytes(data)  # rewritten from the recomputed KV
+
+
+def test_a_failed_load_frees_its_blocks_and_recomputes(tiny_checkpoint, kv_dir, cold, monkeypatch):
+    engine = engine_on(tiny_checkpoint, kv_dir, num_kv_blocks=64)
+
+    def broken(*args):
+        raise RuntimeError("the loader broke")
+
+    monkeypatch.setattr(engine.kv_tiers.disk, "_read_block", broken)
+    out = run(engine, [("doc", DOC + Q2, GREEDY)])["doc"]
+    assert out.token_ids == cold[tuple(DOC + Q2)]
+    assert out.num_cached_tokens == 0 and engine.stats().kv_tiers.disk_bytes_in == 0
+    assert engine.stats().kv_blocks_used == 0
+    engine.close()
+
+
+# ---- loads beside running requests ---------------------------------------------------------------
+
+
+def test_preemption_beside_loads(tiny_checkpoint, kv_dir, cold, monkeypatch):
+    """Three requests outgrow a 24-block pool while two of them load their prefix from disk."""
+    no_staging(monkeypatch)
+    engine = engine_on(tiny_checkpoint, kv_dir, num_kv_blocks=24, max_num_batched_tokens=64)
+    outs = run(engine, [(rid, p, LONG) for rid, p in PREEMPTING.items()])
+    for rid, prompt in PREEMPTING.items():
+        assert outs[rid].token_ids == cold[("long40", *prompt)], rid
+    assert engine.scheduler.num_preemptions > 0
+    assert engine.stats().kv_tiers.disk_hit_tokens > 0
+    assert engine.stats().kv_blocks_used == 0
+    engine.close()
+
+
+def test_a_pool_too_small_for_the_whole_load(tiny_checkpoint, kv_dir, cold, monkeypatch):
+    """A running stream holds 13 of 24 blocks: the load takes what is left but one block."""
+    no_staging(monkeypatch)
+    engine = engine_on(tiny_checkpoint, kv_dir, num_kv_blocks=24)
+    engine.add_request(OTHER1, STREAM, request_id="stream")
+    engine.step()  # the stream's prompt: 13 blocks
+    taken = []
+
+    def watch(engine: LLMEngine, step: int) -> None:
+        for load in engine.scheduler._loading.values():
+            taken.append(len(load.seq.block_table))
+        assert engine.scheduler.block_manager.num_free_blocks >= 0
+
+    outs = run(engine, [("doc", DOC + Q2, GREEDY)], watch)
+    assert outs["stream"].token_ids == cold[("stream30", *OTHER1)]
+    assert outs["doc"].token_ids == cold[tuple(DOC + Q2)]
+    assert taken and taken[0] == 24 - 13 - 1  # what the pool could give: 10 of 18 blocks
+    assert outs["doc"].cached_prefix.disk_tokens == 10 * BS
+    assert engine.stats().kv_blocks_used == 0
+    engine.close()
+
+
+def test_no_room_for_a_load_waits_for_it(tiny_checkpoint, kv_dir, cold, monkeypatch):
+    """A 14-block pool, a stream filling it: the follow-up waits (not loading, not computing)
+    until the stream ends, then loads all its 6 disk blocks."""
+    no_staging(monkeypatch)
+    engine = engine_on(tiny_checkpoint, kv_dir, num_kv_blocks=14)
+    engine.add_request(OTHER1, STREAM, request_id="stream")
+    engine.step()
+    engine.step()  # the stream decodes: 13 blocks held, one free, needed at its 209th token
+    states = []
+
+    def watch(engine: LLMEngine, step: int) -> None:
+        s = engine.scheduler
+        if "stream" in engine.requests:
+            states.append((s.num_loading, s.num_waiting, s.num_running))
+
+    outs = run(engine, [("doc", DOC[:100] + Q2, GREEDY)], watch)
+    assert outs["stream"].finish_reason == "length"  # 224 tokens: the pool's length
+    assert states and all(state == (0, 1, 1) for state in states)
+    out = outs["doc"]
+    assert out.token_ids == cold[tuple(DOC[:100] + Q2)]
+    assert out.cached_prefix.disk_tokens == 6 * BS
+    engine.close()
+
+
+def test_abort_while_loading(tiny_checkpoint, kv_dir, cold, monkeypatch):
+    """The aborted request's blocks stay held while the loader may still write them, then are
+    freed (the block it verified registered); nobody else gets them meanwhile."""
+    no_staging(monkeypatch)
+    engine = engine_on(tiny_checkpoint, kv_dir, num_kv_blocks=64)
+    disk = engine.kv_tiers.disk
+    gate, reading = threading.Event(), threading.Event()
+    read = disk._read_block
+
+    def held(path, *args):
+        reading.set()
+        assert gate.wait(10)
+        return read(path, *args)
+
+    monkeypatch.setattr(disk, "_read_block", held)
+    engine.add_request(DOC + Q2, GREEDY, request_id="doc")
+    assert engine.step() == [] and engine.scheduler.num_loading == 1
+    loading = list(engine.scheduler._loading["doc"].seq.block_table)
+    assert len(loading) == DOC_BLOCKS and reading.wait(10)
+    engine.abort("doc")
+    assert engine.stats().num_waiting == 0 and not engine.has_unfinished()
+    # Another request runs meanwhile: it never gets a block the loader may write.
+    engine.add_request(OTHER1, GREEDY, request_id="other")
+    while engine.has_unfinished():
+        engine.step()
+        engine.scheduler.check_integrity()
+        other = engine.requests.get("other")
+        if other is not None:
+            assert not set(other.seq.block_table) & set(loading)
+    assert engine.stats().kv_blocks_used == DOC_BLOCKS  # still the loader's
+    gate.set()
+    settle(engine)
+    assert engine.stats().kv_blocks_used == 0
+    assert engine.kv_tiers.disk.blocks_read == 1  # stopped after the file it was reading
+    monkeypatch.setattr(disk, "_read_block", read)
+    out = run(engine, [("again", DOC + Q2, GREEDY)])["again"]
+    assert out.token_ids == cold[tuple(DOC + Q2)]
+    assert (out.cached_prefix.device_tokens, out.cached_prefix.disk_tokens) == (
+        BS,
+        (DOC_BLOCKS - 1) * BS,
+    )
+    engine.close()
+
+
+def test_abort_before_the_loader_starts(tiny_checkpoint, kv_dir, monkeypatch):
+    """A load still queued behind another is cancelled: its blocks are freed at the next step."""
+    engine = engine_on(tiny_checkpoint, kv_dir, num_kv_blocks=64)
+    disk = engine.kv_tiers.disk
+    gate = threading.Event()
+    read = disk._read_block
+    monkeypatch.setattr(disk, "_read_block", lambda *a: (gate.wait(10), read(*a))[1])
+    engine.add_request(DOC + Q2, GREEDY, request_id="first")
+    engine.add_request(DOC[:100] + Q1, GREEDY, request_id="second")
+    engine.step()
+    assert engine.scheduler.num_loading in (1, 2)
+    engine.abort("first")
+    engine.abort("second")
+    gate.set()
+    settle(engine)
+    assert engine.stats().kv_blocks_used == 0 and not engine.has_unfinished()
+    engine.close()
+
+
+def test_close_stops_a_load(tiny_checkpoint, kv_dir, monkeypatch):
+    engine = engine_on(tiny_checkpoint, kv_dir, num_kv_blocks=64)
+    disk = engine.kv_tiers.disk
+    read = disk._read_block
+
+    def slow(path, *args):
+        time.sleep(0.05)
+        return read(path, *args)
+
+    monkeypatch.setattr(disk, "_read_block", slow)
+    engine.add_request(DOC + Q2, GREEDY, request_id="doc")
+    engine.step()
+    assert engine.scheduler.num_loading == 1
+    engine.close()  # returns once the loader stopped, after the file it was reading
+    assert disk.blocks_read < DOC_BLOCKS
