@@ -16,17 +16,20 @@ inter-token gaps (within 3x of its gaps without the load)". What this measures, 
   both ran while the load was in flight counts: their median and their 90th percentile must
   stay within 3x of the baseline's median. Not asserted, printed: the largest gap. Before the
   loader ran at idle priority one step per 2 GiB load stalled 0.4-0.6 s (6-8x) in every run;
-  now most runs stay within 2.5x, and about one in three still stalls once (reproduced outside
-  the engine: a decode step's OpenMP barriers wait while another thread reads into freshly
-  allocated memory; not the GIL, the loader's reads and checksums release it). The baseline
-  itself had a 361 ms stall once. The step that lands the load (the 2 GiB copy into the pool and the
-  follow-up's prefill) is not "during the load" and is not counted.
+  then most runs stayed within 2.5x, and about one in three still stalled once (reproduced
+  outside the engine: a decode step's OpenMP barriers wait while another thread reads into
+  freshly allocated memory; not the GIL, the loader's reads and checksums release it). Since the
+  loader reads straight into the pool's blocks (touched at start), there is no fresh memory:
+  the load takes 1.6-1.9 s instead of 3.6-4.2 s and the largest gap was 140-145 ms in 4 of 5
+  runs (one run, with another job on the machine, 518 ms). The baseline itself had a 361 ms
+  stall once. The step that lands the load (the follow-up's prefill) is not "during the load"
+  and is not counted.
 - The follow-up must get its whole document from disk (cached tokens, the disk tier's counters),
   and the load must have lasted long enough for the stream to step several times during it, so
   the check cannot pass by the load being too short to overlap anything.
 
-Marked slow (about a minute: a 0.6 GB random checkpoint, 2 GiB written and read back); peak
-memory about 6 GB (weights, the KV pool, the loaded blocks).
+Marked slow (about 30 s: a 0.6 GB random checkpoint, 2 GiB written and read back); peak
+memory about 4 GB (weights, the 3.5 GiB KV pool the blocks are loaded into).
 """
 
 from __future__ import annotations
@@ -136,6 +139,9 @@ def test_a_stream_keeps_its_gaps_while_2_gib_load_from_disk(big_kv_checkpoint, t
     median = statistics.median(baseline[BASELINE_SKIP:])
     baseline_worst = max(baseline[BASELINE_SKIP:])
     during_median = statistics.median(during_load or [float("nan")])
+    during_p90 = (
+        statistics.quantiles(during_load, n=10)[-1] if len(during_load) > 1 else float("nan")
+    )
     worst = max(during_load, default=float("nan"))
     tiers = engine.stats().kv_tiers
     print(
@@ -143,7 +149,8 @@ def test_a_stream_keeps_its_gaps_while_2_gib_load_from_disk(big_kv_checkpoint, t
         f"(disk tier {tiers.disk_load_seconds:.2f} s, {tiers.disk_bytes_read / 2**30:.2f} GiB "
         f"read); stream gaps: median {median * 1000:.0f} ms without a load, during the load "
         f"{len(during_load)} gaps, median {during_median * 1000:.0f} ms "
-        f"({during_median / median:.2f}x), largest {worst * 1000:.0f} ms vs "
+        f"({during_median / median:.2f}x), p90 {during_p90 * 1000:.0f} ms "
+        f"({during_p90 / median:.2f}x), largest {worst * 1000:.0f} ms vs "
         f"{baseline_worst * 1000:.0f} ms without ({worst / baseline_worst:.2f}x)"
     )
     prefix = doc_out.cached_prefix
@@ -152,6 +159,6 @@ def test_a_stream_keeps_its_gaps_while_2_gib_load_from_disk(big_kv_checkpoint, t
     assert tiers.disk_bytes_read >= DOC_BYTES and tiers.disk_hit_tokens >= len(DOC)
     assert len(during_load) >= 5, "the load was too short to overlap the stream's steps"
     assert during_median <= 3 * median
-    assert statistics.quantiles(during_load, n=10)[-1] <= 3 * median
+    assert during_p90 <= 3 * median
     engine.scheduler.check_integrity()
     engine.close()
