@@ -355,6 +355,41 @@ def test_a_pool_too_small_for_the_whole_load(tiny_checkpoint, kv_dir, cold, monk
     engine.close()
 
 
+def test_a_load_leaves_the_block_a_running_stream_needs_next(
+    tiny_checkpoint, kv_dir, cold, monkeypatch
+):
+    """The load starts in the step where the stream computes position 207, the last slot of
+    its 13th block: its next token needs a 14th. Of the 11 free blocks the load takes 9 (one
+    kept for that token, one for the request's own new tokens), and the stream's next step
+    gets its block without anyone being preempted."""
+    no_staging(monkeypatch)
+    engine = engine_on(tiny_checkpoint, kv_dir, num_kv_blocks=24)
+    engine.add_request(OTHER1, STREAM, request_id="stream")
+    stream = engine.requests["stream"].seq
+    while stream.num_tokens < 13 * BS:  # prompt 200, then decodes up to 208 tokens known
+        engine.step()
+        engine.scheduler.check_integrity()
+    assert stream.num_tokens == 13 * BS and len(stream.block_table) == 13
+    taken: list[int] = []
+    after: list[tuple[int, int]] = []  # the stream's blocks and the preemptions, step by step
+
+    def watch(engine: LLMEngine, step: int) -> None:
+        for load in engine.scheduler._loading.values():
+            taken.append(len(load.seq.block_table))
+        after.append((len(stream.block_table), engine.scheduler.num_preemptions))
+
+    outs = run(engine, [("doc", DOC + Q2, GREEDY)], watch)
+    assert taken and taken[0] == 24 - 13 - 1 - 1
+    # The step that started the load computed slot 207; the next one gave the stream its 14th
+    # block from the one the load left (later the two requests contend as any two do).
+    assert after[:2] == [(13, 0), (14, 0)]
+    assert outs["stream"].token_ids == cold[("stream30", *OTHER1)]
+    assert outs["doc"].token_ids == cold[tuple(DOC + Q2)]
+    assert outs["doc"].cached_prefix.disk_tokens == 9 * BS
+    assert engine.stats().kv_blocks_used == 0
+    engine.close()
+
+
 def test_no_room_for_a_load_waits_for_it(tiny_checkpoint, kv_dir, cold, monkeypatch):
     """A 14-block pool, a stream filling it: the follow-up waits (not loading, not computing)
     until the stream ends, then loads all its 6 disk blocks."""
