@@ -26,7 +26,6 @@ from engine.kv_keys import BlockRef, block_keys
 from engine.kv_tiers import HostPool
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
-from engine.tokenizer import Tokenizer
 from tests.test_kv_tiers import (
     BLOCK_BYTES,
     BS,
@@ -38,28 +37,12 @@ from tests.test_kv_tiers import (
     Q1,
     Q2,
     doc_file,
+    one_tokenizer_load,  # noqa: F401  (autouse: one tokenizer load)
 )
 
 STREAM = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
 LONG = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 PREEMPTING = {"a": OTHER1, "b": DOC[:100] + Q2, "c": DOC[:150] + Q1}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_tokenizer_load():
-    """Engines here start often; they share one tokenizer load (about 2 s each otherwise)."""
-    loaded: dict[tuple, Tokenizer] = {}
-    real = Tokenizer.from_dir
-
-    def cached(path, *args):
-        key = (str(path), *map(tuple, args))
-        if key not in loaded:
-            loaded[key] = real(path, *args)
-        return loaded[key]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Tokenizer, "from_dir", staticmethod(cached))
-        yield
 
 
 @pytest.fixture(scope="module")
