@@ -10,9 +10,12 @@ list, as tests/test_model_parity.py drives it).
    copy of the decoder as it stood before the single residual-carrying forward (plain
    `x + attn(norm(x))`, `x + mlp(norm(x))`, with its own copies of the norm, rotary and SiLU
    math). The logits must be equal bit for bit (`torch.equal`), not merely close.
-2. Against the saved run in tests/fixtures/forward_golden.json: per CPU kind
-   (`torch.backends.cpu.get_cpu_capability()`: AVX512 and AVX2 machines round differently), the
-   sha256 of the float32 logits' bytes and a few logits for a readable diff. The digest is
+2. Against the saved run in tests/fixtures/forward_golden.json: per CPU kind, the sha256 of
+   the float32 logits' bytes and a few logits for a readable diff. The kind is torch's
+   capability (`torch.backends.cpu.get_cpu_capability()`: AVX512 and AVX2 machines round
+   differently) and what oneDNN sizes its float32 kernels by (the CPU vendor, its L2 size, AMX):
+   an Intel Xeon with AMX and 2 MiB of L2 and an AMD EPYC with 1 MiB, both "AVX512", sum in
+   different orders. The digest is
    checked when the CPU kind, torch version and thread count match the saved entry; otherwise
    the test records this machine's digest as a warning (and writes it into the fixture when
    PAGECHAT_UPDATE_GOLDEN=1) and still does check 1.
@@ -224,6 +227,25 @@ def qwen3_06b_checkpoint(tmp_path_factory) -> Path:
     )
 
 
+def cpu_kind() -> str:
+    """torch's capability report, then the CPU's vendor, L2 size and AMX (oneDNN picks its
+    float32 kernels' blocking by them)."""
+    vendor = "unknown vendor"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                vendor = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        l2 = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip()
+    except OSError:
+        l2 = "?"
+    amx = " AMX" if torch.cpu._is_amx_tile_supported() else ""
+    return f"{torch.backends.cpu.get_cpu_capability()} {vendor} L2 {l2}{amx}"
+
+
 def environment() -> dict[str, str | int]:
     return {
         "torch": torch.__version__.split("+")[0],
@@ -282,7 +304,7 @@ def test_cpu_logits_bit_identical(case, request, record_property):
             f"{int((diff != 0).sum())} of {diff.numel()} values, max {diff.max().item():.3g}"
         )
 
-    capability = torch.backends.cpu.get_cpu_capability()
+    capability = cpu_kind()
     entry = {"sha256": digest(logits), "sample": sample(logits), **environment()}
     record_property(f"golden_{case}_{capability}", entry["sha256"])
     saved = load_saved().get(capability, {}).get(case)
