@@ -110,33 +110,40 @@ def test_an_output_does_not_depend_on_the_thread_count_or_its_batch_mates_within
         assert torch.equal(packed_bf16.linear(x[row : row + 1], packed)[0], one[row])
 
 
-@pytest.mark.skipif(packed_bf16.kernel_level() != 2, reason="AMX serves every row count only there")
-def test_with_amx_a_row_gets_the_same_bits_alone_and_in_any_batch():
-    """Decode batches of 1 to 40 rows (16- and 32-row tile paths) and a prompt-sized one."""
+@pytest.mark.skipif(packed_bf16.kernel_level() < 1, reason="needs AVX512-BF16 (AMX or not)")
+def test_with_avx512_bf16_a_row_gets_the_same_bits_alone_and_in_any_batch():
+    """Decode batches of 1 to 40 rows and a prompt-sized one: with AMX its 16- and 32-row tile
+    paths; without, the few-rows kernel (under 8 rows) and the 6-row register tiles with their
+    edges, which must sum alike."""
     torch.manual_seed(1)
     w = torch.randn(1040, 512).bfloat16()
     packed = packed_bf16.pack(w)
     x = torch.randn(300, 512).bfloat16()
     full = packed_bf16.linear(x, packed)
-    for m in (1, 3, 16, 17, 40):
+    for m in (1, 3, 7, 8, 13, 16, 17, 40):
         assert torch.equal(packed_bf16.linear(x[:m], packed), full[:m]), m
     assert torch.equal(packed_bf16.linear(x[37:38], packed)[0], full[37])
 
 
-@pytest.mark.skipif(packed_bf16.kernel_level() != 2, reason="the fused SwiGLU needs AMX")
+@pytest.mark.skipif(packed_bf16.kernel_level() < 1, reason="the fused SwiGLU needs AVX512-BF16")
 @pytest.mark.parametrize("inter,k", [(48, 96), (64, 1056), (3072, 1024)])
 def test_the_fused_swiglu_matmul_equals_the_matmul_then_the_silu_kernel(inter, k):
-    """pc_linear_swiglu_bf16 pairs gate block j with up block j inside the AMX tiles: its
-    output must be the two-step result bit for bit (batch sizes on the 16- and 32-row tile
-    paths, an odd count of gate blocks, a prompt-sized batch)."""
+    """pc_linear_swiglu_bf16 pairs gate block j with up block j inside the AMX tiles or the
+    register tiles: its output must be the two-step result bit for bit (batch sizes on the 16-
+    and 32-row tile paths, an odd count of gate blocks, a prompt-sized batch; without AMX
+    under 8 rows there is no fused kernel)."""
     from engine.cpu_kernels.elementwise import silu_and_mul
 
     torch.manual_seed(inter + k)
     w = (torch.randn(2 * inter, k) * 0.05).bfloat16()
     packed = packed_bf16.pack(w)
-    for m in (1, 3, 16, 17, 40, 300 if inter < 3072 else 64):
+    amx = packed_bf16.kernel_level() == 2
+    for m in (1, 3, 8, 13, 16, 17, 40, 300 if inter < 3072 else 64):
         x = (torch.randn(m, k) * 2).bfloat16()
         fused = packed_bf16.linear_swiglu(x, packed)
+        if not amx and m < 8:
+            assert fused is None, m
+            continue
         assert fused is not None and fused.shape == (m, inter)
         two_steps = silu_and_mul(packed_bf16.linear(x, packed))
         assert torch.equal(fused, two_steps), m

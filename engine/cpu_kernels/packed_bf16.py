@@ -9,10 +9,12 @@ Kernels by activation dtype and rows M:
   bfloat16 x: with AMX, AMX tiles for every M: as fast as the few-rows kernel at one row
               (both stream the weight at memory speed) and faster from a few rows on, and each
               output row is summed the same way whatever the other rows, so a request's
-              result does not depend on its batch mates. With AVX512-BF16 but no AMX the
-              few-rows kernel up to WIDEN_MAX_ROWS rows, above it torch's matmul on the dense
-              weight (math bound: oneDNN). Without AVX512-BF16 the portable float32 loop, bf16
-              out, likewise up to WIDEN_MAX_ROWS rows;
+              result does not depend on its batch mates. With AVX512-BF16 but no AMX (AMD
+              Zen 4/5) the few-rows kernel below 8 rows, from 8 on register tiles of the same
+              vdpbf16ps sums (6 rows x 4 blocks, columns in L2-sized groups): the same bits
+              for any M, so batch-invariant too, and faster than oneDNN on a dense copy.
+              Without AVX512-BF16 the portable float32 loop, bf16 out, up to WIDEN_MAX_ROWS
+              rows, above it torch's matmul on the dense weight;
   float32 x:  the C widening kernel up to WIDEN_MAX_ROWS rows (decode: bytes bound), above it
               one dense float32 copy of the weight and torch's float32 matmul (prefill: math
               bound; the copy is amortised over the rows).
@@ -118,7 +120,7 @@ def linear(
         raise ValueError(f"input has {k} features, the packed weight expects {in_features(packed)}")
     x = x.contiguous()
     threads = torch.get_num_threads()
-    if x.dtype == torch.bfloat16 and (m <= WIDEN_MAX_ROWS or kernel_level() == 2):
+    if x.dtype == torch.bfloat16 and (m <= WIDEN_MAX_ROWS or kernel_level() >= 1):
         out = torch.empty(m, n, dtype=torch.bfloat16)
         lib.pc_linear_bf16(_ptr(x), _ptr(packed), _ptr(out), m, n, k, threads, AMX_MIN_ROWS)
     elif x.dtype == torch.float32 and m <= WIDEN_MAX_ROWS:
@@ -138,10 +140,10 @@ def linear(
 def linear_swiglu(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor | None:
     """silu(gate) * up of x [M, K] bfloat16 times a packed [gate | up] weight, in one pass (the
     matmul writes silu(gate) * up from its own tiles: the same bits as `linear` then the SiLU
-    kernel, without the 2x wider intermediate). None where this CPU has no such kernel (no
-    AMX): the caller runs the two steps."""
+    kernel, without the 2x wider intermediate). None where this CPU or batch has no such kernel
+    (no AVX512-BF16; without AMX, fewer than 8 rows): the caller runs the two steps."""
     lib = load()
-    if lib is None or x.dtype != torch.bfloat16 or kernel_level() != 2:
+    if lib is None or x.dtype != torch.bfloat16 or kernel_level() < 1:
         return None
     m, k = x.shape
     n = out_features(packed)

@@ -8,12 +8,17 @@
  *     and broadcasts each pair of x to all 16 columns: one vdpbf16ps per 64 bytes of weight
  *     with AVX512-BF16, a widening float32 loop elsewhere (AVX2, NEON: the compiler vectorises
  *     it over the 16 columns, no horizontal sums);
+ *   - many rows with AVX512-BF16 but no AMX (AMD Zen 4/5): 6 rows x 4 column blocks of
+ *     vdpbf16ps sums in registers, columns in L2-sized groups; each sum runs over k exactly
+ *     as the few-rows kernel's does, so the bits do not depend on M; the [gate | up] variant
+ *     writes silu(gate) * up as the AMX one does;
  *   - many rows with AMX: 16x32 tiles of x times 16x32 tiles of the weight (its 64-byte rows
  *     are exactly AMX's B-tile rows), blocks of columns kept in L2 while all row tiles pass;
  *     for an MLP's [gate | up] weight the same tiles can pair each gate block with its up
  *     block and write silu(gate) * up directly (pc_linear_swiglu_bf16).
- * Every output is summed in float32 in an order fixed by K and the kernel (the kernel depends
- * on M: few rows or AMX); it does not depend on the thread count.
+ * Every output is summed in float32 in an order fixed by K and the kernel (with AMX the kernel
+ * is AMX for every M; without, few rows and many rows sum alike); it does not depend on the
+ * thread count.
  */
 #include <stdint.h>
 #include <string.h>
@@ -23,6 +28,7 @@
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #include <immintrin.h>
 #define PC_AVX512_BF16 1
+#include "swiglu.h"
 #else
 #define PC_AVX512_BF16 0
 #endif
@@ -31,7 +37,6 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #include "amx.h"
-#include "swiglu.h"
 #define PC_AMX 1
 #else
 #define PC_AMX 0
@@ -120,6 +125,159 @@ static void linear_small_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y,
             int64_t rows = m - m0 < SMALL_ROWS ? m - m0 : SMALL_ROWS;
             blocks_small_bf16(x + m0 * k, w + b0 * k * BLOCK_COLS, y + m0 * n, rows, n, k,
                               b0 * BLOCK_COLS, nb);
+        }
+    }
+}
+#endif
+
+#if PC_AVX512_BF16 && !PC_AMX
+/* Many rows without AMX (AVX512-BF16 only, e.g. AMD Zen 4/5): MANY_MR rows by MANY_NR column
+ * blocks of float32 sums held in registers, one vdpbf16ps per (row, block) and pair of k. Each
+ * sum runs over k in the same order, from zero, as the few-rows kernel's: the same bits for
+ * any M, so a request's outputs do not depend on its batch mates here either. Columns go in
+ * groups whose weights stay in L2 while every strip of rows passes over them. */
+#define MANY_MR 5
+#define MANY_NR 5
+#define MANY_MIN_ROWS 8
+
+static inline __attribute__((always_inline)) void many_tile(const uint16_t *x, const uint16_t *wb,
+                                                            uint16_t *y, int64_t n, int64_t k,
+                                                            const int mr, const int nr) {
+    __m512 acc[MANY_MR][MANY_NR];
+    for (int j = 0; j < mr; j++)
+        for (int b = 0; b < nr; b++) acc[j][b] = _mm512_setzero_ps();
+    const int64_t block_elems = k * BLOCK_COLS;
+    for (int64_t p = 0; p < k / 2; p++) {
+        __m512bh wv[MANY_NR];
+        for (int b = 0; b < nr; b++)
+            wv[b] = (__m512bh)_mm512_loadu_si512(wb + b * block_elems + p * 2 * BLOCK_COLS);
+        for (int j = 0; j < mr; j++) {
+            uint32_t pair;
+            memcpy(&pair, x + j * k + 2 * p, sizeof pair);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int b = 0; b < nr; b++) acc[j][b] = _mm512_dpbf16_ps(acc[j][b], wv[b], xv);
+        }
+    }
+    for (int j = 0; j < mr; j++)
+        for (int b = 0; b < nr; b++)
+            _mm256_storeu_si256((__m256i *)(y + j * n + b * BLOCK_COLS), f32_to_bf16_ps(acc[j][b]));
+}
+
+/* many_tile for an MLP's [gate | up] weight: `ng` gate blocks and the up blocks `up` elements
+ * after them, summed alike; each output is silu_mul_ps of the gate and up rounded as the plain
+ * matmul rounds them (the bits of the matmul followed by the SiLU kernel). */
+static inline __attribute__((always_inline)) void many_tile_swiglu(
+    const uint16_t *x, const uint16_t *wb, uint16_t *y, int64_t n, int64_t k, int64_t up,
+    const int mr, const int ng) {
+    __m512 acc[MANY_MR][MANY_NR];
+    for (int j = 0; j < mr; j++)
+        for (int b = 0; b < 2 * ng; b++) acc[j][b] = _mm512_setzero_ps();
+    const int64_t block_elems = k * BLOCK_COLS;
+    for (int64_t p = 0; p < k / 2; p++) {
+        __m512bh wv[MANY_NR];
+        for (int b = 0; b < ng; b++) {
+            wv[b] = (__m512bh)_mm512_loadu_si512(wb + b * block_elems + p * 2 * BLOCK_COLS);
+            wv[ng + b] = (__m512bh)_mm512_loadu_si512(wb + up + b * block_elems + p * 2 * BLOCK_COLS);
+        }
+        for (int j = 0; j < mr; j++) {
+            uint32_t pair;
+            memcpy(&pair, x + j * k + 2 * p, sizeof pair);
+            const __m512bh xv = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int b = 0; b < 2 * ng; b++) acc[j][b] = _mm512_dpbf16_ps(acc[j][b], wv[b], xv);
+        }
+    }
+    for (int j = 0; j < mr; j++)
+        for (int b = 0; b < ng; b++)
+            _mm256_storeu_si256((__m256i *)(y + j * n + b * BLOCK_COLS),
+                                silu_mul_ps(round_bf16_ps(acc[j][b]), round_bf16_ps(acc[j][ng + b])));
+}
+
+static void many_tile_swiglu_any(const uint16_t *x, const uint16_t *wb, uint16_t *y, int64_t n,
+                                 int64_t k, int64_t up, int mr, int ng) {
+    if (mr == MANY_MR && ng == MANY_NR / 2) {
+        many_tile_swiglu(x, wb, y, n, k, up, MANY_MR, MANY_NR / 2);
+        return;
+    }
+    for (int j = 0; j < mr; j++)
+        for (int b = 0; b < ng; b++)
+            many_tile_swiglu(x + j * k, wb + b * k * BLOCK_COLS, y + j * n + b * BLOCK_COLS, n, k,
+                             up, 1, 1);
+}
+
+/* A tile with compile-time shape where one edge is full (the compiler keeps its sums in
+ * registers); a corner with both edges short, one (row, block) at a time. */
+static void many_tile_any(const uint16_t *x, const uint16_t *wb, uint16_t *y, int64_t n,
+                          int64_t k, int mr, int nr) {
+#define PC_TILE(R, C) many_tile(x, wb, y, n, k, R, C)
+    if (mr == MANY_MR) {
+        switch (nr) {
+        case MANY_NR: PC_TILE(MANY_MR, MANY_NR); return;
+        case 1: PC_TILE(MANY_MR, 1); return;
+        case 2: PC_TILE(MANY_MR, 2); return;
+#if MANY_NR > 3
+        case 3: PC_TILE(MANY_MR, 3); return;
+#endif
+#if MANY_NR > 4
+        case 4: PC_TILE(MANY_MR, 4); return;
+#endif
+        }
+    } else if (nr == MANY_NR) {
+        switch (mr) {
+        case 1: PC_TILE(1, MANY_NR); return;
+        case 2: PC_TILE(2, MANY_NR); return;
+        case 3: PC_TILE(3, MANY_NR); return;
+#if MANY_MR > 4
+        case 4: PC_TILE(4, MANY_NR); return;
+#endif
+#if MANY_MR > 5
+        case 5: PC_TILE(5, MANY_NR); return;
+#endif
+        }
+    }
+#undef PC_TILE
+    for (int j = 0; j < mr; j++)
+        for (int b = 0; b < nr; b++)
+            many_tile(x + j * k, wb + b * k * BLOCK_COLS, y + j * n + b * BLOCK_COLS, n, k, 1, 1);
+}
+
+/* y [m, n] = x W^T; swiglu: W is [gate | up] with 2n rows and y = silu(gate) * up. */
+static void linear_many_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m,
+                             int64_t n, int64_t k, int swiglu, int threads) {
+    const int64_t blocks = n / BLOCK_COLS; /* output blocks (gate blocks for swiglu) */
+    const int nr_out = swiglu ? MANY_NR / 2 : MANY_NR; /* output blocks a tile writes */
+    const int64_t up = n * k; /* elements from a gate block to its up block */
+    /* Column groups in units of one tile's blocks, a group's weights ~512 KiB (half this L2),
+     * as many groups as a multiple of the threads where there are enough units. */
+    const int64_t units = (blocks + nr_out - 1) / nr_out;
+    int64_t per_group = (512 << 10) / (k * 2 * BLOCK_COLS * MANY_NR);
+    per_group = per_group < 1 ? 1 : per_group;
+    int64_t groups = (units + per_group - 1) / per_group;
+    if (groups % threads && units >= threads) {
+        groups += threads - groups % threads;
+        per_group = (units + groups - 1) / groups;
+        groups = (units + per_group - 1) / per_group;
+    }
+    /* Fewer groups than threads (narrow outputs): the rows are split between them as well. */
+    const int64_t row_parts = groups < threads ? (threads + groups - 1) / groups : 1;
+    int64_t part_rows = (m + row_parts - 1) / row_parts;
+    part_rows += (MANY_MR - part_rows % MANY_MR) % MANY_MR;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t item = 0; item < groups * row_parts; item++) {
+        const int64_t g = item / row_parts, part = item % row_parts;
+        const int64_t b0 = g * per_group * nr_out;
+        const int64_t b_end = b0 + per_group * nr_out < blocks ? b0 + per_group * nr_out : blocks;
+        const int64_t m_end = (part + 1) * part_rows < m ? (part + 1) * part_rows : m;
+        for (int64_t m0 = part * part_rows; m0 < m_end; m0 += MANY_MR) {
+            const int mr = (int)(m_end - m0 < MANY_MR ? m_end - m0 : MANY_MR);
+            for (int64_t b = b0; b < b_end; b += nr_out) {
+                const int nr = (int)(b_end - b < nr_out ? b_end - b : nr_out);
+                const uint16_t *wb = w + b * k * BLOCK_COLS;
+                uint16_t *yb = y + m0 * n + b * BLOCK_COLS;
+                if (swiglu)
+                    many_tile_swiglu_any(x + m0 * k, wb, yb, n, k, up, mr, nr);
+                else
+                    many_tile_any(x + m0 * k, wb, yb, n, k, mr, nr);
+            }
         }
     }
 }
@@ -346,6 +504,11 @@ int pc_linear_swiglu_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, i
         linear_amx(x, w, out, m, inter, k, half, -1, &swiglu, threads);
         return 0;
     }
+#elif PC_AVX512_BF16
+    if (m >= MANY_MIN_ROWS && inter % BLOCK_COLS == 0) {
+        linear_many_bf16(x, w, out, m, inter, k, 1, threads);
+        return 0;
+    }
 #endif
     (void)x, (void)w, (void)out, (void)m, (void)inter, (void)k, (void)threads, (void)amx_min_rows;
     return 1;
@@ -363,6 +526,12 @@ void pc_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m
 #endif
     (void)amx_min_rows;
 #if PC_AVX512_BF16
+#if !PC_AMX
+    if (m >= MANY_MIN_ROWS) {
+        linear_many_bf16(x, w, y, m, n, k, 0, threads);
+        return;
+    }
+#endif
     linear_small_bf16(x, w, y, m, n, k, threads);
 #else
     linear_portable_bf16(x, w, y, m, n, k, threads);
