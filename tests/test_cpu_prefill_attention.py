@@ -1,4 +1,5 @@
-"""The AMX prompt attention (engine.cpu_kernels.prefill_attention) against float64 attention and
+"""The engine's prompt attention (engine.cpu_kernels.prefill_attention: AMX tiles, or AVX512-BF16
+register tiles where there is no AMX) against float64 attention and
 against sdpa's bf16 flash kernel it replaces: fresh prompts and chunks after cached prefixes,
 block sizes, GQA groups, lengths off every block edge; batch- and thread-count invariance."""
 
@@ -16,12 +17,19 @@ from tests.test_attention_torch import _single, dense_reference
 from tests.test_kernels import make_batch
 
 
-def _amx() -> bool:
+def _native() -> bool:
     lib = load()
-    return lib is not None and lib.pc_prefill_attention_level() == 1
+    return lib is not None and lib.pc_prefill_attention_level() >= 1
 
 
-pytestmark = pytest.mark.skipif(not _amx(), reason="this CPU (or build) has no AMX")
+pytestmark = pytest.mark.skipif(not _native(), reason="this CPU (or build) has no AVX512-BF16")
+
+
+def test_the_kernel_level_matches_what_torch_reports_about_this_cpu():
+    lib = load()
+    assert lib is not None
+    amx = torch.cpu._is_amx_tile_supported()
+    assert lib.pc_prefill_attention_level() == (2 if amx else 1)
 
 
 def prompt_batch(pairs, group=2, block_size=16, head_dim=128, seed=0, dtype=torch.bfloat16):

@@ -22,8 +22,14 @@
 
 #include "bf16.h"
 
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AMX_TILE__) && \
-    defined(__AMX_BF16__) && defined(__linux__)
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define PC_PREFILL_VEC 1
+#else
+#define PC_PREFILL_VEC 0
+#endif
+
+#if PC_PREFILL_VEC && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #include "amx.h"
 #define PC_PREFILL_AMX 1
 #else
@@ -36,12 +42,94 @@
 #define MAX_D 256
 #define PACK_BYTES ((int64_t)64 << 20) /* packed keys and values per pass, at most */
 
-/* 1 if this build has the AMX prompt-attention kernel. */
-int pc_prefill_attention_level(void) { return PC_PREFILL_AMX; }
+/* 2 if this build's prompt attention multiplies with AMX, 1 with AVX512-BF16 vdpbf16ps
+ * (AMD Zen 4/5), 0 if it has none. */
+int pc_prefill_attention_level(void) { return PC_PREFILL_AMX ? 2 : PC_PREFILL_VEC; }
 
+#if PC_PREFILL_VEC
 #if PC_PREFILL_AMX
 /* Every tile 16 rows of 64 bytes. C: 0-3; A: 4, 5; B: 6, 7. */
 static void configure_tiles(void) { pc_amx_configure(16); }
+#else
+/* Without AMX the same packed keys and values feed vdpbf16ps: a packed 16-key block's row p
+ * holds dims 2p, 2p + 1 of its 16 keys (one 64-byte vector), a value tile's row kp keys 2kp,
+ * 2kp + 1 of 16 dims: each multiplies a broadcast pair of the query (or of the
+ * probabilities) into 16 float32 sums. Register tiles of VR rows by up to VC vectors. */
+#define VR 4
+#define VC 4
+
+/* scores[r][16b .. 16b + 15] (row stride SB) = q_r . keys of block b, for rows < rows_used
+ * and nb (even) 16-key blocks, consecutive from `keys`. */
+static inline __attribute__((always_inline)) void scores_tile(const uint16_t *qbuf, int64_t d,
+                                                              const uint16_t *kb, float *scores,
+                                                              const int nc) {
+    __m512 acc[VR][VC];
+    for (int r = 0; r < VR; r++)
+        for (int c = 0; c < nc; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < d / 2; p++) {
+        __m512bh kv[VC];
+        for (int c = 0; c < nc; c++) kv[c] = (__m512bh)_mm512_loadu_si512(kb + c * 16 * d + p * 32);
+        for (int r = 0; r < VR; r++) {
+            uint32_t pair;
+            memcpy(&pair, qbuf + r * d + 2 * p, sizeof pair);
+            const __m512bh qv = (__m512bh)_mm512_set1_epi32((int)pair);
+            for (int c = 0; c < nc; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], kv[c], qv);
+        }
+    }
+    for (int r = 0; r < VR; r++)
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(scores + r * SB + 16 * c, acc[r][c]);
+}
+
+static void scores_vec(const uint16_t *qbuf, int64_t d, const uint16_t *keys, int64_t nb,
+                       int64_t rows_used, float *scores) {
+    for (int64_t r0 = 0; r0 < rows_used; r0 += VR)
+        for (int64_t b = 0; b < nb; b += VC) {
+            if (nb - b >= VC)
+                scores_tile(qbuf + r0 * d, d, keys + b * 16 * d, scores + r0 * SB + 16 * b, VC);
+            else
+                scores_tile(qbuf + r0 * d, d, keys + b * 16 * d, scores + r0 * SB + 16 * b, 2);
+        }
+}
+
+/* acc[r][16c ..] += probs[r][0 .. n) @ values, n keys in 32-key units from `values`, for the
+ * 16-dim chunks c0 .. c0 + nc - 1. */
+static inline __attribute__((always_inline)) void pv_tile(const uint16_t *probs,
+                                                          const uint16_t *values, int64_t units,
+                                                          int64_t d, float *acc, int64_t c0,
+                                                          const int nc) {
+    __m512 sum[VR][VC];
+    for (int r = 0; r < VR; r++)
+        for (int c = 0; c < nc; c++) sum[r][c] = _mm512_loadu_ps(acc + r * d + 16 * (c0 + c));
+    for (int64_t u = 0; u < units; u++) {
+        const uint16_t *vu = values + u * KB * d + c0 * 512;
+        for (int64_t kp = 0; kp < KB / 2; kp++) {
+            __m512bh vv[VC];
+            for (int c = 0; c < nc; c++)
+                vv[c] = (__m512bh)_mm512_loadu_si512(vu + c * 512 + kp * 32);
+            for (int r = 0; r < VR; r++) {
+                uint32_t pair;
+                memcpy(&pair, probs + r * SB + u * KB + 2 * kp, sizeof pair);
+                const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pair);
+                for (int c = 0; c < nc; c++) sum[r][c] = _mm512_dpbf16_ps(sum[r][c], vv[c], pv);
+            }
+        }
+    }
+    for (int r = 0; r < VR; r++)
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(acc + r * d + 16 * (c0 + c), sum[r][c]);
+}
+
+static void pv_vec(const uint16_t *probs, const uint16_t *values, int64_t units, int64_t d,
+                   int64_t rows_used, float *acc) {
+    const int64_t chunks = d / 16; /* even: d is a multiple of 32 */
+    for (int64_t r0 = 0; r0 < rows_used; r0 += VR)
+        for (int64_t c0 = 0; c0 < chunks; c0 += VC) {
+            if (chunks - c0 >= VC)
+                pv_tile(probs + r0 * SB, values, units, d, acc + r0 * d, c0, VC);
+            else
+                pv_tile(probs + r0 * SB, values, units, d, acc + r0 * d, c0, 2);
+        }
+}
+#endif
 
 /* 2^x for x <= 0, clamped at 2^-100 (no subnormal results, which cost microcode assists;
  * x = -inf gives 2^-100: callers mask those lanes to 0).
@@ -194,8 +282,12 @@ static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int6
     memset(acc, 0, sizeof(float) * QB * (size_t)d);
     const int64_t last_key = first_pos + rows < seq_len ? first_pos + rows : seq_len;
     const int64_t unit_elems = KB * d; /* one packed 32-key unit, keys or values */
+#if !PC_PREFILL_AMX
+    const int64_t rows_used = (rows + VR - 1) / VR * VR; /* rows past `rows` are zero queries */
+#endif
     for (int64_t k0 = 0; k0 < last_key; k0 += SB) {
         const int64_t n = last_key - k0 < SB ? (last_key - k0 + KB - 1) / KB * KB : SB;
+#if PC_PREFILL_AMX
         /* scores[32, n] = q[32, d] @ keys[k0 .. k0 + n, d]^T, one 32-key unit at a time */
         for (int64_t u = 0; u < n / KB; u++) {
             const uint16_t *kp = keys + (k0 / KB + u) * unit_elems;
@@ -218,6 +310,9 @@ static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int6
             _tile_stored(2, scores + 16 * SB + u * KB, SB * 4);
             _tile_stored(3, scores + 16 * SB + u * KB + 16, SB * 4);
         }
+#else
+        scores_vec(qbuf, d, keys + (k0 / KB) * unit_elems, n / 16, rows_used, scores);
+#endif
         for (int64_t r = 0; r < QB; r++) {
             /* keys k0 .. limit - 1 are visible to this row */
             const int64_t limit = first_pos + r + 1 < seq_len ? first_pos + r + 1 : seq_len;
@@ -230,6 +325,7 @@ static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int6
                         &row_max[r], &row_sum[r]);
         }
         /* acc[32, d] += probs[32, n] @ values[n, d], two 16-dim column tiles at a time */
+#if PC_PREFILL_AMX
         for (int64_t c16 = 0; c16 < d; c16 += 32) {
             _tile_loadd(0, acc + c16, d * 4);
             _tile_loadd(1, acc + c16 + 16, d * 4);
@@ -251,6 +347,9 @@ static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int6
             _tile_stored(2, acc + 16 * d + c16, d * 4);
             _tile_stored(3, acc + 16 * d + c16 + 16, d * 4);
         }
+#else
+        pv_vec(probs, values + (k0 / KB) * unit_elems, n / KB, d, rows_used, acc);
+#endif
     }
     for (int64_t r = 0; r < rows; r++) {
         const float inv = 1.0f / row_sum[r];
@@ -268,7 +367,7 @@ int pc_paged_prefill_attention(const uint16_t *q, int64_t q_stride, uint16_t *ou
                                const uint16_t *v_cache, const int32_t *block_table,
                                int64_t seq_len, int64_t q_heads, int64_t kv_heads,
                                int64_t head_dim, int64_t block_size, float scale, int threads) {
-#if PC_PREFILL_AMX
+#if PC_PREFILL_VEC
     const int64_t d = head_dim;
     if (d % 32 || d > MAX_D || q_heads % kv_heads || query_len > seq_len || query_len <= 0)
         return 1;
@@ -291,7 +390,9 @@ int pc_paged_prefill_attention(const uint16_t *q, int64_t q_stride, uint16_t *ou
     const int64_t head_elems = units * KB * d;
 #pragma omp parallel num_threads(threads)
     {
+#if PC_PREFILL_AMX
         configure_tiles();
+#endif
         for (int64_t h0 = 0; h0 < kv_heads; h0 += heads_per_pass) {
             const int64_t heads = kv_heads - h0 < heads_per_pass ? kv_heads - h0 : heads_per_pass;
 #pragma omp for schedule(static)
@@ -320,7 +421,9 @@ int pc_paged_prefill_attention(const uint16_t *q, int64_t q_stride, uint16_t *ou
                             scale_log2);
             }
         }
+#if PC_PREFILL_AMX
         _tile_release();
+#endif
     }
     free(keys);
     free(values);
