@@ -19,25 +19,33 @@ One file per block, named by its key (engine.kv_keys): `<dir>/<key[:2] hex>/<key
                   in the engine's KV dtype, native byte order of this machine's torch
     end-8   8     XXH3-64 (xxhash) of everything before it, uint64 little-endian
 
-A write goes to a temporary file in the same directory, is fsynced, then renamed over the
-final name (and the directory fsynced), so a crash leaves either the whole file or none. On a
-load every field is checked (magic, version, fingerprint, key, token ids, sizes, checksum); a
-torn, truncated, foreign or corrupt file is logged, deleted and never loaded, and the load stops
-there (it brings the longest valid prefix of the blocks asked for). A load reads each file with
-one system call (`os.preadv`) straight into its destination and checks it with XXH3 streamed
-over the same buffers in file order (~10 GB/s here; format 1's CRC-32 ran ~2 GB/s). The
-destination is either the device pool's own block (`load_into`, on the CPU, where the pool is
-host memory: one buffer per (k|v, layer) segment of the pool block, so nothing is copied again
-and no fresh memory is faulted in while other requests step) or one row of a staging buffer
-for all the blocks (`load`, on CUDA: the model runner then copies the rows to the device). A
-load can be told to stop before its next file (`stop`). Leftover temporary files are deleted
-at start. The directory is kept under its byte cap by deleting the
-least recently used files (file mtimes carry the order across restarts: a load touches them).
+A write goes to a temporary file in the same directory, is fsynced, then renamed over the final
+name (and the directory fsynced), so a crash leaves either the whole file or none. On a load
+every field is checked (magic, version, fingerprint, key, token ids, sizes, checksum); a torn,
+truncated, foreign or corrupt file is logged, deleted and never loaded, and the load stops
+there (it brings the longest valid prefix of the blocks asked for). A file the page cache holds
+whole (written or read moments ago, as after a restart on a warm machine) is read with one
+system call (`preadv`, RWF_NOWAIT) straight into its destination and checked with XXH3 streamed
+over the same buffers in file order (~10 GB/s here; format 1's CRC-32 ran ~2 GB/s). Any other
+file is read with O_DIRECT, from the disk into the loader's one page-aligned buffer, checked
+there and then copied (GIL released) into its destination, so a load of gigabytes neither fills
+the page cache nor makes the kernel allocate and reclaim pages beside the engine's steps (where
+the file system refuses O_DIRECT, that read goes through the page cache). The destination is
+either the device pool's own block (`load_into`, on the CPU, where the pool is host memory: one
+buffer per (k|v, layer) segment of the pool block, so no fresh memory is faulted in while other
+requests step) or one row of a staging buffer for all the blocks (`load`, on CUDA: the model
+runner then copies the rows to the device). A load can be told to stop before its next file
+(`stop`). Leftover temporary files are deleted at start. The directory is kept under its byte
+cap by deleting the least recently used files (file mtimes carry the order across restarts: a
+load touches them).
 """
 
 from __future__ import annotations
 
+import ctypes
+import fcntl
 import logging
+import mmap
 import os
 import queue
 import struct
@@ -65,10 +73,8 @@ SUFFIX = ".kv"
 # otherwise pile up the KV of a long document in memory); those blocks are not saved.
 MAX_QUEUED_BYTES = 2 << 30
 TMP_MARK = ".tmp-"
-try:
-    IOV_MAX = max(16, os.sysconf("SC_IOV_MAX"))  # buffers one preadv fills (1024 on Linux)
-except (AttributeError, ValueError, OSError):
-    IOV_MAX = 16
+DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length in these units
+IOV_MAX = 1024  # buffers one preadv fills on Linux (a block of a model up to 511 layers)
 
 
 class BadBlockFile(Exception):
@@ -82,7 +88,7 @@ def encode_header(fingerprint: bytes, ref: BlockRef, payload_bytes: int) -> byte
     ) + struct.pack(f"<{n}i", *ref.token_ids)
 
 
-def checksum(header: bytes | bytearray, *payload: memoryview) -> int:
+def checksum(header: bytes | bytearray | memoryview, *payload: memoryview) -> int:
     """XXH3-64 of a block file's bytes before the checksum field: the header, then the payload
     (given whole, or as the consecutive pieces a load read it into: the same digest)."""
     h = xxhash.xxh3_64(header)
@@ -124,6 +130,7 @@ class DiskKVStore:
         self.write_errors = 0
         self.files_evicted = 0
         self.blocks_dropped = 0  # not queued: the writer was MAX_QUEUED_BYTES behind
+        self._bounce: mmap.mmap | None = None  # the loader thread's read buffer
         self.directory.mkdir(parents=True, exist_ok=True)
         self._scan()
         self._writer = _Writer(self)
@@ -355,16 +362,62 @@ class DiskKVStore:
     def _read_block(self, path: Path, ref: BlockRef, payload: list[memoryview]) -> int:
         """Read the block file `path` (its KV into the byte buffers `payload`, in order) after
         checking every field against `ref`; returns the file's size. Raises BadBlockFile for a
-        file not to load (`payload` may then hold part of it)."""
+        file not to load (`payload` may then hold part of it).
+
+        A file the page cache holds whole is copied from it straight into `payload`
+        (RWF_NOWAIT: a file written or read moments ago, as after a restart on a warm
+        machine). Anything else is read with O_DIRECT, from the disk into the loader's
+        page-aligned buffer, checked there and copied into `payload`: a load of gigabytes
+        neither fills the page cache nor makes the kernel allocate and reclaim pages beside
+        the engine's steps. Where O_DIRECT is refused (tmpfs, some network file systems) that
+        read goes through the page cache."""
         if sum(p.nbytes for p in payload) != self.payload_bytes:
             raise ValueError(f"destination of {sum(p.nbytes for p in payload)} bytes for a block")
-        head = bytearray(HEADER.size + 4 * len(ref.token_ids))
-        tail = bytearray(CHECKSUM.size + 1)  # one byte more: a longer file fills it
+        head_len = HEADER.size + 4 * len(ref.token_ids)
+        expected = head_len + self.payload_bytes + CHECKSUM.size
+        head, tail = bytearray(head_len), bytearray(CHECKSUM.size + 1)  # +1: a longer file shows
         fd = os.open(path, os.O_RDONLY)
         try:
-            size = _preadv_all(fd, [head, *payload, tail])
+            size = _read_cached(fd, [head, *payload, tail], os.fstat(fd).st_size)
+            if size is None:
+                data = self._read_uncached(fd, expected)
         finally:
             os.close(fd)
+        if size is not None:
+            self._verify(ref, size, memoryview(head), payload, memoryview(tail))
+            return size
+        body = data[head_len : head_len + self.payload_bytes]
+        self._verify(ref, len(data), data[:head_len], [body], data[head_len + self.payload_bytes :])
+        offset = 0
+        for dest in payload:
+            _copy(dest, body[offset : offset + dest.nbytes])
+            offset += dest.nbytes
+        return len(data)
+
+    def _read_uncached(self, fd: int, expected: int) -> memoryview:
+        """The file's bytes (up to a little more than `expected`, so a longer file shows) in
+        the loader's reusable page-aligned buffer: O_DIRECT, else through the page cache."""
+        want = -(-(expected + 1) // DIRECT_ALIGN) * DIRECT_ALIGN
+        if self._bounce is None or len(self._bounce) < want:
+            if self._bounce is not None:
+                self._bounce.close()
+            self._bounce = mmap.mmap(-1, want)  # page-aligned, as O_DIRECT wants
+        with memoryview(self._bounce)[:want] as view:
+            got = _read_direct(fd, view)
+            if got is None:
+                got = _read_buffered(fd, view)
+        return memoryview(self._bounce)[:got]
+
+    def _verify(
+        self,
+        ref: BlockRef,
+        size: int,
+        head: memoryview,
+        payload: list[memoryview],
+        tail: memoryview,
+    ) -> None:
+        """Raise BadBlockFile unless a file of `size` bytes read as `head`, `payload` (in order)
+        and `tail` is `ref`'s block, written for this store."""
         if size < HEADER.size:
             raise BadBlockFile(f"truncated: {size} bytes")
         magic, version, fingerprint, key, n, payload_bytes = HEADER.unpack_from(head)
@@ -380,16 +433,15 @@ class DiskKVStore:
             raise BadBlockFile(f"payload of {payload_bytes} bytes, expected {self.payload_bytes}")
         if n != len(ref.token_ids):
             raise BadBlockFile(f"holds {n} token ids, expected {len(ref.token_ids)}")
-        expected = len(head) + payload_bytes + CHECKSUM.size
+        expected = head.nbytes + payload_bytes + CHECKSUM.size
         if size != expected:
-            # A file longer than expected fills the spare byte of `tail`: size says so too.
+            # A file longer than expected fills the read's spare byte: size says so too.
             raise BadBlockFile(f"truncated or padded: {size}+ bytes, header says {expected}")
         (stored,) = CHECKSUM.unpack_from(tail)
         if checksum(head, *payload) != stored:
             raise BadBlockFile("checksum mismatch")
         if struct.unpack_from(f"<{n}i", head, HEADER.size) != ref.token_ids:
             raise BadBlockFile("holds other token ids")
-        return size
 
 
 class _Writer:
@@ -492,18 +544,61 @@ def _yield_to_steps() -> None:
         logger.info("KV disk cache: loader stays at normal priority (%s)", exc)
 
 
-def _preadv_all(fd: int, buffers: list[bytearray | memoryview]) -> int:
-    """Fill `buffers` in order from the file's start with `os.preadv`, IOV_MAX of them per call
-    (one call for a block file of any model up to 511 layers); the bytes read (fewer at EOF)."""
-    if len(buffers) <= IOV_MAX:
-        return os.preadv(fd, buffers, 0)
+def _read_cached(fd: int, buffers: list, size: int) -> int | None:
+    """Bytes read into `buffers` (in order) from the page cache alone, or None where it does
+    not hold the whole file of `size` bytes (or cannot say)."""
+    nowait = getattr(os, "RWF_NOWAIT", None)
+    if nowait is None or len(buffers) > IOV_MAX or size > sum(memoryview(b).nbytes for b in buffers):
+        return None
+    try:
+        got = os.preadv(fd, buffers, 0, nowait)
+    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: this file system cannot tell
+        return None
+    return got if got == size else None
+
+
+def _read_direct(fd: int, view: memoryview) -> int | None:
+    """Bytes read with O_DIRECT into the aligned `view`, or None where O_DIRECT is refused."""
+    direct = getattr(os, "O_DIRECT", None)
+    if direct is None:
+        return None
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | direct)
+        total = 0
+        while total < len(view):  # short reads stop at the end of the file
+            got = os.preadv(fd, [view[total:]], total)
+            if got == 0:
+                break
+            total += got
+            if total % DIRECT_ALIGN:
+                break
+        return total
+    except OSError:  # EINVAL: this file system or alignment takes no O_DIRECT
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~direct)
+        except OSError:
+            pass
+        return None
+
+
+def _copy(dest: memoryview, src: memoryview) -> None:
+    """dest[:] = src through ctypes.memmove, which releases the GIL (a block is megabytes)."""
+    n = src.nbytes
+    if n != dest.nbytes:
+        raise ValueError(f"copy of {n} bytes into {dest.nbytes}")
+    dst_addr = ctypes.addressof(ctypes.c_char.from_buffer(dest))
+    src_addr = ctypes.addressof(ctypes.c_char.from_buffer(src))
+    ctypes.memmove(dst_addr, src_addr, n)
+
+
+def _read_buffered(fd: int, view: memoryview) -> int:
+    """Bytes read through the page cache into `view` (up to its length or the end of file)."""
     total = 0
-    for i in range(0, len(buffers), IOV_MAX):
-        part = buffers[i : i + IOV_MAX]
-        got = os.preadv(fd, part, total)
-        total += got
-        if got < sum(memoryview(b).nbytes for b in part):
+    while total < len(view):
+        got = os.preadv(fd, [view[total:]], total)
+        if got == 0:
             break
+        total += got
     return total
 
 

@@ -9,6 +9,10 @@ answer of an engine with prefix caching off.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import mmap
+import os
 import shutil
 import struct
 import threading
@@ -140,15 +144,73 @@ def small_refs(n: int) -> list[BlockRef]:
     return [BlockRef(k, tuple(range(4 * i, 4 * i + 4))) for i, k in enumerate(keys)]
 
 
-@pytest.mark.parametrize("iov_max", [1024, 3], ids=["one-preadv", "three-buffers-a-call"])
-def test_load_into_fills_pool_blocks_segment_by_segment(tmp_path, monkeypatch, iov_max):
+def o_direct_works(directory: Path) -> bool:
+    """This file system takes O_DIRECT reads (ext4, xfs: yes; tmpfs: not everywhere)."""
+    path = directory / "o-direct-probe"
+    path.write_bytes(b"x" * 4096)
+    buf = mmap.mmap(-1, 4096)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            return os.preadv(fd, [buf], 0) == 4096
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    finally:
+        buf.close()
+        path.unlink()
+
+
+def drop_page_cache(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("read", ["page-cache", "o-direct", "buffered"])
+def test_load_into_fills_pool_blocks_segment_by_segment(tmp_path, monkeypatch, read):
     """Files written in format 2 land in the pool blocks asked for, every (k|v, layer) segment
-    in its place, the checksum streamed over the segments; other blocks are untouched."""
-    monkeypatch.setattr(disk_tier, "IOV_MAX", iov_max)
+    in its place, checked before they are copied; other blocks are untouched. Each way a file
+    is read: from the page cache that holds it whole, with O_DIRECT when it does not (the
+    cache dropped first), through the page cache where O_DIRECT is refused."""
     store = small_store(tmp_path)
     refs, kv = small_refs(3), torch.randn(3, *SHAPE)
     store.save(refs, kv)
     assert store.flush(5)
+    used = {"cached": 0, "direct": 0, "buffered": 0}
+    real = {
+        "cached": disk_tier._read_cached,
+        "direct": disk_tier._read_direct,
+        "buffered": disk_tier._read_buffered,
+    }
+
+    def counting(name):
+        def read_file(*args):
+            got = real[name](*args)
+            used[name] += got is not None
+            return got
+
+        return read_file
+
+    for name in real:
+        monkeypatch.setattr(disk_tier, f"_read_{name}", counting(name))
+    if read == "o-direct":
+        if not o_direct_works(tmp_path):
+            pytest.skip(f"the file system of {tmp_path} takes no O_DIRECT reads")
+    if read == "buffered":  # as where O_DIRECT is refused: fcntl raises EINVAL
+        real_fcntl = disk_tier.fcntl.fcntl
+
+        def no_direct(fd, cmd, arg=0):
+            if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "O_DIRECT refused")
+            return real_fcntl(fd, cmd, arg)
+
+        monkeypatch.setattr(disk_tier.fcntl, "fcntl", no_direct)
+        monkeypatch.setattr(disk_tier, "_read_cached", lambda *args: None)
     data = store.path_of(refs[1].key).read_bytes()  # the format is unchanged
     assert struct.unpack_from("<I", data, 8) == (2,)
     assert struct.unpack("<Q", data[-8:])[0] == xxhash.xxh3_64_intdigest(data[:-8])
@@ -157,20 +219,31 @@ def test_load_into_fills_pool_blocks_segment_by_segment(tmp_path, monkeypatch, i
     host = HostPool(pool)
     assert len(host.segments(0)) == 6 and host.segments(0)[0].nbytes == 4 * 2 * 8 * 4
     targets = [5, 0, 3]
+    if read == "o-direct":
+        for ref in refs:
+            drop_page_cache(store.path_of(ref.key))
     loaded = store.load_into(refs, lambda i: host.segments(targets[i])).result()
     assert loaded == 3 and store.blocks_read == 3
+    want = {"page-cache": "cached", "o-direct": "direct", "buffered": "buffered"}[read]
+    assert used[want] == 3 and sum(used.values()) == 3, used
     for i, block in enumerate(targets):
         assert torch.equal(pool[:, :, block], kv[i])
     for block in set(range(7)) - set(targets):
         assert pool[:, :, block].eq(-1.0).all()
-    # A damaged middle file: the load stops before it; its pool block may hold anything.
+    # A damaged middle file: the load stops before it. Its pool block may hold part of it
+    # where the file came straight from the page cache; read into the loader's buffer (O_DIRECT
+    # or not), it is checked there and never copied.
     path = store.path_of(refs[1].key)
     damaged = bytearray(path.read_bytes())
     damaged[-9] ^= 0x10
     path.write_bytes(damaged)
+    if read == "o-direct":
+        drop_page_cache(path)
     pool.fill_(-1.0)
     assert store.load_into(refs, lambda i: host.segments(targets[i])).result() == 1
     assert torch.equal(pool[:, :, 5], kv[0]) and store.bad_files == 1 and refs[1].key not in store
+    if read != "page-cache":
+        assert pool[:, :, 0].eq(-1.0).all()
     assert pool[:, :, 3].eq(-1.0).all()  # never reached
     # A stop before the first file reads nothing.
     stop = threading.Event()
