@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on thi
 PROMPTS = [list(range(300, 340)), list(range(1000, 1007)), [5, 6]]
 
 
-def run(checkpoint, monkeypatch, use_step: bool, calls: list[int]):
+def run(checkpoint, monkeypatch, use_step: bool, calls: list[int], prompts=PROMPTS):
     real = decoder_step.DecoderStep.run
 
     def counted(self, *args):
@@ -27,7 +27,7 @@ def run(checkpoint, monkeypatch, use_step: bool, calls: list[int]):
         monkeypatch.setattr(decoder_step.DecoderStep, "serves_step", staticmethod(lambda *a: False))
     llm = LLM(str(checkpoint), dtype="bfloat16", kv_cache_memory_gb=0.05, block_size=16)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
-    outs = llm.generate(PROMPTS, params)
+    outs = llm.generate(prompts, params)
     llm.engine.close()
     monkeypatch.undo()
     return [(o.token_ids, o.logprobs) for o in outs]
@@ -41,6 +41,17 @@ def test_the_c_step_gives_the_python_forwards_bits(tiny_checkpoint, monkeypatch)
     assert with_step and max(with_step) == len(PROMPTS)  # decode steps went through C...
     assert not without  # ...and the reference run never did
     assert fast == slow  # tokens and logprobs, bit for bit
+
+
+def test_a_batch_of_20_decodes_gives_the_python_forwards_bits(tiny_checkpoint, monkeypatch):
+    """More rows than the few-rows kernel serves: the C step's matmuls run their many-row
+    paths (AMX tiles, or without AMX the register tiles and the fused SwiGLU from 8 rows)."""
+    prompts = [list(range(100 + 37 * i, 110 + 41 * i)) for i in range(20)]
+    with_step: list[int] = []
+    fast = run(tiny_checkpoint, monkeypatch, True, with_step, prompts)
+    slow = run(tiny_checkpoint, monkeypatch, False, [], prompts)
+    assert with_step and max(with_step) == 20
+    assert fast == slow
 
 
 def test_prompt_steps_and_float32_keep_the_python_forward(tiny_checkpoint, monkeypatch):
