@@ -1,4 +1,5 @@
-/* Prompt attention on the CPU with AMX: one sequence's query chunk over its paged KV cache.
+/* Prompt attention on the CPU with AMX or AVX512-BF16: one sequence's query chunk over its
+ * paged KV cache.
  *
  * The chunk's T queries sit at positions prefix .. prefix + T - 1 of a sequence holding
  * seq_len = prefix + T keys (all already stored in the cache); query i sees keys 0 .. prefix
@@ -11,7 +12,9 @@
  * AMX reads (keys as [16 keys][D/2][2] column blocks, like the packed linear weights; values
  * as pairs of keys interleaved, [32 keys / 2][16 dims][2] per tile); then the query heads of
  * the group and the query blocks are spread over the threads. Scores and the output are
- * summed in float32 (AMX bf16 products are exact); probabilities are rounded to bfloat16
+ * summed in float32 (AMX bf16 products are exact); without AMX the same packed layouts feed
+ * vdpbf16ps register tiles (one 64-byte row of a packed block is one vector operand). The
+ * probabilities are rounded to bfloat16
  * before P @ V, as GPU flash kernels and torch's own bf16 CPU kernel do. A query block's
  * result depends only on its own rows and keys: never on the thread count or batch mates.
  */

@@ -4,7 +4,7 @@ One call per prompt chunk: its queries attend to the sequence's cached keys (a c
 and the chunk itself, causally), read from their blocks; bfloat16 inputs, float32 sums,
 probabilities rounded to bfloat16 before P @ V as flash kernels do. The products run on AMX
 tiles where the CPU has them, else on AVX512-BF16 vdpbf16ps register tiles (AMD Zen 4/5: sdpa's
-bf16 flash kernel took 138 ms a layer for a 2K prompt there, this one ~25). Without
+bf16 flash kernel took 138 ms a layer for a 2K prompt there, this one ~26). Without
 AVX512-BF16 the backend keeps sdpa's fused kernel.
 """
 

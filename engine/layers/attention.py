@@ -114,8 +114,9 @@ def paged_attention_torch(
     context 512 on Qwen3-0.6B shapes 1.7x (16 sequences) to 3.5x (one) faster attention,
     a few bf16 ulps off. Still one call per sequence: batch mates never change the bits.
     `native_prefill`: prompt chunks of a 16-bit model likewise run in that dtype instead of
-    float32: on the engine's AMX flash kernel (engine.cpu_kernels.prefill_attention) where
-    the CPU has AMX, else sdpa's fused kernel.
+    float32: on the engine's flash kernel (engine.cpu_kernels.prefill_attention) where the
+    CPU has AVX512-BF16 (AMX tiles, or vdpbf16ps register tiles without AMX), else sdpa's
+    fused kernel.
 
     One sdpa call per sequence, so a sequence's result never depends on its batch mates
     (padding a batch together would change the summation order). A prefill without a cached
@@ -166,7 +167,7 @@ def paged_attention_torch(
         start = starts[s]
         rows = slice(start, start + query_len)
         if prefill_math == q.dtype and cpu_prefill_attention.available(q, k_cache):
-            # bf16 on a CPU with AMX: the engine's flash kernel reads the prefix and the chunk
+            # bf16 on a CPU with AVX512-BF16: the engine's flash kernel reads the prefix and the chunk
             # from the cache in one call (engine.cpu_kernels.prefill_attention).
             cpu_prefill_attention.prefill_attention(
                 q[rows], out[rows], k_cache, v_cache, meta.block_tables[s], seq_len, scale
@@ -360,8 +361,8 @@ def get_attention_backend(name: str, cpu_attention: str = "auto") -> AttentionBa
     `cpu_attention` is the torch backend's precision for 16-bit models (float32 models compute
     in float32 whatever it says):
       auto     decodes in float32 math (the C kernel reads the bf16 cache in place, as fast as
-               16-bit math), prompt chunks in the model's dtype (the engine's AMX flash kernel,
-               else sdpa's fused bf16 kernel: 2.5-3x faster than float32 on a 2K-token
+               16-bit math), prompt chunks in the model's dtype (the engine's flash kernel on
+               AVX512-BF16, AMX or not, else sdpa's fused bf16 kernel: 2.5-3x faster than float32 on a 2K-token
                prompt, as GPU engines compute them);
       float32  everything in float32: the reference;
       native   everything in the model's dtype."""

@@ -132,7 +132,7 @@ class Qwen3MLP(nn.Module):
             and packed_bf16.is_packed(gate_up.weight)
             and x.dtype == torch.bfloat16
         ):
-            # the matmul applies the SiLU to its own tiles where the CPU has AMX
+            # the matmul applies the SiLU to its own tiles where the CPU has AVX512-BF16
             flat = x.reshape(-1, x.shape[-1])
             act = packed_bf16.linear_swiglu(flat, gate_up.weight)
             if act is not None:
