@@ -123,7 +123,7 @@ class DecoderStep:
             and len(query_lens) == rows
             and all(n == 1 for n in query_lens)
             and min(seq_lens, default=0) > 1
-            and (rows <= packed_bf16.WIDEN_MAX_ROWS or packed_bf16.kernel_level() >= 1)
+            and packed_bf16.c_kernel_serves_bf16(rows)
         )
 
     def run(

@@ -99,6 +99,12 @@ def rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return packed[ids // BLOCK_COLS, :, ids % BLOCK_COLS].reshape(ids.shape[0], in_features(packed))
 
 
+def c_kernel_serves_bf16(rows: int) -> bool:
+    """pc_linear_bf16 multiplies `rows` bf16 rows itself (no dense fallback): any count with
+    AVX512-BF16 (AMX or not), up to WIDEN_MAX_ROWS with the portable loop."""
+    return rows <= WIDEN_MAX_ROWS or kernel_level() >= 1
+
+
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
@@ -120,7 +126,7 @@ def linear(
         raise ValueError(f"input has {k} features, the packed weight expects {in_features(packed)}")
     x = x.contiguous()
     threads = torch.get_num_threads()
-    if x.dtype == torch.bfloat16 and (m <= WIDEN_MAX_ROWS or kernel_level() >= 1):
+    if x.dtype == torch.bfloat16 and c_kernel_serves_bf16(m):
         out = torch.empty(m, n, dtype=torch.bfloat16)
         lib.pc_linear_bf16(_ptr(x), _ptr(packed), _ptr(out), m, n, k, threads, AMX_MIN_ROWS)
     elif x.dtype == torch.float32 and m <= WIDEN_MAX_ROWS:
