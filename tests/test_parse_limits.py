@@ -171,3 +171,26 @@ async def test_cancelled_read_ends_its_worker(bomb):
     with pytest.raises(asyncio.CancelledError):
         await task
     assert _workers() == []
+
+
+def test_killing_a_worker_that_just_died_leaves_its_status_to_the_watcher():
+    """The kill in the worker's cleanup must not reap: asyncio's child watcher reports how the
+    worker ended, and a reaping kill (asyncio's Process.kill polls first) made it report 255."""
+    import subprocess
+    import sys
+
+    from app.documents.worker import _kill, _open_pidfd
+
+    child = subprocess.Popen([sys.executable, "-c", "import os; os._exit(7)"])
+    pidfd = _open_pidfd(child.pid)
+    assert pidfd is not None  # Linux 5.3+: the pidfd path is the one taken
+    deadline = time.monotonic() + 30
+    while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:  # dead, not yet reaped
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    _kill(child.pid, pidfd)
+    _kill(child.pid, None)
+    os.close(pidfd)
+    pid, status = os.waitpid(child.pid, 0)  # still ours to reap, with the real exit status
+    assert pid == child.pid and os.waitstatus_to_exitcode(status) == 7
+    child.returncode = 7  # reaped here; keep Popen from polling a pid that may be reused

@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import struct
 import sys
 import weakref
@@ -88,6 +89,7 @@ async def _run(
         limit=1024 * 1024,
     )
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    pidfd = _open_pidfd(proc.pid)
     proc.stdin.write(json.dumps(request).encode())
     proc.stdin.close()
     tail: deque[str] = deque(maxlen=STDERR_TAIL)
@@ -117,9 +119,10 @@ async def _run(
     finally:
         watcher.cancel()
         if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            _kill(proc.pid, pidfd)
         await proc.wait()
+        if pidfd is not None:
+            os.close(pidfd)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(stderr, 1.0)
     if over_memory.is_set():
@@ -160,6 +163,29 @@ def _child_env() -> dict[str, str]:
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     return env
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A handle on the worker that a recycled pid cannot fool, or None (Linux before 5.3)."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # an older kernel, or the worker is already gone
+        return None
+
+
+def _kill(pid: int, pidfd: int | None) -> None:
+    """SIGKILL the worker without reaping it.
+
+    Not `Process.kill()`: asyncio's subprocess.Popen polls (waitpid WNOHANG) before signalling,
+    and when the worker has just died that poll can reap it ahead of asyncio's child watcher,
+    which then reports exit 255 instead of how the worker ended. The pidfd (or, on a kernel without
+    pidfds, the pid) is signalled and nothing is waited for.
+    """
+    with contextlib.suppress(ProcessLookupError):
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        else:
+            os.kill(pid, signal.SIGKILL)
 
 
 async def _receive(stream: asyncio.StreamReader) -> dict[str, Any] | None:
