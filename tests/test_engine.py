@@ -51,8 +51,11 @@ def test_batched_greedy_equals_solo_and_hf(tiny_checkpoint, prompts, hf_referenc
         assert out.token_ids == expected
         assert out.finish_reason == "length"
     assert_all_blocks_free(llm)
-    solo = [llm.generate([p], GREEDY)[0].token_ids for p in prompts[:3]]
-    assert solo == hf_reference[:3]
+    # Under the Triton interpreter every kernel launch runs in Python (~4 s a solo run here):
+    # one solo prompt there, a full block's worth, is enough beside the batched run above.
+    alone = [2] if variant == "triton" else [0, 1, 2]
+    solo = [llm.generate([prompts[i]], GREEDY)[0].token_ids for i in alone]
+    assert solo == [hf_reference[i] for i in alone]
     assert_all_blocks_free(llm)
 
 

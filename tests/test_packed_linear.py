@@ -28,6 +28,23 @@ def builds() -> list[str]:
     return marches
 
 
+BF16_MATHS = ["dot", "fma"] if packed_bf16.kernel_level() == 1 else ["own"]
+
+
+@pytest.fixture(params=BF16_MATHS)
+def bf16_math(request):
+    """Without AMX the AVX512-BF16 kernels multiply with vdpbf16ps or with float32 FMAs
+    (chosen per CPU when the library loads): each test runs both ways here, then restores."""
+    lib = load()
+    assert lib is not None
+    chosen = lib.pc_bf16_fma()
+    if request.param != "own":
+        lib.pc_set_bf16_fma(int(request.param == "fma"))
+        assert lib.pc_bf16_fma() == int(request.param == "fma")
+    yield request.param
+    lib.pc_set_bf16_fma(chosen)
+
+
 def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.double() @ w.double().t()
 
@@ -59,7 +76,7 @@ def test_can_pack_only_shapes_the_kernels_take():
 
 @pytest.mark.parametrize("march", builds())
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_bf16_activations_match_float64_up_to_output_rounding(march, n, k):
+def test_bf16_activations_match_float64_up_to_output_rounding(march, n, k, bf16_math):
     lib = load(march)
     assert lib is not None
     torch.manual_seed(n + k)
@@ -93,7 +110,9 @@ def test_float32_activations_equal_a_float32_matmul_on_the_up_cast_weight(march,
         assert ((out.double() - ref).abs() <= 1e-6 * scale + 1e-6).all(), (march, m)
 
 
-def test_an_output_does_not_depend_on_the_thread_count_or_its_batch_mates_within_a_kernel():
+def test_an_output_does_not_depend_on_the_thread_count_or_its_batch_mates_within_a_kernel(
+    bf16_math,
+):
     torch.manual_seed(0)
     w = torch.randn(1040, 256).bfloat16()
     packed = packed_bf16.pack(w)
@@ -111,7 +130,7 @@ def test_an_output_does_not_depend_on_the_thread_count_or_its_batch_mates_within
 
 
 @pytest.mark.skipif(packed_bf16.kernel_level() < 1, reason="needs AVX512-BF16 (AMX or not)")
-def test_with_avx512_bf16_a_row_gets_the_same_bits_alone_and_in_any_batch():
+def test_with_avx512_bf16_a_row_gets_the_same_bits_alone_and_in_any_batch(bf16_math):
     """Decode batches of 1 to 40 rows and a prompt-sized one: with AMX its 16- and 32-row tile
     paths; without, the few-rows kernel (under 8 rows) and the 6-row register tiles with their
     edges, which must sum alike."""
@@ -127,7 +146,7 @@ def test_with_avx512_bf16_a_row_gets_the_same_bits_alone_and_in_any_batch():
 
 @pytest.mark.skipif(packed_bf16.kernel_level() < 1, reason="the fused SwiGLU needs AVX512-BF16")
 @pytest.mark.parametrize("inter,k", [(48, 96), (64, 1056), (3072, 1024)])
-def test_the_fused_swiglu_matmul_equals_the_matmul_then_the_silu_kernel(inter, k):
+def test_the_fused_swiglu_matmul_equals_the_matmul_then_the_silu_kernel(inter, k, bf16_math):
     """pc_linear_swiglu_bf16 pairs gate block j with up block j inside the AMX tiles or the
     register tiles: its output must be the two-step result bit for bit (batch sizes on the 16-
     and 32-row tile paths, an odd count of gate blocks, a prompt-sized batch; without AMX
@@ -154,6 +173,34 @@ def test_the_fused_swiglu_matmul_equals_the_matmul_then_the_silu_kernel(inter, k
     scale = (x.double().abs() @ w.double().abs().t())
     slack = scale[:, :inter] * scale[:, inter:] * 1e-4 + 1e-6
     assert ((fused.double() - want).abs() <= want.abs() * 2**-6 + slack).all()
+
+
+@pytest.mark.skipif(packed_bf16.kernel_level() != 1, reason="a choice only without AMX")
+def test_the_bf16_math_follows_the_setting_and_else_the_measured_rates(monkeypatch):
+    from engine.cpu_kernels.build import BF16_MATH_ENV, FMA_MIN_ADVANTAGE, choose_bf16_math
+
+    lib = load()
+    assert lib is not None
+    chosen = lib.pc_bf16_fma()
+    try:
+        for value, fma in (("fma", 1), ("dot", 0), ("FMA ", 1)):
+            monkeypatch.setenv(BF16_MATH_ENV, value)
+            choose_bf16_math(lib)
+            assert lib.pc_bf16_fma() == fma, value
+        monkeypatch.setenv(BF16_MATH_ENV, "fast")
+        with pytest.raises(ValueError, match=BF16_MATH_ENV):
+            choose_bf16_math(lib)
+        monkeypatch.delenv(BF16_MATH_ENV)
+        choose_bf16_math(lib)
+        import ctypes
+
+        rates = (ctypes.c_double * 2)()
+        assert lib.pc_measure_bf16_math(rates) == 0 and rates[0] > 1e9 and rates[1] > 1e9
+        clear = rates[1] > 1.5 * FMA_MIN_ADVANTAGE * rates[0] or rates[1] < rates[0]
+        if clear:  # far from the threshold, a second measurement decides the same way
+            assert lib.pc_bf16_fma() == int(rates[1] > FMA_MIN_ADVANTAGE * rates[0])
+    finally:
+        lib.pc_set_bf16_fma(chosen)
 
 
 def test_a_model_with_packed_weights_matches_the_dense_model(tiny_checkpoint):

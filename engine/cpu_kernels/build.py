@@ -41,6 +41,10 @@ SOURCES = tuple(
     )
 )
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
+BF16_MATH_ENV = "PAGECHAT_CPU_BF16_MATH"
+# FMAs must beat vdpbf16ps by this much in multiply-adds a second: each FMA way also widens the
+# weight (2 more vector operations per 64 bytes), and a close call would flip between starts.
+FMA_MIN_ADVANTAGE = 1.25
 
 
 def cache_dir() -> Path:
@@ -131,7 +135,31 @@ def load(march: str = "native") -> ctypes.CDLL | None:
     if lib.pc_init() != 0:  # AMX permission refused (old kernel): the AMX path must not run
         logger.warning("the kernel refused AMX tile data: CPU kernels left unused")
         return None
+    choose_bf16_math(lib)
     return lib
+
+
+def choose_bf16_math(lib: ctypes.CDLL) -> None:
+    """AVX512-BF16 without AMX: multiply with vdpbf16ps, or with float32 FMAs on the bf16 pairs
+    widened in registers where this CPU runs FMAs that much faster (PAGECHAT_CPU_BF16_MATH:
+    auto, dot or fma). Measured, not looked up: CPUs with the same flags differ (a Zen 5 runs
+    vdpbf16ps at twice its FMA rate in multiply-adds, an Intel Xeon here at half)."""
+    choice = os.environ.get(BF16_MATH_ENV, "auto").strip().lower() or "auto"
+    if choice not in ("auto", "dot", "fma"):
+        raise ValueError(f"{BF16_MATH_ENV} must be auto, dot or fma, got {choice!r}")
+    rates = (ctypes.c_double * 2)()
+    if lib.pc_measure_bf16_math(rates) != 0:  # AMX, or no AVX512-BF16: nothing to choose
+        return
+    dot, fma = rates[0], rates[1]
+    use_fma = choice == "fma" or (choice == "auto" and fma > FMA_MIN_ADVANTAGE * dot)
+    lib.pc_set_bf16_fma(int(use_fma))
+    logger.info(
+        "bf16 matmuls: %s (%s; one core: vdpbf16ps %.0f GMAC/s, float32 FMA %.0f GFMA/s)",
+        "float32 FMAs on widened bf16" if use_fma else "vdpbf16ps",
+        f"{BF16_MATH_ENV}={choice}",
+        dot / 1e9,
+        fma / 1e9,
+    )
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -140,6 +168,12 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pc_kernel_level.argtypes = []
     lib.pc_init.restype = i32
     lib.pc_init.argtypes = []
+    lib.pc_set_bf16_fma.restype = None
+    lib.pc_set_bf16_fma.argtypes = [i32]
+    lib.pc_bf16_fma.restype = i32
+    lib.pc_bf16_fma.argtypes = []
+    lib.pc_measure_bf16_math.restype = i32
+    lib.pc_measure_bf16_math.argtypes = [ptr]
     lib.pc_linear_bf16.restype = None
     lib.pc_linear_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, i64]
     lib.pc_linear_swiglu_bf16.restype = i32

@@ -45,12 +45,22 @@ def kernel_level() -> int:
 
 
 def describe() -> str:
+    level = kernel_level()
+    if level == 1 and uses_fma():
+        return "AVX512-BF16 layout, float32 FMA math (PAGECHAT_CPU_BF16_MATH)"
     return {
         -1: "unavailable (torch's kernels)",
         0: "portable C (float32 math)",
         1: "AVX512-BF16",
         2: "AVX512-BF16 + AMX",
-    }[kernel_level()]
+    }[level]
+
+
+def uses_fma() -> bool:
+    """Level 1 multiplying with float32 FMAs on widened pairs rather than vdpbf16ps (chosen
+    when the library loads: engine.cpu_kernels.build.choose_bf16_math)."""
+    lib = load()
+    return lib is not None and bool(lib.pc_bf16_fma())
 
 
 def can_pack(weight: torch.Tensor) -> bool:

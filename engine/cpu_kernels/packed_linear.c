@@ -21,6 +21,7 @@
  * thread count.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
@@ -51,6 +52,80 @@
 
 /* 1 if this build has the AVX512-BF16 few-rows kernel, 2 if also AMX; 0 = portable only. */
 int pc_kernel_level(void) { return PC_AMX ? 2 : PC_AVX512_BF16; }
+
+#if PC_AVX512_BF16 && !PC_AMX
+#include <time.h>
+/* How the AVX512-BF16 kernels without AMX multiply (every bf16 matmul of the process alike, so
+ * a row's bits never depend on M): 0, vdpbf16ps on each pair of k; 1, float32 FMAs on the
+ * pair's two halves widened in registers (the weight's bf16 is the top half of a float32,
+ * x is widened once per call). Some CPUs run vdpbf16ps at a fraction of their FMA rate (an
+ * Intel Xeon measured here: 39 GMAC/s a core against 83 GFMA/s), others at twice it (Zen 5). */
+static int bf16_fma = 0;
+#endif
+
+void pc_set_bf16_fma(int on) {
+#if PC_AVX512_BF16 && !PC_AMX
+    bf16_fma = on != 0;
+#else
+    (void)on;
+#endif
+}
+
+int pc_bf16_fma(void) {
+#if PC_AVX512_BF16 && !PC_AMX
+    return bf16_fma;
+#else
+    return 0;
+#endif
+}
+
+/* Multiply-adds a second of each way on this core, from register-only loops (~2 x 8 ms):
+ * `out[0]` vdpbf16ps MACs, `out[1]` float32 FMAs. 0 on success, 1 where this build has no
+ * choice to make. */
+#if PC_AVX512_BF16 && !PC_AMX
+static double seconds_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+#endif
+
+int pc_measure_bf16_math(double *out) {
+#if PC_AVX512_BF16 && !PC_AMX
+    enum { CHAINS = 12 };
+    const long iters = 200000;
+    __m512 acc[CHAINS];
+    __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80);
+    const __m512bh b = (__m512bh)_mm512_set1_epi16(0x3f80);
+    for (int i = 0; i < CHAINS; i++) acc[i] = _mm512_setzero_ps();
+    double best_dp = 1e30, best_fma = 1e30;
+    for (int round = 0; round < 3; round++) {
+        double t0 = seconds_now();
+        for (long i = 0; i < iters; i++) {
+            for (int j = 0; j < CHAINS; j++) acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
+            __asm__ volatile("" : "+v"(a));
+        }
+        double t1 = seconds_now();
+        __m512 f = _mm512_set1_ps(1e-7f);
+        for (long i = 0; i < iters; i++) {
+            for (int j = 0; j < CHAINS; j++) acc[j] = _mm512_fmadd_ps(acc[j], f, f);
+            __asm__ volatile("" : "+v"(f));
+        }
+        double t2 = seconds_now();
+        best_dp = t1 - t0 < best_dp ? t1 - t0 : best_dp;
+        best_fma = t2 - t1 < best_fma ? t2 - t1 : best_fma;
+    }
+    float sink = 0;
+    for (int j = 0; j < CHAINS; j++) sink += _mm512_reduce_add_ps(acc[j]);
+    __asm__ volatile("" : : "x"(sink));
+    out[0] = (double)iters * CHAINS * 32 / best_dp;
+    out[1] = (double)iters * CHAINS * 16 / best_fma;
+    return 0;
+#else
+    (void)out;
+    return 1;
+#endif
+}
 
 /* AMX needs the kernel's permission once per process (Linux >= 5.16); 0 on success. */
 int pc_init(void) {
@@ -90,9 +165,28 @@ void pc_linear_bf16w_f32(const float *x, const uint16_t *w, float *y, int64_t m,
 /* ---- bf16 activations ---- */
 
 #if PC_AVX512_BF16
-/* Up to SMALL_ROWS rows of x against `nb` consecutive column blocks. */
-static void blocks_small_bf16(const uint16_t *x, const uint16_t *wb, uint16_t *y, int64_t m,
-                              int64_t n, int64_t k, int64_t col0, int nb) {
+/* The float32 FMA way (bf16_fma) of one pair of k: acc += w_even * x[2p]; acc += w_odd * x[2p+1]
+ * (two roundings, in that order, in every kernel). `xf`: x widened, at pair p. */
+static inline __attribute__((always_inline)) __m512 fma_pair(__m512 acc, __m512i w,
+                                                             const float *xf) {
+    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u)));
+    acc = _mm512_fmadd_ps(even, _mm512_set1_ps(xf[0]), acc);
+    return _mm512_fmadd_ps(odd, _mm512_set1_ps(xf[1]), acc);
+}
+
+/* x [m, k] bf16 widened into a float32 buffer (the FMA way reads it m x n / 16 times). */
+static float *widen_rows(const uint16_t *x, int64_t m, int64_t k) {
+    float *xf = aligned_alloc(64, (size_t)((m * k * 4 + 63) / 64 * 64));
+    if (xf == NULL) return NULL;
+    for (int64_t i = 0; i < m * k; i++) xf[i] = bf16_to_f32(x[i]);
+    return xf;
+}
+
+/* Up to SMALL_ROWS rows of x against `nb` consecutive column blocks; `xf` non-NULL: the FMA
+ * way on x widened. */
+static void blocks_small_bf16(const uint16_t *x, const float *xf, const uint16_t *wb, uint16_t *y,
+                              int64_t m, int64_t n, int64_t k, int64_t col0, int nb) {
     __m512 acc[SMALL_ROWS][SMALL_BLOCKS];
     for (int j = 0; j < SMALL_ROWS; j++)
         for (int b = 0; b < SMALL_BLOCKS; b++) acc[j][b] = _mm512_setzero_ps();
@@ -103,6 +197,12 @@ static void blocks_small_bf16(const uint16_t *x, const uint16_t *wb, uint16_t *y
             wv[b] = (__m512bh)_mm512_loadu_si512(wb + b * block_elems + p * 2 * BLOCK_COLS);
             _mm_prefetch((const char *)(wb + b * block_elems + (p + SMALL_PREFETCH) * 2 * BLOCK_COLS),
                          _MM_HINT_T0);
+        }
+        if (xf) {
+            for (int j = 0; j < m; j++)
+                for (int b = 0; b < nb; b++)
+                    acc[j][b] = fma_pair(acc[j][b], (__m512i)wv[b], xf + j * k + 2 * p);
+            continue;
         }
         for (int j = 0; j < m; j++) {
             uint32_t pair;
@@ -120,8 +220,8 @@ static void blocks_small_bf16(const uint16_t *x, const uint16_t *wb, uint16_t *y
         }
 }
 
-static void linear_small_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m,
-                              int64_t n, int64_t k, int threads) {
+static void linear_small_bf16(const uint16_t *x, const float *xf, const uint16_t *w, uint16_t *y,
+                              int64_t m, int64_t n, int64_t k, int threads) {
     int64_t groups = (n / BLOCK_COLS + SMALL_BLOCKS - 1) / SMALL_BLOCKS;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t g = 0; g < groups; g++) {
@@ -129,8 +229,8 @@ static void linear_small_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y,
         int nb = (int)(n / BLOCK_COLS - b0 < SMALL_BLOCKS ? n / BLOCK_COLS - b0 : SMALL_BLOCKS);
         for (int64_t m0 = 0; m0 < m; m0 += SMALL_ROWS) {
             int64_t rows = m - m0 < SMALL_ROWS ? m - m0 : SMALL_ROWS;
-            blocks_small_bf16(x + m0 * k, w + b0 * k * BLOCK_COLS, y + m0 * n, rows, n, k,
-                              b0 * BLOCK_COLS, nb);
+            blocks_small_bf16(x + m0 * k, xf ? xf + m0 * k : NULL, w + b0 * k * BLOCK_COLS,
+                              y + m0 * n, rows, n, k, b0 * BLOCK_COLS, nb);
         }
     }
 }
@@ -164,7 +264,7 @@ static void linear_small_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y,
  * up rounded as the plain matmul rounds them, the bits of the matmul then the SiLU kernel).
  * `prefetch`: pairs ahead to prefetch each weight stream (0: none). */
 static inline __attribute__((always_inline)) void many_tile(
-    const uint16_t *x, const uint16_t *wb, uint16_t *y, int64_t n, int64_t k, int64_t up,
+    const uint16_t *x, const float *xf, const uint16_t *wb, uint16_t *y, int64_t n, int64_t k, int64_t up,
     int64_t p0, int64_t p1, float *part, int first, int last, const int mr, const int nw,
     const int swiglu, const int prefetch) {
     const int ng = swiglu ? nw / 2 : nw;
@@ -182,6 +282,12 @@ static inline __attribute__((always_inline)) void many_tile(
             wv[b] = (__m512bh)_mm512_loadu_si512(wp[b] + p * 2 * BLOCK_COLS);
             if (prefetch)
                 _mm_prefetch((const char *)(wp[b] + (p + prefetch) * 2 * BLOCK_COLS), _MM_HINT_T0);
+        }
+        if (xf) {
+            for (int b = 0; b < nw; b++)
+                for (int j = 0; j < mr; j++)
+                    acc[j][b] = fma_pair(acc[j][b], (__m512i)wv[b], xf + j * k + 2 * p);
+            continue;
         }
         for (int j = 0; j < mr; j++) {
             uint32_t pair;
@@ -206,11 +312,11 @@ static inline __attribute__((always_inline)) void many_tile(
 /* A tile with compile-time shape where one edge is full (the compiler keeps its sums in
  * registers); a corner with both edges short, one (row, output block) at a time. `nr`: output
  * blocks (for swiglu each brings its up block). */
-static void many_tile_any(const uint16_t *x, const uint16_t *wb, uint16_t *y, int64_t n,
+static void many_tile_any(const uint16_t *x, const float *xf, const uint16_t *wb, uint16_t *y, int64_t n,
                           int64_t k, int64_t up, int64_t p0, int64_t p1, float *part, int first,
                           int last, int mr, int nr, int swiglu, int pf) {
-#define PC_TILE(R, C) many_tile(x, wb, y, n, k, up, p0, p1, part, first, last, R, C, 0, pf)
-#define PC_TILE_SWIGLU(R, G) many_tile(x, wb, y, n, k, up, p0, p1, part, first, last, R, 2 * G, 1, pf)
+#define PC_TILE(R, C) many_tile(x, xf, wb, y, n, k, up, p0, p1, part, first, last, R, C, 0, pf)
+#define PC_TILE_SWIGLU(R, G) many_tile(x, xf, wb, y, n, k, up, p0, p1, part, first, last, R, 2 * G, 1, pf)
     if (swiglu) {
         if (nr == MANY_NR / 2) {
             switch (mr) {
@@ -243,18 +349,19 @@ static void many_tile_any(const uint16_t *x, const uint16_t *wb, uint16_t *y, in
     for (int j = 0; j < mr; j++)
         for (int b = 0; b < nr; b++) {
             const uint16_t *xj = x + j * k, *wj = wb + b * k * BLOCK_COLS;
+            const float *xfj = xf ? xf + j * k : NULL;
             uint16_t *yj = y + j * n + b * BLOCK_COLS;
             float *pj = part ? part + (j * MANY_NR + (swiglu ? 2 : 1) * b) * 16 : NULL;
             if (swiglu)
-                many_tile(xj, wj, yj, n, k, up, p0, p1, pj, first, last, 1, 2, 1, 0);
+                many_tile(xj, xfj, wj, yj, n, k, up, p0, p1, pj, first, last, 1, 2, 1, 0);
             else
-                many_tile(xj, wj, yj, n, k, up, p0, p1, pj, first, last, 1, 1, 0, 0);
+                many_tile(xj, xfj, wj, yj, n, k, up, p0, p1, pj, first, last, 1, 1, 0, 0);
         }
 }
 
 /* y [m, n] = x W^T; swiglu: W is [gate | up] with 2n rows and y = silu(gate) * up. */
-static void linear_many_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m,
-                             int64_t n, int64_t k, int swiglu, int threads) {
+static void linear_many_bf16(const uint16_t *x, const float *xf, const uint16_t *w, uint16_t *y,
+                             int64_t m, int64_t n, int64_t k, int swiglu, int threads) {
     const int64_t blocks = n / BLOCK_COLS; /* output blocks (gate blocks for swiglu) */
     const int nr_out = swiglu ? MANY_NR / 2 : MANY_NR; /* output blocks a tile writes */
     const int64_t up = n * k; /* elements from a gate block to its up block */
@@ -292,7 +399,7 @@ static void linear_many_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, 
                     for (int64_t m0 = m_begin; m0 < m_end; m0 += MANY_MR) {
                         const int mr = (int)(m_end - m0 < MANY_MR ? m_end - m0 : MANY_MR);
                         float *strip = sums + (m0 - m_begin) / MANY_MR * MANY_MR * MANY_NR * 16;
-                        many_tile_any(x + m0 * k, w + b * k * BLOCK_COLS,
+                        many_tile_any(x + m0 * k, xf ? xf + m0 * k : NULL, w + b * k * BLOCK_COLS,
                                       y + m0 * n + b * BLOCK_COLS, n, k, up, p0, p1, strip,
                                       p0 == 0, p1 == pairs, mr, nr, swiglu, MANY_PF);
                     }
@@ -304,7 +411,8 @@ static void linear_many_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, 
             const int mr = (int)(m_end - m0 < MANY_MR ? m_end - m0 : MANY_MR);
             for (int64_t b = b0; b < b_end; b += nr_out) {
                 const int nr = (int)(b_end - b < nr_out ? b_end - b : nr_out);
-                many_tile_any(x + m0 * k, w + b * k * BLOCK_COLS, y + m0 * n + b * BLOCK_COLS, n,
+                many_tile_any(x + m0 * k, xf ? xf + m0 * k : NULL, w + b * k * BLOCK_COLS,
+                              y + m0 * n + b * BLOCK_COLS, n,
                               k, up, 0, pairs, NULL, 1, 1, mr, nr, swiglu, 0);
             }
         }
@@ -535,7 +643,10 @@ int pc_linear_swiglu_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, i
     }
 #elif PC_AVX512_BF16
     if (m >= MANY_MIN_ROWS && inter % BLOCK_COLS == 0) {
-        linear_many_bf16(x, w, out, m, inter, k, 1, threads);
+        float *xf = bf16_fma ? widen_rows(x, m, k) : NULL;
+        if (bf16_fma && xf == NULL) return 1;
+        linear_many_bf16(x, xf, w, out, m, inter, k, 1, threads);
+        free(xf);
         return 0;
     }
 #endif
@@ -556,12 +667,19 @@ void pc_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m
     (void)amx_min_rows;
 #if PC_AVX512_BF16
 #if !PC_AMX
-    if (m >= MANY_MIN_ROWS) {
-        linear_many_bf16(x, w, y, m, n, k, 0, threads);
-        return;
+    float *xf = NULL;
+    if (bf16_fma) {
+        xf = widen_rows(x, m, k);
+        if (xf == NULL) abort(); /* out of memory: as torch would fail, not silently wrong */
     }
+    if (m >= MANY_MIN_ROWS)
+        linear_many_bf16(x, xf, w, y, m, n, k, 0, threads);
+    else
+        linear_small_bf16(x, xf, w, y, m, n, k, threads);
+    free(xf);
+#else
+    linear_small_bf16(x, NULL, w, y, m, n, k, threads);
 #endif
-    linear_small_bf16(x, w, y, m, n, k, threads);
 #else
     linear_portable_bf16(x, w, y, m, n, k, threads);
 #endif
