@@ -644,7 +644,7 @@ int pc_linear_swiglu_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, i
 #elif PC_AVX512_BF16
     if (m >= MANY_MIN_ROWS && inter % BLOCK_COLS == 0) {
         float *xf = bf16_fma ? widen_rows(x, m, k) : NULL;
-        if (bf16_fma && xf == NULL) return 1;
+        if (bf16_fma && xf == NULL) return 1; /* the caller's two steps then (see above) */
         linear_many_bf16(x, xf, w, out, m, inter, k, 1, threads);
         free(xf);
         return 0;
@@ -667,11 +667,9 @@ void pc_linear_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m
     (void)amx_min_rows;
 #if PC_AVX512_BF16
 #if !PC_AMX
-    float *xf = NULL;
-    if (bf16_fma) {
-        xf = widen_rows(x, m, k);
-        if (xf == NULL) abort(); /* out of memory: as torch would fail, not silently wrong */
-    }
+    /* Out of memory for the widened copy (m x k floats): this call multiplies the vdpbf16ps
+     * way, within one bf16 rounding of the FMA way, rather than failing the step. */
+    float *xf = bf16_fma ? widen_rows(x, m, k) : NULL;
     if (m >= MANY_MIN_ROWS)
         linear_many_bf16(x, xf, w, y, m, n, k, 0, threads);
     else
