@@ -175,6 +175,7 @@ static inline __attribute__((always_inline)) __m512 fma_pair(__m512 acc, __m512i
     return _mm512_fmadd_ps(odd, _mm512_set1_ps(xf[1]), acc);
 }
 
+#if !PC_AMX
 /* x [m, k] bf16 widened into a float32 buffer (the FMA way reads it m x n / 16 times). */
 static float *widen_rows(const uint16_t *x, int64_t m, int64_t k) {
     float *xf = aligned_alloc(64, (size_t)((m * k * 4 + 63) / 64 * 64));
@@ -182,6 +183,7 @@ static float *widen_rows(const uint16_t *x, int64_t m, int64_t k) {
     for (int64_t i = 0; i < m * k; i++) xf[i] = bf16_to_f32(x[i]);
     return xf;
 }
+#endif
 
 /* Up to SMALL_ROWS rows of x against `nb` consecutive column blocks; `xf` non-NULL: the FMA
  * way on x widened. */
