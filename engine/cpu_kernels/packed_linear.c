@@ -180,7 +180,9 @@ static inline __attribute__((always_inline)) __m512 fma_pair(__m512 acc, __m512i
 static float *widen_rows(const uint16_t *x, int64_t m, int64_t k) {
     float *xf = aligned_alloc(64, (size_t)((m * k * 4 + 63) / 64 * 64));
     if (xf == NULL) return NULL;
-    for (int64_t i = 0; i < m * k; i++) xf[i] = bf16_to_f32(x[i]);
+    int64_t i = 0;
+    for (; i + 16 <= m * k; i += 16) _mm512_store_ps(xf + i, load_bf16_ps(x + i));
+    for (; i < m * k; i++) xf[i] = bf16_to_f32(x[i]);
     return xf;
 }
 #endif
