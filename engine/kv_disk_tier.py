@@ -20,7 +20,9 @@ One file per block, named by its key (engine.kv_keys): `<dir>/<key[:2] hex>/<key
     end-8   8     XXH3-64 (xxhash) of everything before it, uint64 little-endian
 
 A write goes to a temporary file in the same directory, is fsynced, then renamed over the final
-name (and the directory fsynced), so a crash leaves either the whole file or none. On a load
+name (and the directory fsynced), so a crash leaves either the whole file or none. The file is
+written with O_DIRECT from the writer's own buffer (its last partial 4 KiB through the page
+cache), so saving blocks costs the cores beside the engine's steps almost nothing. On a load
 every field is checked (magic, version, fingerprint, key, token ids, sizes, checksum); a torn,
 truncated, foreign or corrupt file is logged, deleted and never loaded, and the load stops
 there (it brings the longest valid prefix of the blocks asked for). A file the page cache holds
@@ -43,6 +45,7 @@ load touches them).
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import logging
 import mmap
@@ -131,6 +134,7 @@ class DiskKVStore:
         self.files_evicted = 0
         self.blocks_dropped = 0  # not queued: the writer was MAX_QUEUED_BYTES behind
         self._bounce: mmap.mmap | None = None  # the loader thread's read buffer
+        self._write_bounce: mmap.mmap | None = None  # the writer thread's file buffer
         self.directory.mkdir(parents=True, exist_ok=True)
         self._scan()
         self._writer = _Writer(self)
@@ -262,12 +266,7 @@ class DiskKVStore:
         path.parent.mkdir(exist_ok=True)
         tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}-{threading.get_ident()}")
         try:
-            with open(tmp, "wb") as f:
-                f.write(header)
-                f.write(payload)
-                f.write(CHECKSUM.pack(checksum(header, payload)))
-                f.flush()
-                os.fsync(f.fileno())
+            self._write_file(tmp, header, payload)
             os.replace(tmp, path)
         except BaseException:
             _unlink(tmp)
@@ -280,6 +279,35 @@ class DiskKVStore:
                 self._evict_over_cap(0)
             self.bytes_written += size
             self.blocks_written += 1
+
+    def _write_file(self, path: Path, header: bytes, payload: memoryview) -> None:
+        """Write header, payload and checksum to a new file `path` and fsync it.
+
+        The file is assembled in the writer's page-aligned buffer and its whole 4 KiB units are
+        written with O_DIRECT, from that buffer to the disk, the last partial unit through the
+        page cache. A buffered write of a block made the kernel allocate, copy and write back
+        page cache beside the engine's steps: ~330 ms of CPU for 64 MiB on a 2-core machine
+        (with O_DIRECT 2-4 ms, and the assembling copy and checksum ~15 ms, GIL released), so
+        a stream stepping while its blocks were saved stalled for about that long each time.
+        Where the file system refuses O_DIRECT the whole file goes through the page cache."""
+        size = len(header) + payload.nbytes + CHECKSUM.size
+        want = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+        if self._write_bounce is None or len(self._write_bounce) < want:
+            if self._write_bounce is not None:
+                self._write_bounce.close()
+            self._write_bounce = mmap.mmap(-1, want)  # page-aligned, as O_DIRECT wants
+        with memoryview(self._write_bounce)[:size] as data:
+            data[: len(header)] = header
+            body = data[len(header) : size - CHECKSUM.size]
+            _copy(body, payload)
+            data[size - CHECKSUM.size :] = CHECKSUM.pack(checksum(data[: len(header)], body))
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                done = _write_direct(fd, data[: size // DIRECT_ALIGN * DIRECT_ALIGN])
+                _write_buffered(fd, data[done:], done)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
     # ---- loading -------------------------------------------------------------------------------
 
@@ -579,6 +607,39 @@ def _read_direct(fd: int, view: memoryview) -> int | None:
         except OSError:
             pass
         return None
+
+
+def _write_direct(fd: int, view: memoryview) -> int:
+    """Bytes of the aligned `view` written from offset 0 with O_DIRECT: all of them, or 0
+    where this file system refuses O_DIRECT (nothing written then). O_DIRECT is off again
+    on return. Other errors (a full disk) raise."""
+    direct = getattr(os, "O_DIRECT", None)
+    if direct is None or not view.nbytes:
+        return 0
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | direct)
+    except OSError:  # EINVAL: no O_DIRECT on this file system
+        return 0
+    try:
+        total = 0
+        while total < view.nbytes:
+            try:
+                total += os.pwrite(fd, view[total:], total)
+            except OSError as exc:
+                if exc.errno == errno.EINVAL and total == 0:
+                    return 0  # the file system took the flag but not the write
+                raise
+        return total
+    finally:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+
+
+def _write_buffered(fd: int, view: memoryview, offset: int) -> None:
+    """Write all of `view` at `offset` through the page cache."""
+    total = 0
+    while total < view.nbytes:
+        total += os.pwrite(fd, view[total:], offset + total)
 
 
 def _copy(dest: memoryview, src: memoryview) -> None:

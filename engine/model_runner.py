@@ -275,10 +275,10 @@ class ModelRunner:
         disk writer does, on its thread) before reading the tensor.
         """
         assert self.kv_cache is not None
-        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         stream = self._side_stream()
-        if stream is None:
-            return self.kv_cache.index_select(2, index).movedim(2, 0).contiguous(), None
+        if stream is None:  # one copy, straight into the (block, ...) layout
+            return torch.stack([self.kv_cache.select(2, b) for b in block_ids]), None
+        index = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         with torch.cuda.stream(stream):
             on_device = self.kv_cache.index_select(2, index).movedim(2, 0).contiguous()
             out = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
