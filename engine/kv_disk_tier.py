@@ -27,7 +27,8 @@ every field is checked (magic, version, fingerprint, key, token ids, sizes, chec
 truncated, foreign or corrupt file is logged, deleted and never loaded, and the load stops
 there (it brings the longest valid prefix of the blocks asked for). A file the page cache holds
 whole (written or read moments ago, as after a restart on a warm machine) is read with one
-system call (`preadv`, RWF_NOWAIT) straight into its destination and checked with XXH3 streamed
+system call (`preadv`, RWF_NOWAIT, after mincore says it is all there: no readahead of
+files that are not) straight into its destination and checked with XXH3 streamed
 over the same buffers in file order (~10 GB/s here; format 1's CRC-32 ran ~2 GB/s). Any other
 file is read with O_DIRECT, from the disk into the loader's one page-aligned buffer, checked
 there and then copied (GIL released) into its destination, so a load of gigabytes neither fills
@@ -574,15 +575,57 @@ def _yield_to_steps() -> None:
 
 def _read_cached(fd: int, buffers: list, size: int) -> int | None:
     """Bytes read into `buffers` (in order) from the page cache alone, or None where it does
-    not hold the whole file of `size` bytes (or cannot say)."""
+    not hold the whole file of `size` bytes (or cannot say).
+
+    Residency is asked of mincore first: a read with RWF_NOWAIT alone answers EAGAIN for a file
+    not cached, but only after starting readahead of it (up to the device's read_ahead_kb,
+    8 MiB here: a whole block file), so every cold file was read twice, once into the page
+    cache and once with O_DIRECT: a 945 MB load took 2.1 s instead of 1.05."""
     nowait = getattr(os, "RWF_NOWAIT", None)
     if nowait is None or len(buffers) > IOV_MAX or size > sum(memoryview(b).nbytes for b in buffers):
         return None
+    if not _fully_cached(fd, size):
+        return None
     try:
         got = os.preadv(fd, buffers, 0, nowait)
-    except OSError:  # EAGAIN: not cached; EOPNOTSUPP: this file system cannot tell
+    except OSError:  # EAGAIN: evicted meanwhile; EOPNOTSUPP: this file system cannot tell
         return None
     return got if got == size else None
+
+
+def _libc() -> ctypes.CDLL | None:
+    """The C library's mmap, munmap and mincore with their types; None where there are none."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        size_t, c_int = ctypes.c_size_t, ctypes.c_int
+        libc.mmap.argtypes = [ctypes.c_void_p, size_t, c_int, c_int, c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _fully_cached(fd: int, size: int) -> bool:
+    """Whether the page cache holds every page of the file's first `size` bytes: mincore on a
+    read-only mapping of it (neither reads nor starts readahead)."""
+    if _LIBC is None or size <= 0:
+        return False
+    addr = _LIBC.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr is None or addr == _MAP_FAILED:
+        return False
+    try:
+        pages = (ctypes.c_ubyte * (-(-size // mmap.PAGESIZE)))()
+        if _LIBC.mincore(addr, size, pages) != 0:
+            return False
+        return all(resident & 1 for resident in pages)  # bit 0: in the page cache
+    finally:
+        _LIBC.munmap(addr, size)
 
 
 def _read_direct(fd: int, view: memoryview) -> int | None:

@@ -171,6 +171,35 @@ def drop_page_cache(path: Path) -> None:
         os.close(fd)
 
 
+def page_cached(path: Path) -> bool:
+    """The page cache holds the whole file: a read that must not wait for the disk gets it."""
+    buf = bytearray(path.stat().st_size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.preadv(fd, [buf], 0, os.RWF_NOWAIT) == len(buf)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def test_fully_cached_asks_the_page_cache_without_reading(tmp_path):
+    """The loader's residency check: a file just written is in the page cache, the same file
+    after its pages are dropped is not, and asking does not bring it back (no readahead)."""
+    path = tmp_path / "block"
+    path.write_bytes(os.urandom(3 * 4096 + 100))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        assert disk_tier._fully_cached(fd, size)
+        drop_page_cache(path)
+        assert not disk_tier._fully_cached(fd, size)
+        assert not disk_tier._fully_cached(fd, size)
+        assert not page_cached(path)
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("read", ["page-cache", "o-direct", "buffered"])
 def test_load_into_fills_pool_blocks_segment_by_segment(tmp_path, monkeypatch, read):
     """Files written in format 2 land in the pool blocks asked for, every (k|v, layer) segment
@@ -226,6 +255,8 @@ def test_load_into_fills_pool_blocks_segment_by_segment(tmp_path, monkeypatch, r
     assert loaded == 3 and store.blocks_read == 3
     want = {"page-cache": "cached", "o-direct": "direct", "buffered": "buffered"}[read]
     assert used[want] == 3 and sum(used.values()) == 3, used
+    if read == "o-direct":  # a cold load leaves the files out of the page cache (no readahead)
+        assert not any(page_cached(store.path_of(ref.key)) for ref in refs)
     for i, block in enumerate(targets):
         assert torch.equal(pool[:, :, block], kv[i])
     for block in set(range(7)) - set(targets):
