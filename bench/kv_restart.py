@@ -5,8 +5,8 @@ is closed (its writer finishes); a new engine on the same directory, as after a 
 a follow-up sharing the document. Its time to first token (the disk load and the question's own
 tokens) is compared with the same follow-up on an engine without the disk tier, which reads the
 whole document again. Every engine first answers a short unrelated prompt, so its one-off
-set-up costs (the first forward) are left out of both figures. The files stay in the OS page cache between the two engines, as they do
-across a real restart soon after the answer.
+set-up costs (the first forward) are left out of both figures. Block files are written with
+O_DIRECT, so the restarted engine reads them from the disk, not from the OS page cache.
 
     python -m bench.kv_restart                        # CPU: 8K and 32K tokens, qwen3-0.6b
     python -m bench.kv_restart --device cuda          # GPU: 32K and 128K, qwen3-4b
