@@ -29,7 +29,8 @@ inter-token gaps (within 3x of its gaps without the load)". What this measures, 
   CPU a block) the reference's largest gap is 120-200 ms, and 9 of 9 runs passed (p90 1.6-2.6x
   the reference); the largest gap during a load was still 380-550 ms in some of them: the
   loader's RWF_NOWAIT "is it cached?" read started readahead of every cold file into the page
-  cache. With mincore asked instead, 3 of 3 runs: p90 1.1-1.9x, largest gap 155-192 ms.
+  cache. With mincore asked instead, 7 of 7 runs: p90 1.1-2.0x, largest gap 155-202 ms (one
+  run 548 ms).
 - Before the loader ran at idle priority one step per 2 GiB load stalled 0.4-0.6 s in every
   run; the loader reads with O_DIRECT straight into the pool's blocks (touched at start), so no
   fresh memory is faulted in beside the steps. The step that lands the load (the follow-up's
