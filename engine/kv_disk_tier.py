@@ -293,10 +293,7 @@ class DiskKVStore:
         Where the file system refuses O_DIRECT the whole file goes through the page cache."""
         size = len(header) + payload.nbytes + CHECKSUM.size
         want = -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
-        if self._write_bounce is None or len(self._write_bounce) < want:
-            if self._write_bounce is not None:
-                self._write_bounce.close()
-            self._write_bounce = mmap.mmap(-1, want)  # page-aligned, as O_DIRECT wants
+        self._write_bounce = _aligned_buffer(self._write_bounce, want)
         with memoryview(self._write_bounce)[:size] as data:
             data[: len(header)] = header
             body = data[len(header) : size - CHECKSUM.size]
@@ -427,10 +424,7 @@ class DiskKVStore:
         """The file's bytes (up to a little more than `expected`, so a longer file shows) in
         the loader's reusable page-aligned buffer: O_DIRECT, else through the page cache."""
         want = -(-(expected + 1) // DIRECT_ALIGN) * DIRECT_ALIGN
-        if self._bounce is None or len(self._bounce) < want:
-            if self._bounce is not None:
-                self._bounce.close()
-            self._bounce = mmap.mmap(-1, want)  # page-aligned, as O_DIRECT wants
+        self._bounce = _aligned_buffer(self._bounce, want)
         with memoryview(self._bounce)[:want] as view:
             got = _read_direct(fd, view)
             if got is None:
@@ -571,6 +565,15 @@ def _yield_to_steps() -> None:
         os.sched_setscheduler(0, policy, os.sched_param(0))
     except OSError as exc:
         logger.info("KV disk cache: loader stays at normal priority (%s)", exc)
+
+
+def _aligned_buffer(buffer: mmap.mmap | None, size: int) -> mmap.mmap:
+    """`buffer` if it holds `size` bytes, else a new page-aligned one (as O_DIRECT wants)."""
+    if buffer is not None and len(buffer) >= size:
+        return buffer
+    if buffer is not None:
+        buffer.close()
+    return mmap.mmap(-1, size)
 
 
 def _read_cached(fd: int, buffers: list, size: int) -> int | None:

@@ -171,6 +171,18 @@ def drop_page_cache(path: Path) -> None:
         os.close(fd)
 
 
+def refuse_o_direct(monkeypatch) -> None:
+    """As on a file system without O_DIRECT: setting the flag with fcntl raises EINVAL."""
+    real_fcntl = disk_tier.fcntl.fcntl
+
+    def no_direct(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "O_DIRECT refused")
+        return real_fcntl(fd, cmd, arg)
+
+    monkeypatch.setattr(disk_tier.fcntl, "fcntl", no_direct)
+
+
 def page_cached(path: Path) -> bool:
     """The page cache holds the whole file: a read that must not wait for the disk gets it."""
     buf = bytearray(path.stat().st_size)
@@ -231,14 +243,7 @@ def test_load_into_fills_pool_blocks_segment_by_segment(tmp_path, monkeypatch, r
         if not o_direct_works(tmp_path):
             pytest.skip(f"the file system of {tmp_path} takes no O_DIRECT reads")
     if read == "buffered":  # as where O_DIRECT is refused: fcntl raises EINVAL
-        real_fcntl = disk_tier.fcntl.fcntl
-
-        def no_direct(fd, cmd, arg=0):
-            if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
-                raise OSError(errno.EINVAL, "O_DIRECT refused")
-            return real_fcntl(fd, cmd, arg)
-
-        monkeypatch.setattr(disk_tier.fcntl, "fcntl", no_direct)
+        refuse_o_direct(monkeypatch)
         monkeypatch.setattr(disk_tier, "_read_cached", lambda *args: None)
     data = store.path_of(refs[1].key).read_bytes()  # the format is unchanged
     assert struct.unpack_from("<I", data, 8) == (2,)
@@ -311,14 +316,7 @@ def test_block_files_are_written_with_o_direct_where_the_file_system_takes_it(
     if write == "o-direct" and not o_direct_works(tmp_path):
         pytest.skip(f"the file system of {tmp_path} takes no O_DIRECT")
     if write == "buffered":  # as where O_DIRECT is refused: fcntl raises EINVAL
-        real_fcntl = disk_tier.fcntl.fcntl
-
-        def no_direct(fd, cmd, arg=0):
-            if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
-                raise OSError(errno.EINVAL, "O_DIRECT refused")
-            return real_fcntl(fd, cmd, arg)
-
-        monkeypatch.setattr(disk_tier.fcntl, "fcntl", no_direct)
+        refuse_o_direct(monkeypatch)
     refs, kv = small_refs(2), torch.randn(2, *shape)
     store.save(refs, kv)
     assert store.flush(5) and store.blocks_written == 2
