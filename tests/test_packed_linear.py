@@ -131,17 +131,26 @@ def test_an_output_does_not_depend_on_the_thread_count_or_its_batch_mates_within
 
 @pytest.mark.skipif(packed_bf16.kernel_level() < 1, reason="needs AVX512-BF16 (AMX or not)")
 def test_with_avx512_bf16_a_row_gets_the_same_bits_alone_and_in_any_batch(bf16_math):
-    """Decode batches of 1 to 40 rows and a prompt-sized one: with AMX its 16- and 32-row tile
-    paths; without, the few-rows kernel (under 8 rows) and the 6-row register tiles with their
-    edges, which must sum alike."""
+    """Decode batches of 1 to 40 rows and prompt-sized ones: with AMX its 16- and 32-row tile
+    paths; without, the few-rows kernel (under 8 rows), the 6-row register tiles with their
+    edges and, for the FMA way from 96 rows, the tiles on a widened panel, which must sum
+    alike. Also a narrow weight (fewer column groups than threads: rows split between them)
+    and the fused SwiGLU."""
     torch.manual_seed(1)
-    w = torch.randn(1040, 512).bfloat16()
-    packed = packed_bf16.pack(w)
-    x = torch.randn(300, 512).bfloat16()
-    full = packed_bf16.linear(x, packed)
-    for m in (1, 3, 7, 8, 13, 16, 17, 40):
-        assert torch.equal(packed_bf16.linear(x[:m], packed), full[:m]), m
-    assert torch.equal(packed_bf16.linear(x[37:38], packed)[0], full[37])
+    for n in (1040, 1056, 64):  # 65 blocks; 33 gate blocks of a [gate | up] weight; 4 blocks
+        w = torch.randn(n, 512).bfloat16()
+        packed = packed_bf16.pack(w)
+        x = torch.randn(300, 512).bfloat16()
+        full = packed_bf16.linear(x, packed)
+        for m in (1, 3, 7, 8, 13, 16, 17, 40, 95, 96, 97):
+            assert torch.equal(packed_bf16.linear(x[:m], packed), full[:m]), (n, m)
+        assert torch.equal(packed_bf16.linear(x[37:38], packed)[0], full[37])
+        if n % 32:
+            continue  # no [gate | up] halves of whole blocks
+        swiglu = packed_bf16.linear_swiglu(x, packed)
+        assert swiglu is not None
+        for m in (8, 40, 95, 96, 97):
+            assert torch.equal(packed_bf16.linear_swiglu(x[:m], packed), swiglu[:m]), (n, m)
 
 
 @pytest.mark.skipif(packed_bf16.kernel_level() < 1, reason="the fused SwiGLU needs AVX512-BF16")
