@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from engine.cpu_kernels import packed_bf16
-from engine.cpu_kernels.build import compiler, load
+from engine.cpu_kernels.build import MARCH_ENV, compiler, kernel_march, load, target_macros
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on this machine")
 
@@ -22,7 +22,7 @@ ROWS = [1, 2, 3, 4, 5, 7, 16, 17, 40]
 
 
 def builds() -> list[str]:
-    marches = ["native"]
+    marches = [kernel_march()]  # the engine's build: native unless PAGECHAT_KERNEL_MARCH
     if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"):
         marches.append("x86-64-v3")  # the portable kernels, as an AVX2 CPU compiles them
     return marches
@@ -53,9 +53,23 @@ def test_the_build_matches_what_torch_reports_about_this_cpu():
     lib = load()
     assert lib is not None
     level = lib.pc_kernel_level()
-    avx512_bf16 = torch.cpu._is_avx512_bf16_supported()
-    amx = torch.cpu._is_amx_tile_supported()
+    if kernel_march() == "native":
+        avx512_bf16 = torch.cpu._is_avx512_bf16_supported()
+        amx = torch.cpu._is_amx_tile_supported()
+    else:  # PAGECHAT_KERNEL_MARCH (make test-avx2): what that target has, within this CPU
+        cc = compiler()
+        assert cc is not None
+        macros = target_macros(cc, kernel_march())
+        avx512_bf16 = "__AVX512BF16__" in macros
+        amx = "__AMX_TILE__" in macros
+        assert torch.cpu._is_avx512_bf16_supported() or not avx512_bf16
     assert level == (2 if avx512_bf16 and amx else 1 if avx512_bf16 else 0)
+
+
+def test_a_kernel_march_the_compiler_rejects_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(MARCH_ENV, "no-such-cpu")
+    with pytest.raises(ValueError, match="PAGECHAT_KERNEL_MARCH='no-such-cpu'"):
+        load()
 
 
 def test_pack_round_trip_and_row_lookup():

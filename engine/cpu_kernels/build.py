@@ -14,6 +14,9 @@ against it.
 
 No compiler, or a build that fails: `load()` returns None with one warning naming the reason,
 and the linear layers keep torch's kernels (engine.cpu_capability describes the choice).
+
+PAGECHAT_KERNEL_MARCH builds for another `-march` target than this CPU (`x86-64-v3`: the
+kernels an AVX2-only CPU builds; `make test-avx2` runs the suite so on an AVX512 machine).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ SOURCES = tuple(
 )
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11")
 BF16_MATH_ENV = "PAGECHAT_CPU_BF16_MATH"
+MARCH_ENV = "PAGECHAT_KERNEL_MARCH"
 # FMAs must beat vdpbf16ps by this much in multiply-adds a second: each FMA way also widens the
 # weight (2 more vector operations per 64 bytes), and a close call would flip between starts.
 FMA_MIN_ADVANTAGE = 1.25
@@ -64,7 +68,12 @@ def compiler() -> str | None:
     return None
 
 
-def _target_macros(cc: str, march: str) -> str:
+def kernel_march() -> str:
+    """The `-march` the engine's kernels are built for: PAGECHAT_KERNEL_MARCH, else native."""
+    return os.environ.get(MARCH_ENV, "").strip() or "native"
+
+
+def target_macros(cc: str, march: str) -> str:
     """The instruction-set macros `-march=<march>` defines here (what the build depends on)."""
     out = subprocess.run(
         [cc, f"-march={march}", "-dM", "-E", "-x", "c", os.devnull],
@@ -83,7 +92,7 @@ def library_path(cc: str, march: str) -> Path:
     for source in (*SOURCES, *(Path(__file__).with_name(h) for h in headers)):
         digest.update(source.read_bytes())
     digest.update(" ".join(FLAGS).encode())
-    digest.update(_target_macros(cc, march).encode())
+    digest.update(target_macros(cc, march).encode())
     return cache_dir() / f"pagechat_kernels-{march}-{digest.hexdigest()[:16]}.so"
 
 
@@ -106,12 +115,17 @@ def _compile(cc: str, march: str, target: Path) -> None:
             os.unlink(tmp)
 
 
-@functools.cache
-def load(march: str = "native") -> ctypes.CDLL | None:
+def load(march: str | None = None) -> ctypes.CDLL | None:
     """The compiled kernel library (built on first use), or None where it cannot be built.
 
-    `march`: the engine uses "native"; tests and benchmarks also build e.g. "x86-64-v3"
-    (AVX2) to run the portable kernels of CPUs without AVX512-BF16 on this one."""
+    `march`: the engine's is `kernel_march()` (native unless PAGECHAT_KERNEL_MARCH says
+    otherwise); tests and benchmarks also build e.g. "x86-64-v3" (AVX2) to run the portable
+    kernels of CPUs without AVX512-BF16 on this one."""
+    return _load(march or kernel_march())
+
+
+@functools.cache
+def _load(march: str) -> ctypes.CDLL | None:
     import torch  # noqa: F401  (torch's libgomp must be loaded first: see the module docstring)
 
     cc = compiler()
@@ -120,6 +134,8 @@ def load(march: str = "native") -> ctypes.CDLL | None:
             "no C compiler (cc, gcc or clang) found: CPU linear layers use torch's kernels"
         )
         return None
+    if march != "native" and march == kernel_march():
+        _check_target(cc, march)
     try:
         path = library_path(cc, march)
         if not path.exists():
@@ -137,6 +153,18 @@ def load(march: str = "native") -> ctypes.CDLL | None:
         return None
     choose_bf16_math(lib)
     return lib
+
+
+def _check_target(cc: str, march: str) -> None:
+    """A PAGECHAT_KERNEL_MARCH the compiler rejects is an error, not a silent fallback."""
+    try:
+        target_macros(cc, march)
+    except subprocess.CalledProcessError as err:
+        reason = (err.stderr or "").strip().splitlines()
+        raise ValueError(
+            f"{MARCH_ENV}={march!r}: {cc} rejects -march={march}"
+            + (f" ({reason[0]})" if reason else "")
+        ) from err
 
 
 def choose_bf16_math(lib: ctypes.CDLL) -> None:
