@@ -58,7 +58,8 @@ int pc_kernel_level(void) { return PC_AMX ? 2 : PC_AVX512_BF16; }
 /* How the AVX512-BF16 kernels without AMX multiply (every bf16 matmul of the process alike, so
  * a row's bits never depend on M): 0, vdpbf16ps on each pair of k; 1, float32 FMAs on the
  * pair's two halves widened in registers (the weight's bf16 is the top half of a float32,
- * x is widened once per call). Some CPUs run vdpbf16ps at a fraction of their FMA rate (an
+ * x is widened once per call), or for prompts once per column group into a float32 panel
+ * (MANY_PANEL_MIN_ROWS). Some CPUs run vdpbf16ps at a fraction of their FMA rate (an
  * Intel Xeon measured here: 39 GMAC/s a core against 83 GFMA/s), others at twice it (Zen 5). */
 static int bf16_fma = 0;
 #endif
