@@ -21,6 +21,31 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+def pytest_generate_tests(metafunc):
+    if "bf16_math" in metafunc.fixturenames:
+        from engine.cpu_kernels import packed_bf16
+
+        maths = ["dot", "fma"] if packed_bf16.kernel_level() == 1 else ["own"]
+        metafunc.parametrize("bf16_math", maths, indirect=True)
+
+
+@pytest.fixture
+def bf16_math(request):
+    """Without AMX the AVX512-BF16 kernels (matmuls, prompt attention) multiply with vdpbf16ps
+    or with float32 FMAs (chosen per CPU when the library loads): a test that takes this
+    fixture runs both ways there, then restores the choice; elsewhere once ("own")."""
+    from engine.cpu_kernels.build import load
+
+    lib = load()
+    assert lib is not None
+    chosen = lib.pc_bf16_fma()
+    if request.param != "own":
+        lib.pc_set_bf16_fma(int(request.param == "fma"))
+        assert lib.pc_bf16_fma() == int(request.param == "fma")
+    yield request.param
+    lib.pc_set_bf16_fma(chosen)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     """A tiny random-weight Qwen3 checkpoint with the real tokenizer, written once per session."""

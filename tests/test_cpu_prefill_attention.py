@@ -1,5 +1,5 @@
 """The engine's prompt attention (engine.cpu_kernels.prefill_attention: AMX tiles, or AVX512-BF16
-register tiles where there is no AMX) against float64 attention and
+register tiles where there is no AMX, vdpbf16ps or float32 FMAs) against float64 attention and
 against sdpa's bf16 flash kernel it replaces: fresh prompts and chunks after cached prefixes,
 block sizes, GQA groups, lengths off every block edge; batch- and thread-count invariance."""
 
@@ -62,7 +62,7 @@ def test_the_kernel_serves_bf16_prompts_and_nothing_else():
 
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("group,block_size,head_dim", [(1, 16, 128), (4, 16, 64), (2, 32, 256)])
-def test_prompts_and_chunks_match_float64(seed, group, block_size, head_dim):
+def test_prompts_and_chunks_match_float64(seed, group, block_size, head_dim, bf16_math):
     """Within what bf16 probabilities and one rounding of the output allow."""
     rng = random.Random(seed)
     # (query_len, seq_len): fresh prompts, chunks after prefixes, one token after a prefix,
@@ -75,7 +75,7 @@ def test_prompts_and_chunks_match_float64(seed, group, block_size, head_dim):
     torch.testing.assert_close(out.double(), reference, rtol=2**-7, atol=4e-3)
 
 
-def test_as_close_to_float64_as_sdpa_bf16(monkeypatch):
+def test_as_close_to_float64_as_sdpa_bf16(monkeypatch, bf16_math):
     """The kernel's error stays within sdpa's own bf16 flash kernel's, on a long prompt."""
     batch = prompt_batch([(700, 700), (300, 1100)], group=2, seed=7)
     reference = dense_reference(batch)
@@ -86,7 +86,7 @@ def test_as_close_to_float64_as_sdpa_bf16(monkeypatch):
     assert ours.max() <= theirs.max() * 2
 
 
-def test_bits_do_not_depend_on_batch_mates_or_thread_count():
+def test_bits_do_not_depend_on_batch_mates_or_thread_count(bf16_math):
     batch = prompt_batch([(90, 90), (40, 250), (1, 77), (300, 300)], seed=3)
     batched = attend(batch)
     threads = torch.get_num_threads()

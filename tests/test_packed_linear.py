@@ -28,23 +28,6 @@ def builds() -> list[str]:
     return marches
 
 
-BF16_MATHS = ["dot", "fma"] if packed_bf16.kernel_level() == 1 else ["own"]
-
-
-@pytest.fixture(params=BF16_MATHS)
-def bf16_math(request):
-    """Without AMX the AVX512-BF16 kernels multiply with vdpbf16ps or with float32 FMAs
-    (chosen per CPU when the library loads): each test runs both ways here, then restores."""
-    lib = load()
-    assert lib is not None
-    chosen = lib.pc_bf16_fma()
-    if request.param != "own":
-        lib.pc_set_bf16_fma(int(request.param == "fma"))
-        assert lib.pc_bf16_fma() == int(request.param == "fma")
-    yield request.param
-    lib.pc_set_bf16_fma(chosen)
-
-
 def _reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return x.double() @ w.double().t()
 

@@ -13,8 +13,10 @@
  * as pairs of keys interleaved, [32 keys / 2][16 dims][2] per tile); then the query heads of
  * the group and the query blocks are spread over the threads. Scores and the output are
  * summed in float32 (AMX bf16 products are exact); without AMX the same packed layouts feed
- * vdpbf16ps register tiles (one 64-byte row of a packed block is one vector operand). The
- * probabilities are rounded to bfloat16
+ * vdpbf16ps register tiles (one 64-byte row of a packed block is one vector operand), or,
+ * where the process multiplies bf16 with float32 FMAs (pc_bf16_fma, packed_linear.c: a CPU
+ * whose vdpbf16ps runs at half its FMA rate), the keys and values are widened to float32 as
+ * they are packed and FMA register tiles read them. The probabilities are rounded to bfloat16
  * before P @ V, as GPU flash kernels and torch's own bf16 CPU kernel do. A query block's
  * result depends only on its own rows and keys: never on the thread count or batch mates.
  */
@@ -132,6 +134,72 @@ static void pv_vec(const uint16_t *probs, const uint16_t *values, int64_t units,
                 pv_tile(probs + r0 * SB, values, units, d, acc + r0 * d, c0, 2);
         }
 }
+
+int pc_bf16_fma(void); /* packed_linear.c: 1 where bf16 products run as float32 FMAs */
+
+/* The FMA way. Keys widened to float32 in 16-key column blocks [D][16] (row p: dim p of the 16
+ * keys, one vector), values in rows [32 keys][D]; products of bf16 values are exact in
+ * float32, so only the order of the sums differs from the vdpbf16ps way. */
+static inline __attribute__((always_inline)) void scores_tile_f32(const float *qf, int64_t d,
+                                                                  const float *kb, float *scores,
+                                                                  const int nc) {
+    __m512 acc[VR][VC];
+    for (int r = 0; r < VR; r++)
+        for (int c = 0; c < nc; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < d; p++) {
+        __m512 kv[VC];
+        for (int c = 0; c < nc; c++) kv[c] = _mm512_loadu_ps(kb + c * 16 * d + p * 16);
+        for (int r = 0; r < VR; r++) {
+            const __m512 qv = _mm512_set1_ps(qf[r * d + p]);
+            for (int c = 0; c < nc; c++) acc[r][c] = _mm512_fmadd_ps(kv[c], qv, acc[r][c]);
+        }
+    }
+    for (int r = 0; r < VR; r++)
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(scores + r * SB + 16 * c, acc[r][c]);
+}
+
+static void scores_vec_f32(const float *qf, int64_t d, const float *keys, int64_t nb,
+                           int64_t rows_used, float *scores) {
+    for (int64_t r0 = 0; r0 < rows_used; r0 += VR)
+        for (int64_t b = 0; b < nb; b += VC) {
+            if (nb - b >= VC)
+                scores_tile_f32(qf + r0 * d, d, keys + b * 16 * d, scores + r0 * SB + 16 * b, VC);
+            else
+                scores_tile_f32(qf + r0 * d, d, keys + b * 16 * d, scores + r0 * SB + 16 * b, 2);
+        }
+}
+
+static inline __attribute__((always_inline)) void pv_tile_f32(const float *probs,
+                                                              const float *values, int64_t units,
+                                                              int64_t d, float *acc, int64_t c0,
+                                                              const int nc) {
+    __m512 sum[VR][VC];
+    for (int r = 0; r < VR; r++)
+        for (int c = 0; c < nc; c++) sum[r][c] = _mm512_loadu_ps(acc + r * d + 16 * (c0 + c));
+    for (int64_t j = 0; j < units * KB; j++) {
+        const float *vj = values + j * d + 16 * c0;
+        __m512 vv[VC];
+        for (int c = 0; c < nc; c++) vv[c] = _mm512_loadu_ps(vj + 16 * c);
+        for (int r = 0; r < VR; r++) {
+            const __m512 pv = _mm512_set1_ps(probs[r * SB + j]);
+            for (int c = 0; c < nc; c++) sum[r][c] = _mm512_fmadd_ps(vv[c], pv, sum[r][c]);
+        }
+    }
+    for (int r = 0; r < VR; r++)
+        for (int c = 0; c < nc; c++) _mm512_storeu_ps(acc + r * d + 16 * (c0 + c), sum[r][c]);
+}
+
+static void pv_vec_f32(const float *probs, const float *values, int64_t units, int64_t d,
+                       int64_t rows_used, float *acc) {
+    const int64_t chunks = d / 16;
+    for (int64_t r0 = 0; r0 < rows_used; r0 += VR)
+        for (int64_t c0 = 0; c0 < chunks; c0 += VC) {
+            if (chunks - c0 >= VC)
+                pv_tile_f32(probs + r0 * SB, values, units, d, acc + r0 * d, c0, VC);
+            else
+                pv_tile_f32(probs + r0 * SB, values, units, d, acc + r0 * d, c0, 2);
+        }
+}
 #endif
 
 /* 2^x for x <= 0, clamped at 2^-100 (no subnormal results, which cost microcode assists;
@@ -225,12 +293,55 @@ static void pack_values(const uint16_t *cache, const int32_t *table, int64_t uni
     }
 }
 
+/* The FMA way's keys of one 32-key unit: two 16-key blocks [D][16] of float32, the transposed
+ * pairs of pack_keys split into their even dim (low half) and odd dim (high half). */
+static void pack_keys_f32(const uint16_t *cache, const int32_t *table, int64_t unit,
+                          int64_t seq_len, int64_t block_size, int64_t kv_heads, int64_t h,
+                          int64_t d, float *kp) {
+    const __m512i high = _mm512_set1_epi32((int)0xffff0000u);
+    for (int64_t half = 0; half < 2; half++) {
+        const uint16_t *rows[16];
+        for (int64_t n = 0; n < 16; n++) {
+            const int64_t j = unit * KB + half * 16 + n;
+            rows[n] = j < seq_len ? cache + row_offset(table, j, block_size, kv_heads, h, d) : NULL;
+        }
+        float *dst = kp + half * d * 16;
+        for (int64_t c = 0; c < d / 32; c++) {
+            __m512i r[16];
+            for (int n = 0; n < 16; n++)
+                r[n] = rows[n] ? _mm512_loadu_si512(rows[n] + 32 * c) : _mm512_setzero_si512();
+            transpose16_epi32(r);
+            for (int e = 0; e < 16; e++) {
+                const int64_t p = 16 * c + e; /* dims 2p, 2p + 1 */
+                _mm512_storeu_si512(dst + 2 * p * 16, _mm512_slli_epi32(r[e], 16));
+                _mm512_storeu_si512(dst + (2 * p + 1) * 16, _mm512_and_si512(r[e], high));
+            }
+        }
+    }
+}
+
+/* The FMA way's values of one 32-key unit: rows [32 keys][D] of float32; zeros past seq_len. */
+static void pack_values_f32(const uint16_t *cache, const int32_t *table, int64_t unit,
+                            int64_t seq_len, int64_t block_size, int64_t kv_heads, int64_t h,
+                            int64_t d, float *vp) {
+    for (int64_t n = 0; n < KB; n++) {
+        const int64_t j = unit * KB + n;
+        const uint16_t *row =
+            j < seq_len ? cache + row_offset(table, j, block_size, kv_heads, h, d) : NULL;
+        for (int64_t c = 0; c < d; c += 16) {
+            const __m512i v = row ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + c)))
+                                  : _mm512_setzero_si512();
+            _mm512_storeu_si512(vp + n * d + c, _mm512_slli_epi32(v, 16));
+        }
+    }
+}
+
 /* Softmax of one row's scores over `n` keys (a multiple of 16) of a key block, the first
  * `visible` of them visible: updates the row's running maximum and sum, rescales its output
  * accumulator when the maximum grows, writes the bf16 probabilities (0 where masked). */
-static inline void softmax_row(const float *scores, uint16_t *probs, float *acc, int64_t d,
-                               int64_t n, int64_t visible, float scale_log2, float *row_max,
-                               float *row_sum) {
+static inline void softmax_row(const float *scores, uint16_t *probs, float *probs_f32, float *acc,
+                               int64_t d, int64_t n, int64_t visible, float scale_log2,
+                               float *row_max, float *row_sum) {
     /* the maximum is taken on the raw scores (scale > 0), then 2^(s * c - max * c) */
     const __m512 neg = _mm512_set1_ps(-INFINITY), c = _mm512_set1_ps(scale_log2);
     __m512 s[SB / 16];
@@ -251,7 +362,15 @@ static inline void softmax_row(const float *scores, uint16_t *probs, float *acc,
         const __m512 p1 =
             _mm512_maskz_mov_ps(mask[i + 1], exp2_ps(_mm512_fmsub_ps(s[i + 1], c, mv)));
         total = _mm512_add_ps(total, _mm512_add_ps(p0, p1));
-        _mm512_storeu_si512(probs + 16 * i, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+        const __m512i pair = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);
+        if (probs_f32) { /* the FMA way: the same bf16 probabilities, as float32 */
+            const __m512i lo = _mm512_cvtepu16_epi32(_mm512_castsi512_si256(pair));
+            const __m512i hi = _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(pair, 1));
+            _mm512_storeu_si512(probs_f32 + 16 * i, _mm512_slli_epi32(lo, 16));
+            _mm512_storeu_si512(probs_f32 + 16 * i + 16, _mm512_slli_epi32(hi, 16));
+        } else {
+            _mm512_storeu_si512(probs + 16 * i, pair);
+        }
     }
     if (new_max > old_max) {
         const float alpha = old_max == -INFINITY ? 0.0f : exp2f(old_max - new_max);
@@ -265,10 +384,11 @@ static inline void softmax_row(const float *scores, uint16_t *probs, float *acc,
 }
 
 /* One block of up to 32 queries of one head over its visible keys, in key blocks of SB keys
- * (SB / KB AMX units of 32 keys); writes the block's out rows. */
+ * (SB / KB AMX units of 32 keys); writes the block's out rows. `fma`: keys and values are the
+ * FMA way's float32 layouts (pack_keys_f32, pack_values_f32), else bf16. */
 static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int64_t out_stride,
                         int64_t rows, int64_t first_pos, int64_t seq_len, int64_t d,
-                        const uint16_t *keys, const uint16_t *values, float scale_log2) {
+                        const void *keys, const void *values, float scale_log2, int fma) {
     _Alignas(64) uint16_t qbuf[QB * MAX_D];
     _Alignas(64) float scores[QB * SB];
     _Alignas(64) uint16_t probs[QB * SB];
@@ -282,6 +402,14 @@ static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int6
         row_max[r] = -INFINITY;
         row_sum[r] = 0.0f;
     }
+#if !PC_PREFILL_AMX
+    _Alignas(64) float qf[QB * MAX_D];
+    _Alignas(64) float probs_f32[QB * SB];
+    if (fma)
+        for (int64_t i = 0; i < QB * d; i++) qf[i] = bf16_to_f32(qbuf[i]);
+#else
+    (void)fma;
+#endif
     memset(acc, 0, sizeof(float) * QB * (size_t)d);
     const int64_t last_key = first_pos + rows < seq_len ? first_pos + rows : seq_len;
     const int64_t unit_elems = KB * d; /* one packed 32-key unit, keys or values */
@@ -293,7 +421,7 @@ static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int6
 #if PC_PREFILL_AMX
         /* scores[32, n] = q[32, d] @ keys[k0 .. k0 + n, d]^T, one 32-key unit at a time */
         for (int64_t u = 0; u < n / KB; u++) {
-            const uint16_t *kp = keys + (k0 / KB + u) * unit_elems;
+            const uint16_t *kp = (const uint16_t *)keys + (k0 / KB + u) * unit_elems;
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
@@ -314,7 +442,12 @@ static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int6
             _tile_stored(3, scores + 16 * SB + u * KB + 16, SB * 4);
         }
 #else
-        scores_vec(qbuf, d, keys + (k0 / KB) * unit_elems, n / 16, rows_used, scores);
+        if (fma)
+            scores_vec_f32(qf, d, (const float *)keys + (k0 / KB) * unit_elems, n / 16, rows_used,
+                           scores);
+        else
+            scores_vec(qbuf, d, (const uint16_t *)keys + (k0 / KB) * unit_elems, n / 16,
+                       rows_used, scores);
 #endif
         for (int64_t r = 0; r < QB; r++) {
             /* keys k0 .. limit - 1 are visible to this row */
@@ -322,10 +455,18 @@ static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int6
             const int64_t visible = r < rows ? limit - k0 : 0;
             if (visible <= 0) {
                 memset(probs + r * SB, 0, (size_t)n * 2);
+#if !PC_PREFILL_AMX
+                if (fma) memset(probs_f32 + r * SB, 0, (size_t)n * 4);
+#endif
                 continue;
             }
-            softmax_row(scores + r * SB, probs + r * SB, acc + r * d, d, n, visible, scale_log2,
-                        &row_max[r], &row_sum[r]);
+#if PC_PREFILL_AMX
+            float *row_f32 = NULL;
+#else
+            float *row_f32 = fma ? probs_f32 + r * SB : NULL;
+#endif
+            softmax_row(scores + r * SB, probs + r * SB, row_f32, acc + r * d, d, n, visible,
+                        scale_log2, &row_max[r], &row_sum[r]);
         }
         /* acc[32, d] += probs[32, n] @ values[n, d], two 16-dim column tiles at a time */
 #if PC_PREFILL_AMX
@@ -335,7 +476,7 @@ static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int6
             _tile_loadd(2, acc + 16 * d + c16, d * 4);
             _tile_loadd(3, acc + 16 * d + c16 + 16, d * 4);
             for (int64_t u = 0; u < n / KB; u++) {
-                const uint16_t *vp = values + (k0 / KB + u) * unit_elems;
+                const uint16_t *vp = (const uint16_t *)values + (k0 / KB + u) * unit_elems;
                 _tile_loadd(4, probs + u * KB, SB * 2);
                 _tile_loadd(5, probs + 16 * SB + u * KB, SB * 2);
                 _tile_loadd(6, vp + (c16 / 16) * 512, 64);
@@ -351,7 +492,12 @@ static void query_block(const uint16_t *q, int64_t q_stride, uint16_t *out, int6
             _tile_stored(3, acc + 16 * d + c16 + 16, d * 4);
         }
 #else
-        pv_vec(probs, values + (k0 / KB) * unit_elems, n / KB, d, rows_used, acc);
+        if (fma)
+            pv_vec_f32(probs_f32, (const float *)values + (k0 / KB) * unit_elems, n / KB, d,
+                       rows_used, acc);
+        else
+            pv_vec(probs, (const uint16_t *)values + (k0 / KB) * unit_elems, n / KB, d, rows_used,
+                   acc);
 #endif
     }
     for (int64_t r = 0; r < rows; r++) {
@@ -378,13 +524,19 @@ int pc_paged_prefill_attention(const uint16_t *q, int64_t q_stride, uint16_t *ou
     const int64_t units = (seq_len + KB - 1) / KB;
     const int64_t query_blocks = (query_len + QB - 1) / QB;
     const float scale_log2 = scale * 1.4426950408889634f;
+#if PC_PREFILL_AMX
+    const int fma = 0;
+#else
+    const int fma = pc_bf16_fma();
+#endif
+    const int64_t elem_bytes = fma ? 4 : 2; /* float32 or bf16 packed keys and values */
     /* KV heads packed per pass: all of them unless their copies would pass PACK_BYTES (long
      * sequences); each pass is two parallel loops, so few passes means few barriers. */
-    const int64_t head_bytes = units * KB * d * 2 * 2;
+    const int64_t head_bytes = units * KB * d * elem_bytes * 2;
     int64_t heads_per_pass = PACK_BYTES / head_bytes;
     heads_per_pass = heads_per_pass < 1 ? 1 : (heads_per_pass > kv_heads ? kv_heads : heads_per_pass);
-    uint16_t *keys = aligned_alloc(64, (size_t)(heads_per_pass * head_bytes / 2));
-    uint16_t *values = aligned_alloc(64, (size_t)(heads_per_pass * head_bytes / 2));
+    char *keys = aligned_alloc(64, (size_t)(heads_per_pass * head_bytes / 2));
+    char *values = aligned_alloc(64, (size_t)(heads_per_pass * head_bytes / 2));
     if (!keys || !values) {
         free(keys);
         free(values);
@@ -401,10 +553,21 @@ int pc_paged_prefill_attention(const uint16_t *q, int64_t q_stride, uint16_t *ou
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < heads * units; i++) {
                 const int64_t h = i / units, u = i % units;
+                char *kp = keys + (h * head_elems + u * KB * d) * elem_bytes;
+                char *vp = values + (h * head_elems + u * KB * d) * elem_bytes;
+#if !PC_PREFILL_AMX
+                if (fma) {
+                    pack_keys_f32(k_cache, block_table, u, seq_len, block_size, kv_heads, h0 + h,
+                                  d, (float *)kp);
+                    pack_values_f32(v_cache, block_table, u, seq_len, block_size, kv_heads,
+                                    h0 + h, d, (float *)vp);
+                    continue;
+                }
+#endif
                 pack_keys(k_cache, block_table, u, seq_len, block_size, kv_heads, h0 + h, d,
-                          keys + h * head_elems + u * KB * d);
+                          (uint16_t *)kp);
                 pack_values(v_cache, block_table, u, seq_len, block_size, kv_heads, h0 + h, d,
-                            values + h * head_elems + u * KB * d);
+                            (uint16_t *)vp);
             }
             /* KV head by KV head, so the threads' consecutive items read the same packed keys
              * and values (a head's are ~1 MB for 2K tokens: they stay in L2; taking every head
@@ -420,8 +583,8 @@ int pc_paged_prefill_attention(const uint16_t *q, int64_t q_stride, uint16_t *ou
                 const int64_t rows = query_len - row0 < QB ? query_len - row0 : QB;
                 query_block(q + row0 * q_stride + head * d, q_stride,
                             out + row0 * out_stride + head * d, out_stride, rows, prefix + row0,
-                            seq_len, d, keys + h * head_elems, values + h * head_elems,
-                            scale_log2);
+                            seq_len, d, keys + h * head_elems * elem_bytes,
+                            values + h * head_elems * elem_bytes, scale_log2, fma);
             }
         }
 #if PC_PREFILL_AMX

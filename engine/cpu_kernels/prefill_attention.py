@@ -4,8 +4,10 @@ One call per prompt chunk: its queries attend to the sequence's cached keys (a c
 and the chunk itself, causally), read from their blocks; bfloat16 inputs, float32 sums,
 probabilities rounded to bfloat16 before P @ V as flash kernels do. The products run on AMX
 tiles where the CPU has them, else on AVX512-BF16 vdpbf16ps register tiles (AMD Zen 4/5: sdpa's
-bf16 flash kernel took 138 ms a layer for a 2K prompt there, this one ~26). Without
-AVX512-BF16 the backend keeps sdpa's fused kernel.
+bf16 flash kernel took 138 ms a layer for a 2K prompt there, this one ~26), or, where the
+process multiplies bf16 with float32 FMAs (`PAGECHAT_CPU_BF16_MATH`, packed_bf16.uses_fma),
+on FMA tiles over keys and values widened to float32 as they are packed. Without AVX512-BF16
+the backend keeps sdpa's fused kernel.
 """
 
 from __future__ import annotations
