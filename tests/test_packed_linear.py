@@ -131,13 +131,16 @@ def test_with_avx512_bf16_a_row_gets_the_same_bits_alone_and_in_any_batch(bf16_m
     """Decode batches of 1 to 40 rows and prompt-sized ones: with AMX its 16- and 32-row tile
     paths; without, the few-rows kernel (under 8 rows), the 6-row register tiles with their
     edges and, for the FMA way from 96 rows, the tiles on a widened panel, which must sum
-    alike. Also a narrow weight (fewer column groups than threads: rows split between them)
-    and the fused SwiGLU."""
+    alike, also where a long k widens and multiplies the panel a chunk at a time. Also a
+    narrow weight (fewer column groups than threads: rows split between them) and the fused
+    SwiGLU."""
     torch.manual_seed(1)
-    for n in (1040, 1056, 64):  # 65 blocks; 33 gate blocks of a [gate | up] weight; 4 blocks
-        w = torch.randn(n, 512).bfloat16()
+    # 65 blocks; 33 gate blocks of a [gate | up] weight; 4 blocks; a panel of 1.06 MB (k in
+    # two chunks)
+    for n, k in ((1040, 512), (1056, 512), (64, 512), (64, 4160)):
+        w = torch.randn(n, k).bfloat16()
         packed = packed_bf16.pack(w)
-        x = torch.randn(300, 512).bfloat16()
+        x = torch.randn(300, k).bfloat16()
         full = packed_bf16.linear(x, packed)
         for m in (1, 3, 7, 8, 13, 16, 17, 40, 95, 96, 97):
             assert torch.equal(packed_bf16.linear(x[:m], packed), full[:m]), (n, m)
@@ -176,7 +179,7 @@ def test_the_fused_swiglu_matmul_equals_the_matmul_then_the_silu_kernel(inter, k
     ref = _reference(x, w)
     gate, up = ref[:, :inter], ref[:, inter:]
     want = gate / (1 + torch.exp(-gate)) * up
-    scale = (x.double().abs() @ w.double().abs().t())
+    scale = x.double().abs() @ w.double().abs().t()
     slack = scale[:, :inter] * scale[:, inter:] * 1e-4 + 1e-6
     assert ((fused.double() - want).abs() <= want.abs() * 2**-6 + slack).all()
 
