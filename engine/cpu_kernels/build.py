@@ -170,7 +170,7 @@ def _check_target(cc: str, march: str) -> None:
 def choose_bf16_math(lib: ctypes.CDLL) -> None:
     """AVX512-BF16 without AMX: multiply with vdpbf16ps, or with float32 FMAs on the bf16 pairs
     widened in registers where this CPU runs FMAs that much faster (PAGECHAT_CPU_BF16_MATH:
-    auto, dot or fma). Measured, not looked up: CPUs with the same flags differ (a Zen 5 runs
+    auto, dot or fma); the matmuls and the prompt attention follow the choice. Measured, not looked up: CPUs with the same flags differ (a Zen 5 runs
     vdpbf16ps at twice its FMA rate in multiply-adds, an Intel Xeon here at half)."""
     choice = os.environ.get(BF16_MATH_ENV, "auto").strip().lower() or "auto"
     if choice not in ("auto", "dot", "fma"):
@@ -182,7 +182,7 @@ def choose_bf16_math(lib: ctypes.CDLL) -> None:
     use_fma = choice == "fma" or (choice == "auto" and fma > FMA_MIN_ADVANTAGE * dot)
     lib.pc_set_bf16_fma(int(use_fma))
     logger.info(
-        "bf16 matmuls: %s (%s; one core: vdpbf16ps %.0f GMAC/s, float32 FMA %.0f GFMA/s)",
+        "bf16 matmuls and prompt attention: %s (%s; one core: vdpbf16ps %.0f GMAC/s, float32 FMA %.0f GFMA/s)",
         "float32 FMAs on widened bf16" if use_fma else "vdpbf16ps",
         f"{BF16_MATH_ENV}={choice}",
         dot / 1e9,
