@@ -293,6 +293,7 @@ static void pack_values(const uint16_t *cache, const int32_t *table, int64_t uni
     }
 }
 
+#if !PC_PREFILL_AMX
 /* The FMA way's keys of one 32-key unit: two 16-key blocks [D][16] of float32, the transposed
  * pairs of pack_keys split into their even dim (low half) and odd dim (high half). */
 static void pack_keys_f32(const uint16_t *cache, const int32_t *table, int64_t unit,
@@ -335,6 +336,7 @@ static void pack_values_f32(const uint16_t *cache, const int32_t *table, int64_t
         }
     }
 }
+#endif
 
 /* Softmax of one row's scores over `n` keys (a multiple of 16) of a key block, the first
  * `visible` of them visible: updates the row's running maximum and sum, rescales its output
