@@ -97,20 +97,21 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
+    onednn_bf16 = cap.onednn_linear and cap.onednn_bf16  # native or emulated
     with torch.inference_mode():
         for name in args.shapes:
             k, n = SHAPES[name]
             w32 = torch.randn(n, k) / k**0.5
             w16 = w32.bfloat16()
             own = packed_bf16.pack(w16) if packed_bf16.can_pack(w16) else None
-            dnn = prepack_weight(w16) if cap.native_bf16 else None
+            dnn = prepack_weight(w16) if onednn_bf16 else None
             avx2 = load("x86-64-v3") if cap.isa.startswith("AVX") else None
             for m in args.rows:
                 x32 = torch.randn(m, k)
                 x16 = x32.bfloat16()
                 paths: dict[str, tuple[Callable[[], torch.Tensor], int] | None] = {
                     "f32 onednn": (partial(onednn, x32, w32), 4),
-                    "bf16 onednn": (partial(onednn, x16, w16), 2) if cap.native_bf16 else None,
+                    "bf16 onednn": (partial(onednn, x16, w16), 2) if onednn_bf16 else None,
                     "bf16 F.linear": (partial(F.linear, x16, w16), 2),
                     "bf16w f32 full": (partial(upcast_whole, x32, w16), 2),
                     "bf16w f32 blocks": (partial(linear_bf16_weight_f32_math, x32, w16), 2),

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import platform
 import random
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+
+def torch_reports_native_bf16() -> bool:
+    """What torch says about bf16 here: oneDNN has bf16 kernels, and on x86 the CPU has
+    AVX512-BF16 or AMX (oneDNN also has them, emulated, on plain AVX512)."""
+    onednn = torch.backends.mkldnn.is_available() and bool(
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    )
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        return onednn and (
+            torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        )
+    return onednn
 
 
 def random_prompts(lengths: list[int], seed: int = 0, vocab: int = 150_000) -> list[list[int]]:

@@ -17,7 +17,7 @@ from engine.layers.attention import TorchAttentionBackend
 from engine.model_config import ModelConfig
 from engine.models.loader import load_model
 from engine.tiny import write_checkpoint
-from tests.engine_helpers import random_prompts
+from tests.engine_helpers import random_prompts, torch_reports_native_bf16
 from tests.test_model_parity import PagedCache
 
 TOP_K = 5
@@ -94,10 +94,11 @@ def test_bf16_weights_with_float32_math_equal_float32_on_the_upcast_weights(tiny
 
 
 def test_auto_on_a_bf16_checkpoint_follows_the_cpu(tmp_path, caplog):
-    """dtype=auto on a bf16 checkpoint: bf16 math where torch reports native oneDNN bf16, bf16
-    weights with float32 math elsewhere; the start-up log names the capability and the choice."""
+    """dtype=auto on a bf16 checkpoint: bf16 math where torch reports native bf16 (oneDNN, and
+    on x86 AVX512-BF16 or AMX), bf16 weights with float32 math elsewhere; the start-up log names
+    the capability and the choice."""
     path = write_checkpoint(tmp_path / "bf16", shape="tiny", seed=1, torch_dtype="bfloat16")
-    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    native = torch_reports_native_bf16()
     compute = torch.bfloat16 if native else torch.float32
     with caplog.at_level(logging.INFO, logger="engine.models.loader"):
         llm = LLM(str(path), kv_cache_memory_gb=0.05)

@@ -1,7 +1,7 @@
 """The CPU linear kernels against torch's F.linear, the reference for every shape they serve.
 
 Nothing here fakes the CPU: the kernel choice is checked against what torch reports about this
-machine, and each dtype runs on the kernel that choice names (oneDNN bf16 only where native).
+machine, and each dtype runs on the kernel that choice names (oneDNN bf16 only where oneDNN has it).
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.cpu_capability import LinearKernel, Precision, cpu_capability
+from engine.cpu_capability import CpuCapability, LinearKernel, Precision, cpu_capability
 from engine.layers import linear as linear_module
 from engine.layers.linear import CPU_KERNELS, linear, linear_bf16_weight_f32_math
+from tests.engine_helpers import torch_reports_native_bf16
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 300])
@@ -36,24 +37,55 @@ def test_linear_matches_f_linear_bfloat16():
 
 
 def test_kernel_choice_matches_what_torch_reports():
-    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    onednn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    native = torch_reports_native_bf16() and onednn
     cap = cpu_capability()
     assert cap.isa == torch.backends.cpu.get_cpu_capability()
-    assert cap.native_bf16 == (native and onednn)
+    assert cap.native_bf16 == native
     assert cap.onednn_linear == onednn
     f32, bf16 = torch.float32, torch.bfloat16
     assert CPU_KERNELS[(f32, f32)] == (LinearKernel.ONEDNN if onednn else LinearKernel.TORCH)
     assert CPU_KERNELS[(bf16, bf16)] == (
-        LinearKernel.ONEDNN if native and onednn else LinearKernel.TORCH
+        LinearKernel.ONEDNN if onednn_bf16 and onednn else LinearKernel.TORCH
     )
     assert CPU_KERNELS[(bf16, f32)] == LinearKernel.UPCAST
     assert CPU_KERNELS[(torch.float16, f32)] == LinearKernel.UPCAST
-    assert cap.auto_precision(bf16) == (
-        Precision(bf16, bf16) if native and onednn else Precision(bf16, f32)
-    )
+    assert cap.auto_precision(bf16) == (Precision(bf16, bf16) if native else Precision(bf16, f32))
     assert cap.auto_precision(f32) == Precision(f32, f32)
     assert cap.isa in cap.describe() and ("not native" in cap.describe()) != cap.native_bf16
+
+
+# The CPU kinds this project meets, as torch reports them: (isa, oneDNN bf16, bf16 instructions).
+KINDS = {
+    "avx512-bf16 or amx": ("AVX512", True, True),
+    "avx512 without bf16 (cascade lake)": ("AVX512", True, False),
+    "avx2": ("AVX2", False, False),
+    "arm with bf16": ("SVE256", True, True),
+    "arm without bf16": ("DEFAULT", False, False),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_auto_computes_in_bf16_only_with_bf16_instructions(kind):
+    """Where oneDNN only emulates bf16 (plain AVX512) its bf16 GEMM runs at a quarter of its
+    float32 one: auto keeps the bf16 weights and computes in float32 there, as on AVX2; an
+    explicit bfloat16 still runs on oneDNN's bf16 kernels."""
+    isa, onednn_bf16, instructions = KINDS[kind]
+    cap = CpuCapability(
+        isa=isa, onednn_linear=True, onednn_bf16=onednn_bf16, bf16_instructions=instructions
+    )
+    bf16, f32 = torch.bfloat16, torch.float32
+    native = onednn_bf16 and instructions
+    assert cap.native_bf16 == native
+    assert cap.auto_precision(bf16) == Precision(bf16, bf16 if native else f32)
+    assert cap.linear_kernel(bf16, bf16) == (
+        LinearKernel.ONEDNN if onednn_bf16 else LinearKernel.TORCH
+    )
+    assert cap.linear_kernel(bf16, f32) == LinearKernel.UPCAST
+    described = cap.describe()
+    assert ("oneDNN bf16 native" in described) == native
+    assert ("emulated" in described) == (onednn_bf16 and not instructions)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 3, 16, 17, 300])

@@ -28,6 +28,7 @@ from engine.models.loader import (
     resolve_model_path,
     resolve_precision,
 )
+from tests.engine_helpers import torch_reports_native_bf16
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -315,9 +316,9 @@ def test_resolve_dtype():
     config = ModelConfig.from_dict(
         json.loads(Qwen3Config(**SMALL, dtype="bfloat16").to_json_string())
     )
-    # auto on CPU follows what torch reports: bf16 math where oneDNN has it natively, else
-    # bf16 weights with float32 math. Named dtypes mean weights and math alike.
-    native = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    # auto on CPU follows what torch reports: bf16 math where the CPU has bf16 instructions
+    # for oneDNN, else bf16 weights with float32 math. Named dtypes mean weights and math alike.
+    native = torch_reports_native_bf16()
     auto = resolve_precision("auto", config, "cpu")
     assert auto == Precision(torch.bfloat16, torch.bfloat16 if native else torch.float32)
     assert resolve_dtype("auto", config, "cpu") is auto.compute_dtype
