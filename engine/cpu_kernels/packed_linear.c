@@ -6,8 +6,9 @@
  * instructions). The same bytes feed every kernel below, so the model keeps one copy:
  *   - few rows (decode): each thread streams its range of 16-column blocks front to back, once,
  *     and broadcasts each pair of x to all 16 columns: one vdpbf16ps per 64 bytes of weight
- *     with AVX512-BF16, a widening float32 loop elsewhere (AVX2, NEON: the compiler vectorises
- *     it over the 16 columns, no horizontal sums);
+ *     with AVX512-BF16, a widening float32 loop elsewhere (AVX2, AVX512 without bf16, NEON: the
+ *     compiler vectorises it over the 16 columns, no horizontal sums; 4 blocks streamed side by
+ *     side, each widened pair used for up to 4 rows of x);
  *   - many rows with AVX512-BF16 but no AMX (AMD Zen 4/5): 6 rows x 4 column blocks of
  *     vdpbf16ps sums in registers, columns in L2-sized groups; each sum runs over k exactly
  *     as the few-rows kernel's does, so the bits do not depend on M; the [gate | up] variant
@@ -139,28 +140,101 @@ int pc_init(void) {
 
 /* ---- portable few-rows kernel: float32 math on widened weights (any M, meant for small) ---- */
 
-static void block_f32(const float *x, const uint16_t *wb, float *y, int64_t m, int64_t n,
-                      int64_t k, int64_t col0) {
-    for (int64_t j = 0; j < m; j++) {
-        const float *xj = x + j * k;
-        float acc[BLOCK_COLS] = {0};
-        for (int64_t p = 0; p < k / 2; p++) {
-            const uint16_t *wp = wb + p * 2 * BLOCK_COLS;
-            float x0 = xj[2 * p], x1 = xj[2 * p + 1];
+/* A packed 64-byte row read as 16 32-bit lanes: lane t holds column t's pair of k, the even k in
+ * the low half. Read this way, widening is a shift and a mask per lane and the compiler
+ * vectorises the 16 columns with plain loads (the pair read as two strided 16-bit values cost
+ * it shuffles: the AVX2 build streamed ~10 GB/s where the bf16 one streams ~24). */
+typedef uint32_t pc_pair_lanes __attribute__((may_alias));
+
+static inline float lane_bits(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* acc[t] += w_even[t] * x0 + w_odd[t] * x1 for the 16 columns of one pair of k. */
+static inline __attribute__((always_inline)) void pair_f32(float *restrict acc,
+                                                           const uint16_t *wp, float x0, float x1) {
+    const pc_pair_lanes *lanes = (const pc_pair_lanes *)wp;
 #pragma omp simd
-            for (int t = 0; t < BLOCK_COLS; t++)
-                acc[t] += bf16_to_f32(wp[2 * t]) * x0 + bf16_to_f32(wp[2 * t + 1]) * x1;
+    for (int t = 0; t < BLOCK_COLS; t++)
+        acc[t] += lane_bits(lanes[t] << 16) * x0 + lane_bits(lanes[t] & 0xffff0000u) * x1;
+}
+
+/* Weights read this many pairs of k (64 bytes each) ahead of use: the portable loops stream
+ * each block once, front to back. */
+#define PORTABLE_PREFETCH 16
+/* Column blocks streamed side by side per pass: more reads in flight, more independent sums. */
+#define PORTABLE_BLOCKS 4
+/* Rows of x per pass over the weights once a batch has that many (each widened pair serves them). */
+#define PORTABLE_ROWS 4
+
+/* Rows j0 .. j0 + rows - 1 of x against `nb` (<= PORTABLE_BLOCKS) consecutive column blocks
+ * from `wb`: x float32 (`x`, y float32) or bf16 (`xb`, x widened as read, y rounded to bf16
+ * once at the end). Each pair of weights is widened once for all `rows` rows. */
+static inline __attribute__((always_inline)) void rows_blocks_f32(
+    const float *x, const uint16_t *xb, const uint16_t *wb, float *y, uint16_t *yb, int64_t j0,
+    int rows, int64_t n, int64_t k, int64_t col0, int nb) {
+    const int64_t block_elems = k * BLOCK_COLS;
+    float acc[PORTABLE_ROWS][PORTABLE_BLOCKS][BLOCK_COLS] = {{{0}}};
+    for (int64_t p = 0; p < k / 2; p++) {
+        float x0[PORTABLE_ROWS], x1[PORTABLE_ROWS];
+        for (int r = 0; r < rows; r++) {
+            const int64_t at = (j0 + r) * k + 2 * p;
+            x0[r] = xb ? bf16_to_f32(xb[at]) : x[at];
+            x1[r] = xb ? bf16_to_f32(xb[at + 1]) : x[at + 1];
         }
-        for (int t = 0; t < BLOCK_COLS; t++) y[j * n + col0 + t] = acc[t];
+        for (int b = 0; b < nb; b++) {
+            const uint16_t *wp = wb + b * block_elems + p * 2 * BLOCK_COLS;
+            __builtin_prefetch(wp + PORTABLE_PREFETCH * 2 * BLOCK_COLS, 0, 3);
+            for (int r = 0; r < rows; r++) pair_f32(acc[r][b], wp, x0[r], x1[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int b = 0; b < nb; b++)
+            for (int t = 0; t < BLOCK_COLS; t++) {
+                const int64_t at = (j0 + r) * n + col0 + b * BLOCK_COLS + t;
+                if (yb)
+                    yb[at] = f32_to_bf16(acc[r][b][t]);
+                else
+                    y[at] = acc[r][b][t];
+            }
+}
+
+/* All m rows of x against `nb` column blocks, PORTABLE_ROWS rows at a time. */
+static inline __attribute__((always_inline)) void blocks_f32(const float *x, const uint16_t *xb,
+                                                             const uint16_t *wb, float *y,
+                                                             uint16_t *yb, int64_t m, int64_t n,
+                                                             int64_t k, int64_t col0, int nb) {
+    int64_t j = 0;
+    for (; j + PORTABLE_ROWS <= m; j += PORTABLE_ROWS)
+        rows_blocks_f32(x, xb, wb, y, yb, j, PORTABLE_ROWS, n, k, col0, nb);
+    for (; j < m; j++) rows_blocks_f32(x, xb, wb, y, yb, j, 1, n, k, col0, nb);
+}
+
+/* Every column block, PORTABLE_BLOCKS at a time split between the threads. */
+static inline __attribute__((always_inline)) void linear_portable(const float *x,
+                                                                  const uint16_t *xb,
+                                                                  const uint16_t *w, float *y,
+                                                                  uint16_t *yb, int64_t m,
+                                                                  int64_t n, int64_t k,
+                                                                  int threads) {
+    const int64_t blocks = n / BLOCK_COLS, groups = (blocks + PORTABLE_BLOCKS - 1) / PORTABLE_BLOCKS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t b0 = g * PORTABLE_BLOCKS;
+        const uint16_t *wb = w + b0 * k * BLOCK_COLS;
+        if (blocks - b0 >= PORTABLE_BLOCKS)
+            blocks_f32(x, xb, wb, y, yb, m, n, k, b0 * BLOCK_COLS, PORTABLE_BLOCKS);
+        else
+            blocks_f32(x, xb, wb, y, yb, m, n, k, b0 * BLOCK_COLS, (int)(blocks - b0));
     }
 }
 
 /* x float32 [m, k], packed bf16 weight, y float32 [m, n]. */
 void pc_linear_bf16w_f32(const float *x, const uint16_t *w, float *y, int64_t m, int64_t n,
                          int64_t k, int threads) {
-    int64_t blocks = n / BLOCK_COLS;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < blocks; b++) block_f32(x, w + b * k * BLOCK_COLS, y, m, n, k, b * BLOCK_COLS);
+    linear_portable(x, NULL, w, y, NULL, m, n, k, threads);
 }
 
 /* ---- bf16 activations ---- */
@@ -699,35 +773,12 @@ static void linear_amx_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, i
 }
 #endif
 
-/* Portable bf16 x bf16 -> bf16: widen, then the float32 block kernel, row by row of x. */
+/* Portable bf16 x bf16 -> bf16: the float32 block kernel on x widened as it is read, each
+ * output rounded to bf16 once. */
 #if !PC_AVX512_BF16
 static void linear_portable_bf16(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t m,
                                  int64_t n, int64_t k, int threads) {
-    int64_t blocks = n / BLOCK_COLS;
-#pragma omp parallel num_threads(threads)
-    {
-        float xf[4096];
-        for (int64_t j = 0; j < m; j++) {
-            const uint16_t *xj = x + j * k;
-#pragma omp for schedule(static)
-            for (int64_t b = 0; b < blocks; b++) {
-                const uint16_t *wb = w + b * k * BLOCK_COLS;
-                float acc[BLOCK_COLS] = {0};
-                for (int64_t p0 = 0; p0 < k / 2; p0 += 2048) { /* x widened in 4096-wide chunks */
-                    int64_t pn = k / 2 - p0 < 2048 ? k / 2 - p0 : 2048;
-                    for (int64_t i = 0; i < 2 * pn; i++) xf[i] = bf16_to_f32(xj[2 * p0 + i]);
-                    for (int64_t p = 0; p < pn; p++) {
-                        const uint16_t *wp = wb + (p0 + p) * 2 * BLOCK_COLS;
-                        float x0 = xf[2 * p], x1 = xf[2 * p + 1];
-#pragma omp simd
-                        for (int t = 0; t < BLOCK_COLS; t++)
-                            acc[t] += bf16_to_f32(wp[2 * t]) * x0 + bf16_to_f32(wp[2 * t + 1]) * x1;
-                    }
-                }
-                for (int t = 0; t < BLOCK_COLS; t++) y[j * n + b * BLOCK_COLS + t] = f32_to_bf16(acc[t]);
-            }
-        }
-    }
+    linear_portable(NULL, x, w, NULL, y, m, n, k, threads);
 }
 #endif
 
