@@ -31,7 +31,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from engine.cpu_capability import cpu_capability
+from engine.cpu_capability import LinearKernel, cpu_capability
 from engine.cpu_kernels import packed_bf16
 from engine.cpu_kernels.build import load
 from engine.cpu_malloc import keep_freed_memory
@@ -97,7 +97,7 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    onednn_bf16 = cap.onednn_linear and cap.onednn_bf16  # native or emulated
+    onednn_bf16 = cap.linear_kernel(torch.bfloat16, torch.bfloat16) is LinearKernel.ONEDNN
     with torch.inference_mode():
         for name in args.shapes:
             k, n = SHAPES[name]
