@@ -1,5 +1,6 @@
 """The one-call C decode step (engine.cpu_kernels.decoder_step) against the Python forward it
-replaces: the same kernels in the same order, so the same bits, for bf16 models on the CPU."""
+replaces: the same kernels in the same order, so the same bits, for bf16 weights on the CPU in
+bf16 math and in float32 math (what a CPU without bf16 instructions runs)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,20 @@ import pytest
 import torch
 
 from engine import LLM, SamplingParams
+from engine import model_runner as model_runner_module
+from engine.cpu_capability import Precision
 from engine.cpu_kernels import decoder_step, packed_bf16
 from engine.cpu_kernels.build import compiler
 
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on this machine")
 
 PROMPTS = [list(range(300, 340)), list(range(1000, 1007)), [5, 6]]
+BF16 = Precision(torch.bfloat16, torch.bfloat16)
+BF16_WEIGHTS = Precision(torch.bfloat16, torch.float32)  # auto without bf16 instructions
+PRECISIONS = pytest.mark.parametrize("precision", [BF16, BF16_WEIGHTS], ids=["bf16", "bf16w-f32"])
 
 
-def run(checkpoint, monkeypatch, use_step: bool, calls: list[int], prompts=PROMPTS):
+def run(checkpoint, monkeypatch, use_step: bool, calls: list[int], prompts=PROMPTS, precision=BF16):
     real = decoder_step.DecoderStep.run
 
     def counted(self, *args):
@@ -23,9 +29,11 @@ def run(checkpoint, monkeypatch, use_step: bool, calls: list[int], prompts=PROMP
         return real(self, *args)
 
     monkeypatch.setattr(decoder_step.DecoderStep, "run", counted)
+    monkeypatch.setattr(model_runner_module, "resolve_precision", lambda *a: precision)
     if not use_step:
         monkeypatch.setattr(decoder_step.DecoderStep, "serves_step", staticmethod(lambda *a: False))
-    llm = LLM(str(checkpoint), dtype="bfloat16", kv_cache_memory_gb=0.05, block_size=16)
+    llm = LLM(str(checkpoint), kv_cache_memory_gb=0.05, block_size=16)
+    assert llm.engine.runner.kv_cache.dtype == precision.compute_dtype
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
     outs = llm.generate(prompts, params)
     llm.engine.close()
@@ -33,26 +41,33 @@ def run(checkpoint, monkeypatch, use_step: bool, calls: list[int], prompts=PROMP
     return [(o.token_ids, o.logprobs) for o in outs]
 
 
-def test_the_c_step_gives_the_python_forwards_bits(tiny_checkpoint, monkeypatch):
+@PRECISIONS
+def test_the_c_step_gives_the_python_forwards_bits(tiny_checkpoint, monkeypatch, precision):
     with_step: list[int] = []
     without: list[int] = []
-    fast = run(tiny_checkpoint, monkeypatch, True, with_step)
-    slow = run(tiny_checkpoint, monkeypatch, False, without)
+    fast = run(tiny_checkpoint, monkeypatch, True, with_step, precision=precision)
+    slow = run(tiny_checkpoint, monkeypatch, False, without, precision=precision)
     assert with_step and max(with_step) == len(PROMPTS)  # decode steps went through C...
     assert not without  # ...and the reference run never did
     assert fast == slow  # tokens and logprobs, bit for bit
 
 
-def test_a_batch_of_20_decodes_gives_the_python_forwards_bits(tiny_checkpoint, monkeypatch):
+@PRECISIONS
+def test_a_batch_of_20_decodes_gives_the_python_forwards_bits(
+    tiny_checkpoint, monkeypatch, precision
+):
     """More rows than the few-rows kernel serves: the C step's matmuls run their many-row
     paths (AMX tiles, or without AMX the register tiles and the fused SwiGLU from 8 rows).
-    Without AVX512-BF16 the portable kernels take at most 16 bf16 rows, so such a step keeps
-    the Python forward (its matmuls on the dense weight), and the answers are the same."""
+    The portable kernels (without AVX512-BF16), and float32 math everywhere, take at most 16
+    rows, so such a step keeps the Python forward (its matmuls on the dense weight), and the
+    answers are the same."""
     prompts = [list(range(100 + 37 * i, 110 + 41 * i)) for i in range(20)]
     with_step: list[int] = []
-    fast = run(tiny_checkpoint, monkeypatch, True, with_step, prompts)
-    slow = run(tiny_checkpoint, monkeypatch, False, [], prompts)
-    if packed_bf16.c_kernel_serves_bf16(20):
+    fast = run(tiny_checkpoint, monkeypatch, True, with_step, prompts, precision)
+    slow = run(tiny_checkpoint, monkeypatch, False, [], prompts, precision)
+    if precision == BF16_WEIGHTS:
+        assert not with_step  # every step has 20 rows: all in Python
+    elif packed_bf16.c_kernel_serves_bf16(20):
         assert with_step and max(with_step) == 20
     else:
         assert packed_bf16.kernel_level() == 0 and max(with_step, default=0) < 20
@@ -73,3 +88,6 @@ def test_prompt_steps_and_float32_keep_the_python_forward(tiny_checkpoint, monke
     assert not decoder_step.DecoderStep.serves_step(hidden, [1, 3], [5, 9])  # a prompt chunk
     assert not decoder_step.DecoderStep.serves_step(hidden, [1, 1], [1, 9])  # a 1-token prompt
     assert decoder_step.DecoderStep.serves_step(hidden, [1, 1], [2, 9])
+    assert decoder_step.DecoderStep.serves_step(hidden.float(), [1, 1], [2, 9])
+    rows = packed_bf16.WIDEN_MAX_ROWS + 1  # float32 rows beyond the widening kernel's
+    assert not decoder_step.DecoderStep.serves_step(torch.zeros(rows, 8), [1] * rows, [2] * rows)

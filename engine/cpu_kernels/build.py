@@ -235,6 +235,15 @@ def _declare(lib: ctypes.CDLL) -> None:
         *(ptr, ptr, i64, ptr),  # slots, block_tables, table_stride, seq_lens
         *(ctypes.c_float, ctypes.c_float, i64, i32),  # eps, scale, amx_min_rows, threads
     ]
+    lib.pc_decoder_decode_f32.restype = i32
+    lib.pc_decoder_decode_f32.argtypes = [
+        ptr,  # hidden
+        *(i64, i64, i64, i64, i64, i64, i64),  # m, layers, hidden, q_heads, kv_heads, d, inter
+        *(ptr, ptr, i64),  # layer params, final norm, block_size
+        *(ptr, ptr, i64),  # cos, sin, cs_stride
+        *(ptr, ptr, i64, ptr),  # slots, block_tables, table_stride, seq_lens
+        *(ctypes.c_float, ctypes.c_float, i32),  # eps, scale, threads
+    ]
     f32 = ctypes.c_float
     lib.pc_add_rms_norm_bf16.restype = None
     lib.pc_add_rms_norm_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32]
@@ -249,3 +258,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     ]
     lib.pc_silu_and_mul_bf16.restype = None
     lib.pc_silu_and_mul_bf16.argtypes = [ptr, ptr, i64, i64, i32]
+    lib.pc_add_rms_norm_f32.restype = None
+    lib.pc_add_rms_norm_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, f32, i32]
+    lib.pc_qk_norm_rotary_f32.restype = None
+    lib.pc_qk_norm_rotary_f32.argtypes = lib.pc_qk_norm_rotary_bf16.argtypes
+    lib.pc_silu_and_mul_f32.restype = None
+    lib.pc_silu_and_mul_f32.argtypes = [ptr, ptr, i64, i64, i32]

@@ -1,4 +1,5 @@
-/* A whole decode step of the Qwen3 decoder stack in one call, for bfloat16 models on the CPU.
+/* A whole decode step of the Qwen3 decoder stack in one call, for packed bfloat16 weights on the
+ * CPU: in bfloat16 math (pc_decoder_decode_bf16) or float32 math (pc_decoder_decode_f32).
  *
  * When every row of a step is a decoding sequence, the Python forward spends a fifth of the
  * step between kernels (module calls, views, small allocations: ~15 per layer). This driver
@@ -109,6 +110,96 @@ int pc_decoder_decode_bf16(uint16_t *hidden, int64_t m, int64_t layers, int64_t 
         pc_add_rms_norm_bf16(x, NULL, final_norm, hidden, NULL, m, hidden_size, eps, threads);
     else
         pc_add_rms_norm_bf16(x, res, final_norm, hidden, res2, m, hidden_size, eps, threads);
+done:
+    free(x);
+    free(res);
+    free(res2);
+    free(h);
+    free(wide);
+    free(act);
+    free(q);
+    free(k);
+    free(att);
+    free(rows);
+    return status;
+}
+
+void pc_linear_bf16w_f32(const float *x, const uint16_t *w, float *y, int64_t m, int64_t n,
+                         int64_t k, int threads);
+void pc_add_rms_norm_f32(const float *x, const float *residual, const uint16_t *w, float *out,
+                         float *residual_out, int64_t rows, int64_t n, float eps, int threads);
+void pc_qk_norm_rotary_f32(const float *q, int64_t q_stride, const float *k, int64_t k_stride,
+                           const float *cos, const float *sin, int64_t cs_stride,
+                           const uint16_t *q_w, const uint16_t *k_w, float *q_out, float *k_out,
+                           int64_t tokens, int64_t q_heads, int64_t kv_heads, int64_t d, float eps,
+                           int threads);
+void pc_silu_and_mul_f32(const float *x, float *out, int64_t rows, int64_t n, int threads);
+
+/* The same step for bfloat16 weights with float32 math (bf16 checkpoints on CPUs without bf16
+ * instructions): float32 activations and KV cache, the norm weights as stored (bf16), the
+ * widening matmul and the float32 elementwise kernels the Python forward calls in this
+ * precision. Arguments as pc_decoder_decode_bf16's (pc_layer_params' cache pointers point to
+ * float32 caches here), without amx_min_rows. */
+int pc_decoder_decode_f32(float *hidden, int64_t m, int64_t layers, int64_t hidden_size,
+                          int64_t q_heads, int64_t kv_heads, int64_t d, int64_t inter,
+                          const pc_layer_params *p, const uint16_t *final_norm,
+                          int64_t block_size, const float *cos, const float *sin,
+                          int64_t cs_stride, const int64_t *slots, const int32_t *block_tables,
+                          int64_t table_stride, const int32_t *seq_lens, float eps, float scale,
+                          int threads) {
+    const int64_t qkv_n = (q_heads + 2 * kv_heads) * d, kv_row = kv_heads * d;
+    const int64_t widest = qkv_n > 2 * inter ? qkv_n : 2 * inter;
+    const size_t row_bytes = (size_t)(m * hidden_size) * 4;
+    float *x = malloc(row_bytes), *res = malloc(row_bytes), *res2 = malloc(row_bytes);
+    float *h = malloc(row_bytes), *wide = malloc((size_t)(m * widest) * 4);
+    float *act = malloc((size_t)(m * inter) * 4), *q = malloc((size_t)(m * q_heads * d) * 4);
+    float *k = malloc((size_t)(m * kv_row) * 4), *att = malloc((size_t)(m * q_heads * d) * 4);
+    int64_t *rows = malloc((size_t)m * sizeof(int64_t));
+    int status = 0;
+    if (!x || !res || !res2 || !h || !wide || !act || !q || !k || !att || !rows) {
+        status = -2;
+        goto done;
+    }
+    for (int64_t i = 0; i < m; i++) rows[i] = i;
+    memcpy(x, hidden, row_bytes);
+    for (int64_t l = 0; l < layers; l++) {
+        if (l == 0) {
+            pc_add_rms_norm_f32(x, NULL, p->input_norm[0], h, NULL, m, hidden_size, eps, threads);
+            memcpy(res, x, row_bytes);
+        } else {
+            pc_add_rms_norm_f32(x, res, p->input_norm[l], h, res2, m, hidden_size, eps, threads);
+            float *t = res;
+            res = res2;
+            res2 = t;
+        }
+        pc_linear_bf16w_f32(h, p->qkv[l], wide, m, qkv_n, hidden_size, threads);
+        pc_qk_norm_rotary_f32(wide, qkv_n, wide + q_heads * d, qkv_n, cos, sin, cs_stride,
+                              p->q_norm[l], p->k_norm[l], q, k, m, q_heads, kv_heads, d, eps,
+                              threads);
+        float *k_cache = (float *)(void *)p->k_cache[l], *v_cache = (float *)(void *)p->v_cache[l];
+        for (int64_t i = 0; i < m; i++) {
+            if (slots[i] < 0) continue;
+            memcpy(k_cache + slots[i] * kv_row, k + i * kv_row, (size_t)kv_row * 4);
+            memcpy(v_cache + slots[i] * kv_row, wide + i * qkv_n + (q_heads + kv_heads) * d,
+                   (size_t)kv_row * 4);
+        }
+        status = pc_paged_decode_attention(q, att, rows, k_cache, v_cache, block_tables,
+                                           table_stride, seq_lens, m, q_heads, kv_heads, d,
+                                           block_size, scale, 0, threads);
+        if (status != 0) goto done;
+        pc_linear_bf16w_f32(att, p->o[l], x, m, hidden_size, q_heads * d, threads);
+        pc_add_rms_norm_f32(x, res, p->post_norm[l], h, res2, m, hidden_size, eps, threads);
+        float *t = res;
+        res = res2;
+        res2 = t;
+        pc_linear_bf16w_f32(h, p->gate_up[l], wide, m, 2 * inter, hidden_size, threads);
+        pc_silu_and_mul_f32(wide, act, m, inter, threads);
+        pc_linear_bf16w_f32(act, p->down[l], x, m, hidden_size, inter, threads);
+    }
+    if (layers == 0)
+        pc_add_rms_norm_f32(x, NULL, final_norm, hidden, NULL, m, hidden_size, eps, threads);
+    else
+        pc_add_rms_norm_f32(x, res, final_norm, hidden, res2, m, hidden_size, eps, threads);
 done:
     free(x);
     free(res);

@@ -174,3 +174,112 @@ void pc_silu_and_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_
         }
     }
 }
+
+/* ---- float32 activations on bfloat16 weights (bf16 checkpoints on CPUs without bf16 math) ----
+ *
+ * The torch ops' steps in float32 (no rounding to bf16 anywhere; the norm weights are read as
+ * stored, in bf16), as portable loops the compiler vectorises for whatever the build targets
+ * (AVX2, AVX-512, NEON). The Python forward and the one-call decode step both use these, so a
+ * decode row gets the same bits in either; float32 models keep torch's ops (their own bits). */
+
+/* One row: out = w * (r * rsqrt(mean(r^2) + eps)), float32 out. */
+static inline void norm_row_f32(const float *r, const uint16_t *w, float *out, int64_t n, float eps) {
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; j++) sum += r[j] * r[j];
+    const float scale = 1.0f / sqrtf(sum / (float)n + eps);
+#pragma omp simd
+    for (int64_t j = 0; j < n; j++) out[j] = bf16_to_f32(w[j]) * (r[j] * scale);
+}
+
+/* rms_norm (residual NULL) or add_rms_norm: residual_out = x + residual, out = norm of it.
+ * x, residual, out, residual_out: [rows, n] contiguous float32, not aliasing; w bf16 [n]. */
+void pc_add_rms_norm_f32(const float *x, const float *residual, const uint16_t *w, float *out,
+                         float *residual_out, int64_t rows, int64_t n, float eps, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * n >= PARALLEL_MIN)
+    for (int64_t row = 0; row < rows; row++) {
+        const float *r = x + row * n;
+        if (residual != NULL) {
+            const float *rr = residual + row * n;
+            float *ro = residual_out + row * n;
+#pragma omp simd
+            for (int64_t j = 0; j < n; j++) ro[j] = r[j] + rr[j];
+            r = ro;
+        }
+        norm_row_f32(r, w, out + row * n, n, eps);
+    }
+}
+
+/* pc_qk_norm_rotary_bf16's steps on float32 q/k rows (strided as there), bf16 norm weights. */
+void pc_qk_norm_rotary_f32(const float *q, int64_t q_stride, const float *k, int64_t k_stride,
+                           const float *cos, const float *sin, int64_t cs_stride,
+                           const uint16_t *q_w, const uint16_t *k_w, float *q_out, float *k_out,
+                           int64_t tokens, int64_t q_heads, int64_t kv_heads, int64_t d, float eps,
+                           int threads) {
+    const int64_t half = d / 2, heads = q_heads + kv_heads;
+#pragma omp parallel num_threads(threads) if (tokens * heads * d >= PARALLEL_MIN)
+    {
+        float normed[1024];
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < tokens * heads; item++) {
+            const int64_t t = item / heads, h = item % heads;
+            const int is_q = h < q_heads;
+            const float *src = is_q ? q + t * q_stride + h * d : k + t * k_stride + (h - q_heads) * d;
+            float *dst = is_q ? q_out + (t * q_heads + h) * d : k_out + (t * kv_heads + h - q_heads) * d;
+            norm_row_f32(src, is_q ? q_w : k_w, normed, d, eps);
+            const float *c = cos + t * cs_stride, *s = sin + t * cs_stride;
+#pragma omp simd
+            for (int64_t i = 0; i < half; i++) {
+                const float x1 = normed[i], x2 = normed[i + half];
+                dst[i] = x1 * c[i] - x2 * s[i];
+                dst[i + half] = x2 * c[i] + x1 * s[i];
+            }
+        }
+    }
+}
+
+/* Comparisons that cannot trap: lets gcc turn exp_f32's clamps into vector selects (values
+ * are unchanged; nothing here reads the floating-point exception flags). */
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+
+/* exp(d) for float32 in plain arithmetic the compiler vectorises (no libm call, no branch):
+ * Cody-Waite reduction by ln 2, SLEEF's degree-6 polynomial for expf, the result scaled by 2^q
+ * in two factors so that no exponent overflows. d is clamped to [-104, 100] first: exp rounds
+ * to 0 below and to infinity above (a NaN becomes a number here; silu's g / (1 + e) keeps it). */
+static inline float exp_f32(float d) {
+    d = d < -104.0f ? -104.0f : d;
+    d = d > 100.0f ? 100.0f : d;
+    /* round d / ln 2 to the nearest integer: adding 1.5 * 2^23 leaves it in the low mantissa bits */
+    const float magic = 12582912.0f;
+    const float shifted = d * 1.442695040888963407359924681001892137426645954152985934135449406931f + magic;
+    const float qf = shifted - magic;
+    const int32_t q = (int32_t)qf;
+    float s = d - qf * 0.693145751953125f;
+    s = s - qf * 1.428606765330187045e-06f;
+    float u = 0.000198527617612853646278381f;
+    u = u * s + 0.00139304355252534151077271f;
+    u = u * s + 0.00833336077630519866943359f;
+    u = u * s + 0.0416664853692054748535156f;
+    u = u * s + 0.166666671633720397949219f;
+    u = u * s + 0.5f;
+    u = 1.0f + ((s * s) * u + s);
+    const int32_t half = q >> 1;
+    union {
+        int32_t i;
+        float f;
+    } p1 = {.i = (half + 0x7f) << 23}, p2 = {.i = (q - half + 0x7f) << 23};
+    return (u * p1.f) * p2.f;
+}
+
+/* x = [gate | up] float32 rows of 2n -> out[row] = silu(gate) * up. */
+void pc_silu_and_mul_f32(const float *x, float *out, int64_t rows, int64_t n, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (rows * n >= PARALLEL_MIN)
+    for (int64_t row = 0; row < rows; row++) {
+        const float *g = x + row * 2 * n, *u = g + n;
+        float *o = out + row * n;
+#pragma omp simd
+        for (int64_t i = 0; i < n; i++) o[i] = g[i] / (1.0f + exp_f32(-g[i])) * u[i];
+    }
+}
+#pragma GCC pop_options

@@ -4,7 +4,8 @@ carrying the residual stream of a pre-norm decoder: `norm(x, residual)` adds fir
 Each layer runs on the kernels it is built with (`Kernels`): plain torch ops (the reference),
 the fused Triton kernels of engine/kernels (the model picks them with the triton attention
 backend on CUDA), or "cpu": the engine's C kernels (engine.cpu_kernels.elementwise) for
-bfloat16 activations on the CPU, the torch ops for everything else (float32 keeps its bits).
+bfloat16 activations, and for float32 activations on bfloat16 weights, on the CPU; the torch
+ops for everything else (float32 models keep their bits).
 The choice is made once, in the constructor.
 """
 
@@ -69,12 +70,16 @@ def _cpu_fns() -> tuple[NormFn, AddNormFn]:
     def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if elementwise.serves(x, weight) and x.shape[-1] <= elementwise.MAX_HIDDEN:
             return elementwise.add_rms_norm(x, None, weight, eps)[0]
+        if elementwise.serves_float32((x,), (weight,)):
+            return elementwise.add_rms_norm(x, None, weight, eps)[0]
         return rms_norm(x, weight, eps)
 
     def add_norm(
         x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if elementwise.serves(x, residual, weight) and x.shape[-1] <= elementwise.MAX_HIDDEN:
+            return elementwise.add_rms_norm(x, residual, weight, eps)
+        if elementwise.serves_float32((x, residual), (weight,)):
             return elementwise.add_rms_norm(x, residual, weight, eps)
         return add_rms_norm(x, residual, weight, eps)
 

@@ -172,11 +172,15 @@ def _cpu_qk_norm_rotary(
     k_norm_weight: torch.Tensor,
     eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The C kernel for bfloat16 on the CPU (one pass per head), torch ops otherwise."""
+    """The C kernel (one pass per head) for bfloat16 on the CPU, and for float32 q/k with
+    bfloat16 norm weights; torch ops otherwise."""
     from engine.cpu_kernels import elementwise
 
     if (
-        elementwise.serves(q, k, q_norm_weight, k_norm_weight)
+        (
+            elementwise.serves(q, k, q_norm_weight, k_norm_weight)
+            or elementwise.serves_float32((q, k), (q_norm_weight, k_norm_weight))
+        )
         and cos.dtype == sin.dtype == torch.float32
         and q.shape[-1] <= elementwise.MAX_HEAD_DIM
     ):

@@ -29,7 +29,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from engine.cpu_kernels import packed_bf16
+from engine.cpu_kernels import elementwise, packed_bf16
 from engine.cpu_kernels.decoder_step import DecoderShape, DecoderStep, LayerTensors, eligible
 from engine.layers.activation import SiluAndMul
 from engine.layers.attention import AttentionBackend, AttentionMetadata, TorchAttentionBackend
@@ -137,6 +137,9 @@ class Qwen3MLP(nn.Module):
             act = packed_bf16.linear_swiglu(flat, gate_up.weight)
             if act is not None:
                 return self.down_proj(act.view(*x.shape[:-1], act.shape[-1]))
+        if self.act_fn.kernels == "cpu" and elementwise.serves_float32((x,), (gate_up.weight,)):
+            # bf16 weights, float32 math: the C SiLU the one-call decode step also uses
+            return self.down_proj(elementwise.silu_and_mul(gate_up(x)))
         return self.down_proj(self.act_fn(gate_up(x)))
 
 
@@ -199,7 +202,7 @@ class Qwen3Model(nn.Module):
             hidden, meta.query_lens_cpu, meta.seq_lens_cpu
         ):
             step = self._decoder_step()
-            if step is not None:  # the same kernels, one C call for the whole stack
+            if step is not None and step.dtype == hidden.dtype:  # the same kernels, one C call
                 return step.run(
                     hidden, cos, sin, meta.slot_mapping, meta.block_tables, meta.seq_lens
                 )
@@ -213,7 +216,7 @@ class Qwen3Model(nn.Module):
     def _decoder_step(self) -> DecoderStep | None:
         """The C decode step over these layers' current tensors (rebuilt when a weight, a cache
         or a backend changes), or None where it does not serve them: another attention
-        backend or precision, float32, weights not packed."""
+        backend, float32 weights, weights not packed."""
         layers = [cast(Qwen3DecoderLayer, layer) for layer in self.layers]
         backends = [layer.self_attn.backend for layer in layers]
         if not all(isinstance(b, TorchAttentionBackend) and not b.native_decode for b in backends):
