@@ -107,6 +107,22 @@ def test_float32_activations_equal_a_float32_matmul_on_the_up_cast_weight(march,
         assert ((out.double() - ref).abs() <= 1e-6 * scale + 1e-6).all(), (march, m)
 
 
+@pytest.mark.parametrize("march", builds())
+def test_float32_rows_get_the_same_bits_alone_and_in_any_batch(march):
+    """The widening kernel's paths (one row at a time, 4 rows over 4 blocks, and with AVX2 the
+    4-row register kernel from 8 rows on) make the same FMAs in the same order."""
+    lib = load(march)
+    assert lib is not None
+    torch.manual_seed(7)
+    w = torch.randn(80, 1056).bfloat16()  # 5 blocks: a group of 4 and a remainder
+    packed = packed_bf16.pack(w)
+    x = torch.randn(packed_bf16.WIDEN_MAX_ROWS, 1056)
+    full = packed_bf16.linear(x, packed, lib=lib)
+    for m in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 33):
+        assert torch.equal(packed_bf16.linear(x[:m], packed, lib=lib), full[:m]), (march, m)
+    assert torch.equal(packed_bf16.linear(x[41:42], packed, lib=lib)[0], full[41])
+
+
 def test_an_output_does_not_depend_on_the_thread_count_or_its_batch_mates_within_a_kernel(
     bf16_math,
 ):
