@@ -43,6 +43,57 @@ typedef struct {
     uint16_t *const *k_cache, *const *v_cache;
 } pc_layer_params;
 
+/* The step's activations, `elem` bytes a value (2: bf16, 4: float32), and the rows' indices. */
+typedef struct {
+    void *x, *res, *res2, *h, *wide, *act, *q, *k, *att;
+    int64_t *rows;
+} pc_scratch;
+
+static void scratch_free(pc_scratch *s) {
+    void *all[] = {s->x, s->res, s->res2, s->h, s->wide, s->act, s->q, s->k, s->att, s->rows};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++) free(all[i]);
+}
+
+/* 0, or -2 (everything freed) when memory could not be had. */
+static int scratch_alloc(pc_scratch *s, int64_t m, int64_t hidden_size, int64_t q_heads,
+                         int64_t kv_heads, int64_t d, int64_t inter, size_t elem) {
+    const int64_t qkv_n = (q_heads + 2 * kv_heads) * d;
+    const int64_t widest = qkv_n > 2 * inter ? qkv_n : 2 * inter;
+    const size_t row = (size_t)(m * hidden_size) * elem;
+    s->x = malloc(row);
+    s->res = malloc(row);
+    s->res2 = malloc(row);
+    s->h = malloc(row);
+    s->wide = malloc((size_t)(m * widest) * elem);
+    s->act = malloc((size_t)(m * inter) * elem);
+    s->q = malloc((size_t)(m * q_heads * d) * elem);
+    s->k = malloc((size_t)(m * kv_heads * d) * elem);
+    s->att = malloc((size_t)(m * q_heads * d) * elem);
+    s->rows = malloc((size_t)m * sizeof(int64_t));
+    if (!s->x || !s->res || !s->res2 || !s->h || !s->wide || !s->act || !s->q || !s->k ||
+        !s->att || !s->rows) {
+        scratch_free(s);
+        return -2;
+    }
+    for (int64_t i = 0; i < m; i++) s->rows[i] = i;
+    return 0;
+}
+
+/* Each row's new key (normed, rotated: `k`) and value (its slice of the QKV output `wide`)
+ * into the layer's caches at the row's slot; slot -1: not stored. */
+static void store_kv(void *k_cache, void *v_cache, const void *k, const void *wide,
+                     const int64_t *slots, int64_t m, int64_t q_heads, int64_t kv_heads, int64_t d,
+                     size_t elem) {
+    const int64_t qkv_n = (q_heads + 2 * kv_heads) * d;
+    const size_t bytes = (size_t)(kv_heads * d) * elem;
+    for (int64_t i = 0; i < m; i++) {
+        if (slots[i] < 0) continue;
+        memcpy((char *)k_cache + slots[i] * bytes, (const char *)k + i * bytes, bytes);
+        memcpy((char *)v_cache + slots[i] * bytes,
+               (const char *)wide + (size_t)(i * qkv_n + (q_heads + kv_heads) * d) * elem, bytes);
+    }
+}
+
 /* hidden [m, hidden_size] bf16: the embeddings in, the final normed hidden states out.
  * slots int64 [m] (-1: not stored); block_tables int32 [m, table_stride]; seq_lens int32 [m];
  * cos/sin float32 rows of d/2 at cs_stride. amx_min_rows as pc_linear_bf16 takes it.
@@ -54,25 +105,18 @@ int pc_decoder_decode_bf16(uint16_t *hidden, int64_t m, int64_t layers, int64_t 
                            int64_t cs_stride, const int64_t *slots, const int32_t *block_tables,
                            int64_t table_stride, const int32_t *seq_lens, float eps, float scale,
                            int64_t amx_min_rows, int threads) {
-    const int64_t qkv_n = (q_heads + 2 * kv_heads) * d, kv_row = kv_heads * d;
-    const int64_t widest = qkv_n > 2 * inter ? qkv_n : 2 * inter;
-    uint16_t *x = malloc((size_t)(m * hidden_size) * 2), *res = malloc((size_t)(m * hidden_size) * 2);
-    uint16_t *res2 = malloc((size_t)(m * hidden_size) * 2), *h = malloc((size_t)(m * hidden_size) * 2);
-    uint16_t *wide = malloc((size_t)(m * widest) * 2), *act = malloc((size_t)(m * inter) * 2);
-    uint16_t *q = malloc((size_t)(m * q_heads * d) * 2), *k = malloc((size_t)(m * kv_row) * 2);
-    uint16_t *att = malloc((size_t)(m * q_heads * d) * 2);
-    int64_t *rows = malloc((size_t)m * sizeof(int64_t));
+    const int64_t qkv_n = (q_heads + 2 * kv_heads) * d;
+    const size_t row_bytes = (size_t)(m * hidden_size) * 2;
+    pc_scratch sc;
+    if (scratch_alloc(&sc, m, hidden_size, q_heads, kv_heads, d, inter, 2) != 0) return -2;
+    uint16_t *x = sc.x, *res = sc.res, *res2 = sc.res2, *h = sc.h, *wide = sc.wide, *act = sc.act;
+    uint16_t *q = sc.q, *k = sc.k, *att = sc.att;
     int status = 0;
-    if (!x || !res || !res2 || !h || !wide || !act || !q || !k || !att || !rows) {
-        status = -2;
-        goto done;
-    }
-    for (int64_t i = 0; i < m; i++) rows[i] = i;
-    memcpy(x, hidden, (size_t)(m * hidden_size) * 2);
+    memcpy(x, hidden, row_bytes);
     for (int64_t l = 0; l < layers; l++) {
         if (l == 0) {
             pc_add_rms_norm_bf16(x, NULL, p->input_norm[0], h, NULL, m, hidden_size, eps, threads);
-            memcpy(res, x, (size_t)(m * hidden_size) * 2);
+            memcpy(res, x, row_bytes);
         } else {
             pc_add_rms_norm_bf16(x, res, p->input_norm[l], h, res2, m, hidden_size, eps, threads);
             uint16_t *t = res;
@@ -83,13 +127,8 @@ int pc_decoder_decode_bf16(uint16_t *hidden, int64_t m, int64_t layers, int64_t 
         pc_qk_norm_rotary_bf16(wide, qkv_n, wide + q_heads * d, qkv_n, cos, sin, cs_stride,
                                p->q_norm[l], p->k_norm[l], q, k, m, q_heads, kv_heads, d, eps,
                                threads);
-        for (int64_t i = 0; i < m; i++) {
-            if (slots[i] < 0) continue;
-            memcpy(p->k_cache[l] + slots[i] * kv_row, k + i * kv_row, (size_t)kv_row * 2);
-            memcpy(p->v_cache[l] + slots[i] * kv_row, wide + i * qkv_n + (q_heads + kv_heads) * d,
-                   (size_t)kv_row * 2);
-        }
-        status = pc_paged_decode_attention(q, att, rows, p->k_cache[l], p->v_cache[l], block_tables,
+        store_kv(p->k_cache[l], p->v_cache[l], k, wide, slots, m, q_heads, kv_heads, d, 2);
+        status = pc_paged_decode_attention(q, att, sc.rows, p->k_cache[l], p->v_cache[l], block_tables,
                                            table_stride, seq_lens, m, q_heads, kv_heads, d,
                                            block_size, scale, 1, threads);
         if (status != 0) goto done;
@@ -111,16 +150,7 @@ int pc_decoder_decode_bf16(uint16_t *hidden, int64_t m, int64_t layers, int64_t 
     else
         pc_add_rms_norm_bf16(x, res, final_norm, hidden, res2, m, hidden_size, eps, threads);
 done:
-    free(x);
-    free(res);
-    free(res2);
-    free(h);
-    free(wide);
-    free(act);
-    free(q);
-    free(k);
-    free(att);
-    free(rows);
+    scratch_free(&sc);
     return status;
 }
 
@@ -147,20 +177,13 @@ int pc_decoder_decode_f32(float *hidden, int64_t m, int64_t layers, int64_t hidd
                           int64_t cs_stride, const int64_t *slots, const int32_t *block_tables,
                           int64_t table_stride, const int32_t *seq_lens, float eps, float scale,
                           int threads) {
-    const int64_t qkv_n = (q_heads + 2 * kv_heads) * d, kv_row = kv_heads * d;
-    const int64_t widest = qkv_n > 2 * inter ? qkv_n : 2 * inter;
+    const int64_t qkv_n = (q_heads + 2 * kv_heads) * d;
     const size_t row_bytes = (size_t)(m * hidden_size) * 4;
-    float *x = malloc(row_bytes), *res = malloc(row_bytes), *res2 = malloc(row_bytes);
-    float *h = malloc(row_bytes), *wide = malloc((size_t)(m * widest) * 4);
-    float *act = malloc((size_t)(m * inter) * 4), *q = malloc((size_t)(m * q_heads * d) * 4);
-    float *k = malloc((size_t)(m * kv_row) * 4), *att = malloc((size_t)(m * q_heads * d) * 4);
-    int64_t *rows = malloc((size_t)m * sizeof(int64_t));
+    pc_scratch sc;
+    if (scratch_alloc(&sc, m, hidden_size, q_heads, kv_heads, d, inter, 4) != 0) return -2;
+    float *x = sc.x, *res = sc.res, *res2 = sc.res2, *h = sc.h, *wide = sc.wide, *act = sc.act;
+    float *q = sc.q, *k = sc.k, *att = sc.att;
     int status = 0;
-    if (!x || !res || !res2 || !h || !wide || !act || !q || !k || !att || !rows) {
-        status = -2;
-        goto done;
-    }
-    for (int64_t i = 0; i < m; i++) rows[i] = i;
     memcpy(x, hidden, row_bytes);
     for (int64_t l = 0; l < layers; l++) {
         if (l == 0) {
@@ -177,13 +200,8 @@ int pc_decoder_decode_f32(float *hidden, int64_t m, int64_t layers, int64_t hidd
                               p->q_norm[l], p->k_norm[l], q, k, m, q_heads, kv_heads, d, eps,
                               threads);
         float *k_cache = (float *)(void *)p->k_cache[l], *v_cache = (float *)(void *)p->v_cache[l];
-        for (int64_t i = 0; i < m; i++) {
-            if (slots[i] < 0) continue;
-            memcpy(k_cache + slots[i] * kv_row, k + i * kv_row, (size_t)kv_row * 4);
-            memcpy(v_cache + slots[i] * kv_row, wide + i * qkv_n + (q_heads + kv_heads) * d,
-                   (size_t)kv_row * 4);
-        }
-        status = pc_paged_decode_attention(q, att, rows, k_cache, v_cache, block_tables,
+        store_kv(k_cache, v_cache, k, wide, slots, m, q_heads, kv_heads, d, 4);
+        status = pc_paged_decode_attention(q, att, sc.rows, k_cache, v_cache, block_tables,
                                            table_stride, seq_lens, m, q_heads, kv_heads, d,
                                            block_size, scale, 0, threads);
         if (status != 0) goto done;
@@ -201,15 +219,6 @@ int pc_decoder_decode_f32(float *hidden, int64_t m, int64_t layers, int64_t hidd
     else
         pc_add_rms_norm_f32(x, res, final_norm, hidden, res2, m, hidden_size, eps, threads);
 done:
-    free(x);
-    free(res);
-    free(res2);
-    free(h);
-    free(wide);
-    free(act);
-    free(q);
-    free(k);
-    free(att);
-    free(rows);
+    scratch_free(&sc);
     return status;
 }

@@ -68,18 +68,18 @@ def _cpu_fns() -> tuple[NormFn, AddNormFn]:
     from engine.cpu_kernels import elementwise
 
     def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if elementwise.serves(x, weight) and x.shape[-1] <= elementwise.MAX_HIDDEN:
-            return elementwise.add_rms_norm(x, None, weight, eps)[0]
-        if elementwise.serves_float32((x,), (weight,)):
+        if (
+            elementwise.serves(x, weight) and x.shape[-1] <= elementwise.MAX_HIDDEN
+        ) or elementwise.serves_float32((x,), (weight,)):
             return elementwise.add_rms_norm(x, None, weight, eps)[0]
         return rms_norm(x, weight, eps)
 
     def add_norm(
         x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if elementwise.serves(x, residual, weight) and x.shape[-1] <= elementwise.MAX_HIDDEN:
-            return elementwise.add_rms_norm(x, residual, weight, eps)
-        if elementwise.serves_float32((x, residual), (weight,)):
+        if (
+            elementwise.serves(x, residual, weight) and x.shape[-1] <= elementwise.MAX_HIDDEN
+        ) or elementwise.serves_float32((x, residual), (weight,)):
             return elementwise.add_rms_norm(x, residual, weight, eps)
         return add_rms_norm(x, residual, weight, eps)
 
