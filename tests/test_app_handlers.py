@@ -232,6 +232,40 @@ async def test_stop_keeps_the_answer_streamed_so_far(emitter, engine, tmp_path):
     assert _change(after, before, 'pagechat_requests_finished_total{finish_reason="abort"}') == 1
 
 
+async def test_stop_before_the_first_output_says_stopped(emitter, engine, tmp_path, monkeypatch):
+    """Stopped while the engine has produced nothing yet (a long prompt's prefill): the answer
+    says it was stopped instead of staying empty, and the turn is kept as aborted."""
+    import chainlit as cl
+
+    from app.chat import session as chat_session
+    from app.chat.token_history import TokenTurn
+
+    started = asyncio.Event()
+
+    async def no_output_yet(self, engine, params, request_id):
+        started.set()
+        await asyncio.Event().wait()  # the prefill that never ends before the stop
+        yield  # an async generator, like the engine's stream
+
+    monkeypatch.setattr(TokenTurn, "stream", no_output_yet)
+    runtime = Runtime(settings=AppSettings(data_dir=tmp_path), model_name="tiny")
+    runtime.bind_loop(asyncio.get_running_loop())
+    runtime.set_engine(engine)
+    set_runtime(runtime)
+    chat = chat_session.new_session()
+    chat.options = {"system_prompt": "", "temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_tokens": 8}
+    task = asyncio.create_task(chat.answer(cl.Message(content="Summarise the whole archive.")))
+    await asyncio.wait_for(started.wait(), 30)
+    task.cancel()  # the stop button
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    [turn] = chat.history.conversation.turns
+    assert turn.finish_reason == "abort"
+    answer = [s for s in _outputs(emitter.send_step) if s["type"] == "assistant_message"][-1]
+    assert answer["output"] == "*" + chat.t("stats_stopped") + "*"
+
+
 class _Rows:
     """A data layer holding stored history rows in memory."""
 

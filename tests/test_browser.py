@@ -103,11 +103,19 @@ def test_chat_in_a_real_browser(demo_server, browser, tmp_path):
     assert page.evaluate("window.__pwned") is None
 
     # 2. stop mid-answer: the partial answer stays, marked as stopped
+    answers_before = page.locator(ANSWER).count()
     send(page, "Tell me a very long story.")
     page.wait_for_selector("#stop-button", timeout=15_000)
-    deadline = time.monotonic() + 20
-    while len(page.locator(ANSWER).last.inner_text()) < 20 and time.monotonic() < deadline:
+    # The stop button shows before the answer's message exists: wait for the new message
+    # itself to hold some text (`.last` alone would still be the first answer).
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        answers = page.locator(ANSWER)
+        if answers.count() > answers_before and len(answers.last.inner_text()) >= 20:
+            break
         time.sleep(0.05)
+    else:
+        raise TimeoutError(f"the second answer never streamed: {page.inner_text('body')[-1500:]}")
     page.click("#stop-button")
     stopped = wait_answer(page, 2, timeout_s=20)
     assert "stopped" in stopped and STATS.search(stopped)

@@ -458,6 +458,8 @@ class ChatSession:
             answer.content = close_open_fence(answer.content) + "\n\n*" + self._stats_line(last, stopped) + "*"
             if self.runtime.drain.cut(last.request_id):
                 answer.content += "\n\n**" + self.t("shutdown_cut") + "**"
+        elif stopped:  # before the engine's first output: say so, not an empty answer
+            answer.content = (close_open_fence(answer.content) + "\n\n*" + self.t("stats_stopped") + "*").lstrip()
         await answer.send()  # ends the stream and stores the message (update() would not date it)
         reason = "abort" if stopped else (last.finish_reason if last is not None else None)
         turn.commit(collected.answer(reason))
