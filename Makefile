@@ -29,8 +29,14 @@ demo: $(VENV)/.installed
 	test -f $(DEMO_DIR)/model.safetensors || $(PY) -m engine.tiny $(DEMO_DIR) --shape tiny
 	PAGECHAT_MODEL=$(DEMO_DIR) PAGECHAT_DEMO=1 $(PY) -m app --host $(HOST) --port $(PORT)
 
+# Two parts: the suite on TEST_WORKERS pytest-xdist workers (a file's tests stay on one worker;
+# about 0.7x the time of one process on 2 cores, whose CPU a single process leaves half idle
+# while servers start and browsers wait), then the `timing` tests, which compare latencies they
+# measure, alone on the machine. TEST_WORKERS=0 runs the first part in one process.
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not timing"
+	$(PY) -m pytest -q -m "timing and not slow"
 
 # The suite as an AVX2-only x86 CPU runs it, on an AVX512 one: torch dispatching AVX2 code,
 # oneDNN limited to AVX2 (no native bf16: it refuses bf16 inner products, as there), the

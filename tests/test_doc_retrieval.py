@@ -372,6 +372,7 @@ def _max_gap_while(fn) -> float:
     return max(gaps, default=0.0)
 
 
+@pytest.mark.timing
 def test_a_long_document_encodes_in_chunks_to_the_same_ids_without_holding_the_gil(codec, tokenizer):
     rng = random.Random(3)
     parts = []

@@ -156,6 +156,7 @@ def roomy(tiny_checkpoint):
         yield live
 
 
+@pytest.mark.timing
 @pytest.mark.parametrize("megabytes", [pytest.param(0.5), pytest.param(16, marks=pytest.mark.slow)])
 def test_a_huge_prompt_does_not_stall_health_or_a_running_stream(roomy, megabytes):
     """The prompt is tokenized in a worker process (tokenizers holds the GIL while it encodes

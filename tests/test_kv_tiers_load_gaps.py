@@ -152,6 +152,7 @@ def run_stream(
     return run
 
 
+@pytest.mark.timing
 def test_a_stream_keeps_its_gaps_while_2_gib_load_from_disk(big_kv_checkpoint, tmp_path):
     kv_dir = tmp_path / "kv"
     first = LLM(str(big_kv_checkpoint), kv_disk_dir=kv_dir, **ENGINE)

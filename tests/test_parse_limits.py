@@ -47,6 +47,7 @@ async def _max_loop_lag(stop: asyncio.Event) -> float:
     return worst
 
 
+@pytest.mark.timing
 async def test_docx_bomb_refused_naming_the_limit_while_the_server_stays_fast(bomb, tmp_path):
     rss_before = psutil.Process().memory_info().rss
     small = tmp_path / "small.txt"

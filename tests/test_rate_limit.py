@@ -267,6 +267,7 @@ async def _refused(api: openai.AsyncOpenAI, model: str) -> httpx.Response:
     raise AssertionError("never refused")
 
 
+@pytest.mark.timing
 async def test_a_key_over_its_limit_gets_429_while_the_other_keeps_its_latency(server):
     a, b = client(server, KEY_A), client(server, KEY_B)
     model = (await b.models.list()).data[0].id
