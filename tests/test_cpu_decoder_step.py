@@ -21,7 +21,8 @@ BF16_WEIGHTS = Precision(torch.bfloat16, torch.float32)  # auto without bf16 ins
 PRECISIONS = pytest.mark.parametrize("precision", [BF16, BF16_WEIGHTS], ids=["bf16", "bf16w-f32"])
 
 
-def run(checkpoint, monkeypatch, use_step: bool, calls: list[int], prompts=PROMPTS, precision=BF16):
+def run(checkpoint, monkeypatch, use_step: bool, calls: list[int], prompts=PROMPTS, precision=BF16,
+        **engine):
     real = decoder_step.DecoderStep.run
 
     def counted(self, *args):
@@ -32,7 +33,7 @@ def run(checkpoint, monkeypatch, use_step: bool, calls: list[int], prompts=PROMP
     monkeypatch.setattr(model_runner_module, "resolve_precision", lambda *a: precision)
     if not use_step:
         monkeypatch.setattr(decoder_step.DecoderStep, "serves_step", staticmethod(lambda *a: False))
-    llm = LLM(str(checkpoint), kv_cache_memory_gb=0.05, block_size=16)
+    llm = LLM(str(checkpoint), kv_cache_memory_gb=0.05, block_size=16, **engine)
     assert llm.engine.runner.kv_cache.dtype == precision.compute_dtype
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
     outs = llm.generate(prompts, params)
@@ -84,5 +85,65 @@ def test_prompt_steps_and_float32_keep_the_python_forward(tiny_checkpoint, monke
     assert not decoder_step.DecoderStep.serves_step(hidden, [1, 1], [1, 9])  # a 1-token prompt
     assert decoder_step.DecoderStep.serves_step(hidden, [1, 1], [2, 9])
     assert decoder_step.DecoderStep.serves_step(hidden.float(), [1, 1], [2, 9])
-    rows = packed_bf16.WIDEN_MAX_ROWS + 1  # float32 rows beyond the widening kernel's
-    assert not decoder_step.DecoderStep.serves_step(torch.zeros(rows, 8), [1] * rows, [2] * rows)
+    rows = packed_bf16.WIDEN_MAX_ROWS + 1  # float32 rows beyond the widening kernel's, but
+    # AVX-512 builds widen at any row count (packed_bf16.widens_any_rows)
+    served = decoder_step.DecoderStep.serves_step(torch.zeros(rows, 8), [1] * rows, [2] * rows)
+    assert served == packed_bf16.widens_any_rows()
+
+
+ANY_ROWS = pytest.mark.skipif(
+    not packed_bf16.widens_any_rows(),
+    reason="the float32-activation kernel serves any row count only in AVX-512 builds",
+)
+
+
+@ANY_ROWS
+def test_float32_math_decodes_of_70_rows_give_the_python_forwards_bits(tiny_checkpoint, monkeypatch):
+    """Beyond WIDEN_MAX_ROWS an AVX-512 build still takes the decode step in C."""
+    prompts = [list(range(100 + 37 * i, 108 + 41 * i)) for i in range(70)]
+    with_step: list[int] = []
+    fast = run(tiny_checkpoint, monkeypatch, True, with_step, prompts, BF16_WEIGHTS, max_num_seqs=70)
+    slow = run(tiny_checkpoint, monkeypatch, False, [], prompts, BF16_WEIGHTS, max_num_seqs=70)
+    assert with_step and max(with_step) == 70 > packed_bf16.WIDEN_MAX_ROWS
+    assert fast == slow
+
+
+@pytest.fixture(scope="module")
+def wide_mlp_checkpoint(tmp_path_factory):
+    """The tiny shape with a 1,536-wide MLP: torch's float32 matmul sums a k of 384 or less in
+    the widening kernel's order (the same bits), a longer one not."""
+    from engine.tiny import write_checkpoint
+
+    return write_checkpoint(tmp_path_factory.mktemp("wide-mlp"), shape="tiny", seed=0,
+                            intermediate_size=1536)
+
+
+@ANY_ROWS
+def test_float32_math_answers_do_not_depend_on_their_batch_mates(wide_mlp_checkpoint, monkeypatch):
+    """bf16 weights, float32 math (a CPU without bf16 instructions): a request alone and the
+    same request decoding in steps shared with 300-token prompt chunks get the same tokens and
+    logprobs, bit for bit (every matmul is the widening kernel, whatever the step's rows; with
+    the dense float32 copy above 64 rows, as before, the logprobs differ)."""
+    monkeypatch.setattr(model_runner_module, "resolve_precision", lambda *a: BF16_WEIGHTS)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=3)
+    target = list(range(500, 530))
+    others = [list(range(2000 + 300 * i, 2300 + 300 * i)) for i in range(3)]
+    llm = LLM(str(wide_mlp_checkpoint), kv_cache_memory_gb=0.05, block_size=16,
+              enable_prefix_caching=False, max_num_batched_tokens=256)
+    alone = llm.generate([target], params)[0]
+    llm.engine.add_request(target, params)
+    steps_with_prompts = 0
+    for prompt in others:  # arriving while the target decodes
+        llm.engine.step()
+        llm.engine.add_request(prompt, params)
+    outs = {}
+    while llm.engine.has_unfinished():
+        rows = llm.engine.step()
+        steps_with_prompts += 1
+        for out in rows or []:
+            if out.finished:
+                outs[tuple(out.prompt_token_ids)] = out
+    llm.engine.close()
+    together = outs[tuple(target)]
+    assert steps_with_prompts > 1
+    assert (together.token_ids, together.logprobs) == (alone.token_ids, alone.logprobs)

@@ -47,6 +47,11 @@ def test_the_build_matches_what_torch_reports_about_this_cpu():
         amx = "__AMX_TILE__" in macros
         assert torch.cpu._is_avx512_bf16_supported() or not avx512_bf16
     assert level == (2 if avx512_bf16 and amx else 1 if avx512_bf16 else 0)
+    # The float32-activation kernel serves every row count where the build has AVX-512.
+    cc = compiler()
+    assert cc is not None
+    avx512 = "__AVX512F__" in target_macros(cc, kernel_march())
+    assert packed_bf16.widens_any_rows() == avx512
 
 
 def test_a_kernel_march_the_compiler_rejects_is_a_clear_error(monkeypatch):
@@ -109,18 +114,25 @@ def test_float32_activations_equal_a_float32_matmul_on_the_up_cast_weight(march,
 
 @pytest.mark.parametrize("march", builds())
 def test_float32_rows_get_the_same_bits_alone_and_in_any_batch(march):
-    """The widening kernel's paths (one row at a time, 4 rows over 4 blocks, and with AVX2 the
-    4-row register kernel from 8 rows on) make the same FMAs in the same order."""
+    """The widening kernel's paths (one row at a time, 4 rows over 4 blocks, and from 8 rows on
+    the register kernels: AVX2's 4 rows x 1 block, AVX-512's 8 rows x 2 blocks with an odd last
+    block in 4-row passes) make the same FMAs in the same order. AVX-512 builds serve every
+    row count, so there a prompt-sized batch gives the same bits too."""
     lib = load(march)
     assert lib is not None
     torch.manual_seed(7)
     w = torch.randn(80, 1056).bfloat16()  # 5 blocks: a group of 4 and a remainder
     packed = packed_bf16.pack(w)
-    x = torch.randn(packed_bf16.WIDEN_MAX_ROWS, 1056)
+    any_rows = packed_bf16.widens_any_rows(lib)
+    x = torch.randn(300 if any_rows else packed_bf16.WIDEN_MAX_ROWS, 1056)
     full = packed_bf16.linear(x, packed, lib=lib)
-    for m in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 33):
+    for m in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 33, *((64, 65, 150) if any_rows else ())):
         assert torch.equal(packed_bf16.linear(x[:m], packed, lib=lib), full[:m]), (march, m)
     assert torch.equal(packed_bf16.linear(x[41:42], packed, lib=lib)[0], full[41])
+    # And against float64 (the bits above could agree on a wrong sum).
+    ref = _reference(x, w.float())
+    scale = x.double().abs() @ w.double().abs().t()
+    assert ((full.double() - ref).abs() <= 1e-5 * scale + 1e-6).all(), march
 
 
 def test_an_output_does_not_depend_on_the_thread_count_or_its_batch_mates_within_a_kernel(

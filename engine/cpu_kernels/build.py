@@ -206,6 +206,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.pc_linear_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, i64]
     lib.pc_linear_swiglu_bf16.restype = i32
     lib.pc_linear_swiglu_bf16.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32, i64]
+    lib.pc_widen_any_rows.restype = i32
+    lib.pc_widen_any_rows.argtypes = []
     lib.pc_linear_bf16w_f32.restype = None
     lib.pc_linear_bf16w_f32.argtypes = [ptr, ptr, ptr, i64, i64, i64, i32]
     lib.pc_paged_decode_attention.restype = i32

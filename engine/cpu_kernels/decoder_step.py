@@ -128,7 +128,7 @@ class DecoderStep:
         fits = (
             packed_bf16.c_kernel_serves_bf16(rows)
             if hidden.dtype == torch.bfloat16
-            else rows <= packed_bf16.WIDEN_MAX_ROWS
+            else packed_bf16.c_kernel_serves_float32(rows)
         )
         return (
             hidden.dtype in MATH_DTYPES

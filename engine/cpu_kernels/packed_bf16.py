@@ -17,7 +17,9 @@ Kernels by activation dtype and rows M:
               rows, above it torch's matmul on the dense weight;
   float32 x:  the C widening kernel up to WIDEN_MAX_ROWS rows (decode: bytes bound), above it
               one dense float32 copy of the weight and torch's float32 matmul (prefill: math
-              bound; the copy is amortised over the rows).
+              bound; the copy is amortised over the rows). AVX-512 builds widen at every row
+              count (their register kernel beats the dense copy up to prompt chunks of 2,048
+              rows), so there a row's bits do not depend on its batch either.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ BLOCK_COLS = 16
 # first, as fast at one row (0.6B shapes: 19-27 GB/s both) and batch-invariant.
 AMX_MIN_ROWS = 1
 # Above this many rows the float32-activation path (and the portable bf16 one) multiplies a
-# dense copy of the weight instead. The widening loop runs ~70 GFLOP/s at any row count as an
-# AVX2 or AVX-512 CPU builds it, and the dense copy costs its bytes on every call: on 0.6B
-# shapes the loop is 4.4-5.4x faster at 16 rows, 1.4-1.5x at 64, 0.9x at 128.
+# dense copy of the weight instead, except where the build widens at any row count
+# (`widens_any_rows`). As AVX2 builds it the widening loop runs 70-125 GFLOP/s and the dense
+# copy costs its bytes on every call: on 0.6B shapes the loop is 4.4-5.4x faster at 16 rows,
+# 1.4-1.5x at 64, 0.6-0.9x from 128 on.
 WIDEN_MAX_ROWS = 64
 
 
@@ -118,6 +121,19 @@ def c_kernel_serves_bf16(rows: int) -> bool:
     return rows <= WIDEN_MAX_ROWS or kernel_level() >= 1
 
 
+@functools.cache
+def widens_any_rows(lib: ctypes.CDLL | None = None) -> bool:
+    """The build's float32-activation kernel serves every row count (AVX-512: faster than the
+    dense copy at prompt sizes too); else only up to WIDEN_MAX_ROWS. `lib`: another build."""
+    lib = lib or load()
+    return lib is not None and bool(lib.pc_widen_any_rows())
+
+
+def c_kernel_serves_float32(rows: int, lib: ctypes.CDLL | None = None) -> bool:
+    """pc_linear_bf16w_f32 multiplies `rows` float32 rows (no dense fallback)."""
+    return rows <= WIDEN_MAX_ROWS or widens_any_rows(lib)
+
+
 def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
@@ -142,7 +158,7 @@ def linear(
     if x.dtype == torch.bfloat16 and c_kernel_serves_bf16(m):
         out = torch.empty(m, n, dtype=torch.bfloat16)
         lib.pc_linear_bf16(_ptr(x), _ptr(packed), _ptr(out), m, n, k, threads, AMX_MIN_ROWS)
-    elif x.dtype == torch.float32 and m <= WIDEN_MAX_ROWS:
+    elif x.dtype == torch.float32 and c_kernel_serves_float32(m, lib):
         out = torch.empty(m, n, dtype=torch.float32)
         lib.pc_linear_bf16w_f32(_ptr(x), _ptr(packed), _ptr(out), m, n, k, threads)
     elif x.dtype == torch.float32:
