@@ -320,7 +320,14 @@ static inline __attribute__((always_inline)) void blocks_f32(const float *x, con
 #endif
     for (; j + PORTABLE_ROWS <= m; j += PORTABLE_ROWS)
         rows_blocks_f32(x, xb, wb, y, yb, j, PORTABLE_ROWS, n, k, col0, nb);
-    for (; j < m; j++) rows_blocks_f32(x, xb, wb, y, yb, j, 1, n, k, col0, nb);
+    /* The last 1-3 rows in one pass over the weights (one pass a row read them 2-3 times), each
+     * count compiled on its own so its sums stay in registers. */
+    switch (m - j) {
+    case 3: rows_blocks_f32(x, xb, wb, y, yb, j, 3, n, k, col0, nb); break;
+    case 2: rows_blocks_f32(x, xb, wb, y, yb, j, 2, n, k, col0, nb); break;
+    case 1: rows_blocks_f32(x, xb, wb, y, yb, j, 1, n, k, col0, nb); break;
+    default: break;
+    }
 }
 
 /* Every column block, PORTABLE_BLOCKS at a time split between the threads. */
