@@ -350,8 +350,9 @@ static inline __attribute__((always_inline)) void linear_portable(const float *x
 }
 
 /* 1 if pc_linear_bf16w_f32 runs its register kernel at every row count (AVX-512 builds: from 8
- * rows on at 1.2-4x the speed of torch's float32 matmul on a dense copy, up to 2,048 rows on 0.6B
- * shapes), so callers never need the dense copy; 0 where it is meant for few rows only. */
+ * rows on 1.2-3.9x the speed of torch's float32 matmul on a dense copy at 64-512 rows, 0.9-1.03x
+ * at 2,048 on 0.6B and 4B shapes), so callers need no dense copy; 0 where it is meant for few
+ * rows only. */
 int pc_widen_any_rows(void) { return PC_AVX512_ROWS; }
 
 /* x float32 [m, k], packed bf16 weight, y float32 [m, n]. */
