@@ -111,7 +111,7 @@ class _Load:
     host_blocks: list[int]
     future: Future[int] | Future[list[torch.Tensor]]
     stop: threading.Event
-    started: float = field(default_factory=time.monotonic)
+    started: float  # time.perf_counter() before the loader thread got the load
 
 
 @dataclass
@@ -420,8 +420,9 @@ class Scheduler:
             self.kv_tiers.copy_in(hit, block_id)
         bm.allocate(seq, (first + count) * self.block_size)
         stop = threading.Event()
+        started = time.perf_counter()  # before the thread starts: the wait covers its reads
         future = self.kv_tiers.start_load(refs[:count], seq.block_table[first:], stop)
-        self._loading[seq.request_id] = _Load(seq, first, host_blocks, future, stop)
+        self._loading[seq.request_id] = _Load(seq, first, host_blocks, future, stop, started)
         self._loaded.add(seq.request_id)
         return True
 
@@ -436,7 +437,7 @@ class Scheduler:
             rid = load.seq.request_id
             del self._loading[rid]
             disk_blocks = self._settle(load)
-            seconds = time.monotonic() - load.started
+            seconds = time.perf_counter() - load.started
             self._landed[rid] = _Landed(seconds, set(load.host_blocks), set(disk_blocks))
             self.waiting.appendleft(load.seq)
 
