@@ -32,7 +32,7 @@ demo: $(VENV)/.installed
 # Two parts: the suite on TEST_WORKERS pytest-xdist workers (a file's tests stay on one worker;
 # about 0.7x the time of one process on 2 cores, whose CPU a single process leaves half idle
 # while servers start and browsers wait), then the `timing` tests, which compare latencies they
-# measure or race a reader thread against the engine's steps, alone on the machine. TEST_WORKERS=0 runs the first part in one process.
+# measure, alone on the machine. TEST_WORKERS=0 runs the first part in one process.
 TEST_WORKERS ?= 2
 test: lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not timing"

@@ -18,6 +18,7 @@ import shutil
 import struct
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 
 import pytest
@@ -44,13 +45,6 @@ from tests.test_kv_tiers import (
     doc_file,
     one_tokenizer_load,  # noqa: F401  (autouse: one tokenizer load)
 )
-
-# The loader reads block files on its own thread while these tests step the engine by hand:
-# how many blocks have landed by a given step (which blocks a load may take, whether requests
-# outgrow the pool) depends on how fast that thread runs beside them. Run alone (`make test`'s
-# second part), as they were written for; with another worker busy beside them two of them
-# saw a load land a step later (CI, 2 cores).
-pytestmark = pytest.mark.timing
 
 STREAM = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
 LONG = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -111,7 +105,12 @@ def run(
     each_step=None,
     timeout: float = 120,
 ) -> dict[str, RequestOutput]:
-    """Step until every request finished, checking the invariants after every step."""
+    """Step until every request finished, checking the invariants after every step.
+
+    After each step the loads in flight are waited for, so each lands at the next step: which
+    blocks a load may take and whether requests outgrow the pool then never depend on how
+    fast the loader thread runs beside the test (a busy machine made a load land steps
+    later). Tests of loads held over several steps gate the reads and step by hand."""
     for rid, prompt, params in requests:
         engine.add_request(prompt, params, request_id=rid)
     finished: dict[str, RequestOutput] = {}
@@ -121,6 +120,8 @@ def run(
         assert time.monotonic() < deadline, "requests did not finish"
         outs = engine.step()
         engine.scheduler.check_integrity()
+        in_flight = [load.future for load in engine.scheduler._loading.values()]
+        assert not futures.wait(in_flight, timeout=30).not_done, "a load never finished"
         steps += 1
         if each_step is not None:
             each_step(engine, steps)
