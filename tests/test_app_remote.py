@@ -4,6 +4,7 @@ upstream (a fake one on 127.0.0.1), with the same streaming, stats and stop beha
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
 
@@ -13,6 +14,13 @@ from app.settings import AppSettings
 from engine import EngineConfig
 from tests.api_helpers import UPSTREAM_MODEL, LiveServer, UpstreamLog, fake_upstream
 from tests.test_app_handlers import _outputs, emitter  # noqa: F401  (fixture)
+
+
+@pytest.fixture(autouse=True)
+def unfrozen():
+    """_load_engine freezes the heap, as the server does once; not the rest of the test run's."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(scope="module")

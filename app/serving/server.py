@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
+from app.serving.startup_heap import freeze_startup_heap
 from app.settings import AppSettings
 
 if TYPE_CHECKING:
@@ -189,6 +190,7 @@ async def _load_engine(runtime: Runtime) -> None:
         return
     runtime.set_engine(engine)
     logger.info("model ready: %s (max_model_len %d)", runtime.model_name, engine.max_model_len)
+    freeze_startup_heap()  # before the first answer: no full collection walks the model's heap
 
 
 async def _connect_remote_engine(runtime: Runtime) -> RemoteEngine:
