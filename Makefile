@@ -42,7 +42,7 @@ test: lint
 # oneDNN limited to AVX2 (no native bf16: it refuses bf16 inner products, as there), the
 # engine's kernels built for x86-64-v3. Not part of `make test` (it takes as long again).
 test-avx2:
-	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 PAGECHAT_KERNEL_MARCH=x86-64-v3 \
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 PAGECHAT_KERNEL_MARCH=x86-64-v3 \
 	  $(MAKE) test
 
 # ruff, then mypy over engine/ and app/ (settings in pyproject.toml).

@@ -86,20 +86,20 @@ def test_prompt_steps_and_float32_keep_the_python_forward(tiny_checkpoint, monke
     assert decoder_step.DecoderStep.serves_step(hidden, [1, 1], [2, 9])
     assert decoder_step.DecoderStep.serves_step(hidden.float(), [1, 1], [2, 9])
     rows = packed_bf16.WIDEN_MAX_ROWS + 1  # float32 rows beyond the widening kernel's, but
-    # AVX-512 builds widen at any row count (packed_bf16.widens_any_rows)
+    # AVX-512 and AVX2 builds widen at any row count (packed_bf16.widens_any_rows)
     served = decoder_step.DecoderStep.serves_step(torch.zeros(rows, 8), [1] * rows, [2] * rows)
     assert served == packed_bf16.widens_any_rows()
 
 
 ANY_ROWS = pytest.mark.skipif(
     not packed_bf16.widens_any_rows(),
-    reason="the float32-activation kernel serves any row count only in AVX-512 builds",
+    reason="the float32-activation kernel serves any row count only in AVX-512 and AVX2 builds",
 )
 
 
 @ANY_ROWS
 def test_float32_math_decodes_of_70_rows_give_the_python_forwards_bits(tiny_checkpoint, monkeypatch):
-    """Beyond WIDEN_MAX_ROWS an AVX-512 build still takes the decode step in C."""
+    """Beyond WIDEN_MAX_ROWS an AVX-512 or AVX2 build still takes the decode step in C."""
     prompts = [list(range(100 + 37 * i, 108 + 41 * i)) for i in range(70)]
     with_step: list[int] = []
     fast = run(tiny_checkpoint, monkeypatch, True, with_step, prompts, BF16_WEIGHTS, max_num_seqs=70)

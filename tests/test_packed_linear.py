@@ -47,11 +47,13 @@ def test_the_build_matches_what_torch_reports_about_this_cpu():
         amx = "__AMX_TILE__" in macros
         assert torch.cpu._is_avx512_bf16_supported() or not avx512_bf16
     assert level == (2 if avx512_bf16 and amx else 1 if avx512_bf16 else 0)
-    # The float32-activation kernel serves every row count where the build has AVX-512.
+    # The float32-activation kernel serves every row count where the build has AVX-512, or
+    # AVX2 with FMA (its register and panel kernels); NEON and generic builds only few rows.
     cc = compiler()
     assert cc is not None
-    avx512 = "__AVX512F__" in target_macros(cc, kernel_march())
-    assert packed_bf16.widens_any_rows() == avx512
+    macros = target_macros(cc, kernel_march())
+    registers = "__AVX512F__" in macros or ("__AVX2__" in macros and "__FMA__" in macros)
+    assert packed_bf16.widens_any_rows() == registers
 
 
 def test_a_kernel_march_the_compiler_rejects_is_a_clear_error(monkeypatch):
@@ -115,9 +117,10 @@ def test_float32_activations_equal_a_float32_matmul_on_the_up_cast_weight(march,
 @pytest.mark.parametrize("march", builds())
 def test_float32_rows_get_the_same_bits_alone_and_in_any_batch(march):
     """The widening kernel's paths (one row at a time, 4 rows over 4 blocks, and from 8 rows on
-    the register kernels: AVX2's 4 rows x 1 block, AVX-512's 8 rows x 2 blocks with an odd last
-    block in 4-row passes) make the same FMAs in the same order. AVX-512 builds serve every
-    row count, so there a prompt-sized batch gives the same bits too."""
+    the register kernels: AVX2's 4 rows x 1 block and from 24 rows its 6-row panel tiles, with
+    sums carried through y between panels of 256 pairs of k; AVX-512's 8 rows x 2 blocks with an
+    odd last block in 4-row passes) make the same FMAs in the same order. AVX-512 and AVX2
+    builds serve every row count, so there a prompt-sized batch gives the same bits too."""
     lib = load(march)
     assert lib is not None
     torch.manual_seed(7)
@@ -126,7 +129,7 @@ def test_float32_rows_get_the_same_bits_alone_and_in_any_batch(march):
     any_rows = packed_bf16.widens_any_rows(lib)
     x = torch.randn(300 if any_rows else packed_bf16.WIDEN_MAX_ROWS, 1056)
     full = packed_bf16.linear(x, packed, lib=lib)
-    for m in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 33, *((64, 65, 150) if any_rows else ())):
+    for m in (1, 2, 3, 4, 5, 7, 8, 9, 13, 16, 23, 24, 33, *((64, 65, 150) if any_rows else ())):
         assert torch.equal(packed_bf16.linear(x[:m], packed, lib=lib), full[:m]), (march, m)
     assert torch.equal(packed_bf16.linear(x[41:42], packed, lib=lib)[0], full[41])
     # And against float64 (the bits above could agree on a wrong sum).

@@ -15,11 +15,13 @@ Kernels by activation dtype and rows M:
               for any M, so batch-invariant too, and faster than oneDNN on a dense copy.
               Without AVX512-BF16 the portable float32 loop, bf16 out, up to WIDEN_MAX_ROWS
               rows, above it torch's matmul on the dense weight;
-  float32 x:  the C widening kernel up to WIDEN_MAX_ROWS rows (decode: bytes bound), above it
-              one dense float32 copy of the weight and torch's float32 matmul (prefill: math
-              bound; the copy is amortised over the rows). AVX-512 builds widen at every row
-              count (their register kernel is 1.2-3.9x the dense copy at 64-512 rows and
-              0.9-1.03x at 2,048), so there a row's bits do not depend on its batch either.
+  float32 x:  the C widening kernel. AVX-512 and AVX2 builds run it at every row count (their
+              register kernels: AVX-512's 1.2-3.9x torch's float32 matmul on a dense copy at
+              64-512 rows and 0.9-1.03x at 2,048; AVX2's panel kernel 1.3-2.5x and 0.9-1.1x,
+              against MKL and oneDNN capped at AVX2), so a row's bits do not depend on its
+              batch. Other builds (NEON, generic) up to WIDEN_MAX_ROWS rows (decode: bytes
+              bound), above it one dense float32 copy of the weight and torch's float32 matmul
+              (prefill: math bound; the copy is amortised over the rows).
 """
 
 from __future__ import annotations
@@ -37,9 +39,8 @@ BLOCK_COLS = 16
 AMX_MIN_ROWS = 1
 # Above this many rows the float32-activation path (and the portable bf16 one) multiplies a
 # dense copy of the weight instead, except where the build widens at any row count
-# (`widens_any_rows`). As AVX2 builds it the widening loop runs 70-125 GFLOP/s and the dense
-# copy costs its bytes on every call: on 0.6B shapes the loop is 4.4-5.4x faster at 16 rows,
-# 1.4-1.5x at 64, 0.6-0.9x from 128 on.
+# (`widens_any_rows`: AVX-512 and AVX2 builds). The portable loop's rows cost it a pass over the
+# weights each 4 rows, and the dense copy costs its bytes on every call.
 WIDEN_MAX_ROWS = 64
 
 
@@ -123,8 +124,9 @@ def c_kernel_serves_bf16(rows: int) -> bool:
 
 @functools.cache
 def widens_any_rows(lib: ctypes.CDLL | None = None) -> bool:
-    """The build's float32-activation kernel serves every row count (AVX-512: faster than the
-    dense copy at prompt sizes too); else only up to WIDEN_MAX_ROWS. `lib`: another build."""
+    """The build's float32-activation kernel serves every row count (AVX-512, AVX2: as fast as
+    the dense copy at prompt sizes or faster); else only up to WIDEN_MAX_ROWS. `lib`: another
+    build."""
     lib = lib or load()
     return lib is not None and bool(lib.pc_widen_any_rows())
 
