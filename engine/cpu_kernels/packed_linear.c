@@ -180,6 +180,27 @@ static inline __attribute__((always_inline)) void pair_f32(float *restrict acc,
 #define PC_AVX2_ROWS 1
 /* One stream per pass here (not PORTABLE_BLOCKS side by side), so it reaches further ahead. */
 #define ROWS4_PREFETCH 64
+
+/* One packed pair of k for a column block (16 lanes of even-k | odd-k bf16) widened to float32:
+ * the even k's 16 weights (low halves shifted up) and the odd k's (high halves, low bits
+ * cleared), 8 columns a register. */
+typedef struct {
+    __m256 even[2], odd[2];
+} widened_pair_avx2;
+
+static inline __attribute__((always_inline)) widened_pair_avx2
+widen_pair_avx2(const uint16_t *wp) {
+    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
+    const __m256i w0 = _mm256_loadu_si256((const __m256i *)wp);
+    const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wp + 16));
+    widened_pair_avx2 w;
+    w.even[0] = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
+    w.even[1] = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
+    w.odd[0] = _mm256_castsi256_ps(_mm256_and_si256(w0, high));
+    w.odd[1] = _mm256_castsi256_ps(_mm256_and_si256(w1, high));
+    return w;
+}
+
 /* Four float32 rows of x against one column block, in AVX2 registers: 8 sums (4 rows x two
  * 8-column halves), the block's pair widened once into 4 registers, 2 broadcasts: 14 of the
  * 16 registers, 16 FMAs per 64-byte pair (the generic loop spilled its sums to the stack and
@@ -188,21 +209,15 @@ static void rows4_block_avx2(const float *x, const uint16_t *wb, float *y, int64
                              int64_t k, int64_t col) {
     __m256 acc[4][2];
     for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     const float *xr = x + j0 * k;
     for (int64_t p = 0; p < k / 2; p++) {
-        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wb + p * 2 * BLOCK_COLS));
-        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wb + p * 2 * BLOCK_COLS + 16));
         _mm_prefetch((const char *)(wb + (p + ROWS4_PREFETCH) * 2 * BLOCK_COLS), _MM_HINT_T0);
-        const __m256 e0 = _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16));
-        const __m256 o0 = _mm256_castsi256_ps(_mm256_and_si256(w0, high));
-        const __m256 e1 = _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16));
-        const __m256 o1 = _mm256_castsi256_ps(_mm256_and_si256(w1, high));
+        const widened_pair_avx2 w = widen_pair_avx2(wb + p * 2 * BLOCK_COLS);
         for (int r = 0; r < 4; r++) {
             const __m256 b0 = _mm256_broadcast_ss(xr + r * k + 2 * p);
             const __m256 b1 = _mm256_broadcast_ss(xr + r * k + 2 * p + 1);
-            acc[r][0] = _mm256_fmadd_ps(o0, b1, _mm256_fmadd_ps(e0, b0, acc[r][0]));
-            acc[r][1] = _mm256_fmadd_ps(o1, b1, _mm256_fmadd_ps(e1, b0, acc[r][1]));
+            for (int h = 0; h < 2; h++)
+                acc[r][h] = _mm256_fmadd_ps(w.odd[h], b1, _mm256_fmadd_ps(w.even[h], b0, acc[r][h]));
         }
     }
     for (int r = 0; r < 4; r++) {
@@ -226,15 +241,13 @@ static void rows4_block_avx2(const float *x, const uint16_t *wb, float *y, int64
 /* Pairs p0 .. p1 - 1 of one packed column block widened into panel [p1 - p0][2][16]: per
  * pair, the 16 even-k weights, then the 16 odd-k ones. */
 static void widen_panel_avx2(const uint16_t *wb, float *panel, int64_t p0, int64_t p1) {
-    const __m256i high = _mm256_set1_epi32((int)0xffff0000u);
     for (int64_t p = p0; p < p1; p++) {
-        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(wb + p * 2 * BLOCK_COLS));
-        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(wb + p * 2 * BLOCK_COLS + 16));
+        const widened_pair_avx2 w = widen_pair_avx2(wb + p * 2 * BLOCK_COLS);
         float *pw = panel + (p - p0) * 2 * BLOCK_COLS;
-        _mm256_store_ps(pw, _mm256_castsi256_ps(_mm256_slli_epi32(w0, 16)));
-        _mm256_store_ps(pw + 8, _mm256_castsi256_ps(_mm256_slli_epi32(w1, 16)));
-        _mm256_store_ps(pw + 16, _mm256_castsi256_ps(_mm256_and_si256(w0, high)));
-        _mm256_store_ps(pw + 24, _mm256_castsi256_ps(_mm256_and_si256(w1, high)));
+        _mm256_store_ps(pw, w.even[0]);
+        _mm256_store_ps(pw + 8, w.even[1]);
+        _mm256_store_ps(pw + 16, w.odd[0]);
+        _mm256_store_ps(pw + 24, w.odd[1]);
     }
 }
 
