@@ -138,6 +138,31 @@ def test_float32_rows_get_the_same_bits_alone_and_in_any_batch(march):
     assert ((full.double() - ref).abs() <= 1e-5 * scale + 1e-6).all(), march
 
 
+@pytest.mark.parametrize("march", builds())
+def test_bf16_rows_without_avx512_bf16_get_the_same_bits_alone_and_in_a_prompt(march):
+    """Without AVX512-BF16 up to WIDEN_MAX_ROWS bf16 rows take the portable loop (x widened as
+    read, each output rounded once); above it, in builds that widen any rows, the float32
+    register kernels on x widened and the output rounded: the same sums, so the same bits, and
+    no torch bf16 matmul (5-10x slower on such CPUs)."""
+    lib = load(march)
+    assert lib is not None
+    if packed_bf16.kernel_level(lib) >= 1 or not packed_bf16.widens_any_rows(lib):
+        pytest.skip("AVX512-BF16 builds have their own bf16 kernels; others keep the dense matmul")
+    torch.manual_seed(11)
+    w = torch.randn(528, 2048).bfloat16()  # enough outputs that another order rounds some apart
+    packed = packed_bf16.pack(w)
+    bias = torch.randn(528)
+    x = torch.randn(150, 2048).bfloat16()
+    full = packed_bf16.linear(x, packed, bias, lib=lib)
+    assert full.dtype == torch.bfloat16
+    for m in (1, 5, 8, 24, 64, 65, 100):
+        assert torch.equal(packed_bf16.linear(x[:m], packed, bias, lib=lib), full[:m]), (march, m)
+    assert torch.equal(packed_bf16.linear(x[97:98], packed, bias, lib=lib)[0], full[97])
+    # The float32 sums rounded once, then the bias added in bf16 (the few-rows path's order).
+    ref = (_reference(x.float(), w.float()).float().bfloat16() + bias.bfloat16()).double()
+    assert (full.double() - ref).abs().max() <= 2**-6 * ref.abs().max(), march
+
+
 def test_an_output_does_not_depend_on_the_thread_count_or_its_batch_mates_within_a_kernel(
     bf16_math,
 ):

@@ -14,7 +14,9 @@ Kernels by activation dtype and rows M:
               vdpbf16ps sums (6 rows x 4 blocks, columns in L2-sized groups): the same bits
               for any M, so batch-invariant too, and faster than oneDNN on a dense copy.
               Without AVX512-BF16 the portable float32 loop, bf16 out, up to WIDEN_MAX_ROWS
-              rows, above it torch's matmul on the dense weight;
+              rows; above it, where the build widens any rows (AVX2, AVX-512), x widened to
+              float32 through the float32 kernel below and rounded back (the same bits),
+              elsewhere torch's matmul on the dense weight;
   float32 x:  the C widening kernel. AVX-512 and AVX2 builds run it at every row count (their
               register kernels: AVX-512's 1.2-3.9x torch's float32 matmul on a dense copy at
               64-512 rows and 0.9-1.03x at 2,048; AVX2's panel kernel 1.3-2.5x and 0.9-1.1x,
@@ -45,9 +47,10 @@ WIDEN_MAX_ROWS = 64
 
 
 @functools.cache
-def kernel_level() -> int:
-    """0: portable C; 1: AVX512-BF16; 2: AVX512-BF16 and AMX; -1: no library (not built)."""
-    lib = load()
+def kernel_level(lib: ctypes.CDLL | None = None) -> int:
+    """0: portable C; 1: AVX512-BF16; 2: AVX512-BF16 and AMX; -1: no library (not built).
+    `lib`: another build."""
+    lib = lib or load()
     return -1 if lib is None else int(lib.pc_kernel_level())
 
 
@@ -116,10 +119,10 @@ def rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return packed[ids // BLOCK_COLS, :, ids % BLOCK_COLS].reshape(ids.shape[0], in_features(packed))
 
 
-def c_kernel_serves_bf16(rows: int) -> bool:
-    """pc_linear_bf16 multiplies `rows` bf16 rows itself (no dense fallback): any count with
-    AVX512-BF16 (AMX or not), up to WIDEN_MAX_ROWS with the portable loop."""
-    return rows <= WIDEN_MAX_ROWS or kernel_level() >= 1
+def c_kernel_serves_bf16(rows: int, lib: ctypes.CDLL | None = None) -> bool:
+    """pc_linear_bf16 multiplies `rows` bf16 rows itself: any count with AVX512-BF16 (AMX or
+    not), up to WIDEN_MAX_ROWS with the portable loop."""
+    return rows <= WIDEN_MAX_ROWS or kernel_level(lib) >= 1
 
 
 @functools.cache
@@ -157,9 +160,15 @@ def linear(
         raise ValueError(f"input has {k} features, the packed weight expects {in_features(packed)}")
     x = x.contiguous()
     threads = torch.get_num_threads()
-    if x.dtype == torch.bfloat16 and c_kernel_serves_bf16(m):
+    if x.dtype == torch.bfloat16 and c_kernel_serves_bf16(m, lib):
         out = torch.empty(m, n, dtype=torch.bfloat16)
         lib.pc_linear_bf16(_ptr(x), _ptr(packed), _ptr(out), m, n, k, threads, AMX_MIN_ROWS)
+    elif x.dtype == torch.bfloat16 and widens_any_rows(lib):
+        # No AVX512-BF16 (AVX2; AVX-512 without BF16): a prompt's bf16 rows ride the float32
+        # register kernels, x widened exactly and each output rounded once to nearest even, as
+        # the portable loop does for few rows: the same bits at any row count, and 5-10x the
+        # speed of torch's bf16 matmul there (which has no native bf16 math to use).
+        out = linear(x.float(), packed, lib=lib).bfloat16()
     elif x.dtype == torch.float32 and c_kernel_serves_float32(m, lib):
         out = torch.empty(m, n, dtype=torch.float32)
         lib.pc_linear_bf16w_f32(_ptr(x), _ptr(packed), _ptr(out), m, n, k, threads)
