@@ -3,7 +3,8 @@
     python -m bench.cpu_decode CHECKPOINT [--batch 1 16] [--context 512] [--steps 20] [--profile]
     python -m bench.cpu_decode CHECKPOINT --prefill 2048 [--steps 3]   # one prompt's forward
 
-Loads the checkpoint twice in bf16 ("packed": what load_model does by default, the engine's own
+`--dtype` is PAGECHAT_DTYPE's choice (default bfloat16; `auto` gives what the engine picks for
+this CPU, e.g. bf16 weights with float32 math on AVX2). Loads the checkpoint twice in it ("packed": what load_model does by default, the engine's own
 packed C kernels where they build, else oneDNN-prepacked weights; "dense": prepack=False) and times a decode step (forward + logits, batch B, each
 sequence with `context` cached tokens) alternating A B A B; the median and 10th percentile of
 each are printed with the ratio dense/packed (the machine may be shared: only the ratio of
@@ -25,7 +26,7 @@ from engine.layers.attention import (
     get_attention_backend,
 )
 from engine.model_config import ModelConfig
-from engine.models.loader import load_model
+from engine.models.loader import load_model, resolve_precision
 from engine.models.qwen3 import Qwen3ForCausalLM
 
 BLOCK = 16
@@ -34,11 +35,12 @@ BLOCK = 16
 class DecodeBatch:
     """KV caches of B sequences of `context` tokens each (random K/V), and one decode step."""
 
-    def __init__(self, model: Qwen3ForCausalLM, batch: int, context: int) -> None:
+    def __init__(
+        self, model: Qwen3ForCausalLM, batch: int, context: int, dtype: torch.dtype
+    ) -> None:
         cfg = model.config
         blocks_per_seq = (context + 1 + BLOCK - 1) // BLOCK
         shape = (batch * blocks_per_seq, BLOCK, cfg.num_key_value_heads, cfg.head_dim)
-        dtype = model.model.embed_tokens.weight.dtype
         self.k = [torch.randn(shape).to(dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.randn(shape).to(dtype) for _ in range(cfg.num_hidden_layers)]
         self.model = model
@@ -69,11 +71,10 @@ class PrefillBatch:
     """One fresh prompt of `tokens` tokens (random ids) through the model, as the engine's
     first prefill chunk of a request: KV stored, causal attention, logits of the last token."""
 
-    def __init__(self, model: Qwen3ForCausalLM, tokens: int) -> None:
+    def __init__(self, model: Qwen3ForCausalLM, tokens: int, dtype: torch.dtype) -> None:
         cfg = model.config
         blocks = (tokens + BLOCK - 1) // BLOCK
         shape = (blocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim)
-        dtype = model.model.embed_tokens.weight.dtype
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.model = model
@@ -98,13 +99,16 @@ class PrefillBatch:
         return self.model.compute_logits(hidden[-1:])
 
 
-def time_prefill(checkpoint: str, tokens: int, repeats: int, cpu_attention: list[str]) -> None:
+def time_prefill(
+    checkpoint: str, tokens: int, repeats: int, cpu_attention: list[str], dtype: str
+) -> None:
     """Prompt tokens/s of one `tokens`-token prefill per attention setting, alternating."""
     config = ModelConfig.from_dir(checkpoint)
     backends = {name: get_attention_backend("torch", name) for name in cpu_attention}
-    model = load_model(checkpoint, config, "bfloat16", "cpu", backends[cpu_attention[0]])
+    model = load_model(checkpoint, config, dtype, "cpu", backends[cpu_attention[0]])
     attention_layers = [layer.self_attn for layer in model.model.layers]
-    batch = PrefillBatch(model, tokens)
+    kv_dtype = resolve_precision(dtype, config, "cpu").compute_dtype
+    batch = PrefillBatch(model, tokens, kv_dtype)
     samples: dict[str, list[float]] = {name: [] for name in backends}
     for _ in range(repeats):
         for name, backend in backends.items():
@@ -188,6 +192,11 @@ def main() -> None:
     )
     parser.add_argument("--no-compare", action="store_true")
     parser.add_argument(
+        "--dtype",
+        default="bfloat16",
+        help="PAGECHAT_DTYPE's choice: bfloat16 (default), float32 or auto (this CPU's pick)",
+    )
+    parser.add_argument(
         "--compare",
         choices=["prepack", "attention"],
         default="prepack",
@@ -196,20 +205,27 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.prefill:
-        time_prefill(args.checkpoint, args.prefill, max(1, min(args.steps, 5)), args.cpu_attention)
+        time_prefill(
+            args.checkpoint,
+            args.prefill,
+            max(1, min(args.steps, 5)),
+            args.cpu_attention,
+            args.dtype,
+        )
         return
     config = ModelConfig.from_dir(args.checkpoint)
+    kv_dtype = resolve_precision(args.dtype, config, "cpu").compute_dtype
     backend = TorchAttentionBackend(native_decode=False)
-    models = {"packed": load_model(args.checkpoint, config, "bfloat16", "cpu", backend)}
+    models = {"packed": load_model(args.checkpoint, config, args.dtype, "cpu", backend)}
     if args.compare == "attention":  # "dense" = the baseline: float32 attention
         native = TorchAttentionBackend(native_decode=True)
         models = {
-            "packed": load_model(args.checkpoint, config, "bfloat16", "cpu", native),
+            "packed": load_model(args.checkpoint, config, args.dtype, "cpu", native),
             "dense": models["packed"],
         }
     elif not args.no_compare:
         models["dense"] = load_model(
-            args.checkpoint, config, "bfloat16", "cpu", backend, prepack=False
+            args.checkpoint, config, args.dtype, "cpu", backend, prepack=False
         )
     if args.compare == "attention":
         print("packed = native bf16 decode attention, dense = float32 attention (both prepacked)")
@@ -217,7 +233,7 @@ def main() -> None:
         batches = {}
         for name, m in models.items():
             torch.manual_seed(0)  # the same K/V and tokens for every load
-            batches[name] = DecodeBatch(m, b, args.context)
+            batches[name] = DecodeBatch(m, b, args.context, kv_dtype)
         outs = {name: batch.step() for name, batch in batches.items()}
         if "dense" in outs:
             same = torch.equal(outs["packed"], outs["dense"])
