@@ -4,8 +4,8 @@
     python -m bench.cpu_decode CHECKPOINT --prefill 2048 [--steps 3]   # one prompt's forward
 
 `--dtype` is PAGECHAT_DTYPE's choice (default bfloat16; `auto` gives what the engine picks for
-this CPU, e.g. bf16 weights with float32 math on AVX2). Loads the checkpoint twice in it ("packed": what load_model does by default, the engine's own
-packed C kernels where they build, else oneDNN-prepacked weights; "dense": prepack=False) and times a decode step (forward + logits, batch B, each
+this CPU, e.g. bf16 weights with float32 math on AVX2). Loads the checkpoint twice in it
+("packed": what load_model does by default, the engine's own packed C kernels where they build, else oneDNN-prepacked weights; "dense": prepack=False) and times a decode step (forward + logits, batch B, each
 sequence with `context` cached tokens) alternating A B A B; the median and 10th percentile of
 each are printed with the ratio dense/packed (the machine may be shared: only the ratio of
 interleaved runs means anything). --profile prints the torch profiler's op breakdown of a few
@@ -26,21 +26,26 @@ from engine.layers.attention import (
     get_attention_backend,
 )
 from engine.model_config import ModelConfig
-from engine.models.loader import load_model, resolve_precision
+from engine.models.loader import load_model
 from engine.models.qwen3 import Qwen3ForCausalLM
 
 BLOCK = 16
 
 
+def kv_dtype(model: Qwen3ForCausalLM) -> torch.dtype:
+    """The dtype the model computes (and so caches K/V) in: the embedding starts it."""
+    embed = model.model.embed_tokens
+    return embed.output_dtype or embed.weight.dtype
+
+
 class DecodeBatch:
     """KV caches of B sequences of `context` tokens each (random K/V), and one decode step."""
 
-    def __init__(
-        self, model: Qwen3ForCausalLM, batch: int, context: int, dtype: torch.dtype
-    ) -> None:
+    def __init__(self, model: Qwen3ForCausalLM, batch: int, context: int) -> None:
         cfg = model.config
         blocks_per_seq = (context + 1 + BLOCK - 1) // BLOCK
         shape = (batch * blocks_per_seq, BLOCK, cfg.num_key_value_heads, cfg.head_dim)
+        dtype = kv_dtype(model)
         self.k = [torch.randn(shape).to(dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.randn(shape).to(dtype) for _ in range(cfg.num_hidden_layers)]
         self.model = model
@@ -71,10 +76,11 @@ class PrefillBatch:
     """One fresh prompt of `tokens` tokens (random ids) through the model, as the engine's
     first prefill chunk of a request: KV stored, causal attention, logits of the last token."""
 
-    def __init__(self, model: Qwen3ForCausalLM, tokens: int, dtype: torch.dtype) -> None:
+    def __init__(self, model: Qwen3ForCausalLM, tokens: int) -> None:
         cfg = model.config
         blocks = (tokens + BLOCK - 1) // BLOCK
         shape = (blocks, BLOCK, cfg.num_key_value_heads, cfg.head_dim)
+        dtype = kv_dtype(model)
         self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
         self.model = model
@@ -107,8 +113,7 @@ def time_prefill(
     backends = {name: get_attention_backend("torch", name) for name in cpu_attention}
     model = load_model(checkpoint, config, dtype, "cpu", backends[cpu_attention[0]])
     attention_layers = [layer.self_attn for layer in model.model.layers]
-    kv_dtype = resolve_precision(dtype, config, "cpu").compute_dtype
-    batch = PrefillBatch(model, tokens, kv_dtype)
+    batch = PrefillBatch(model, tokens)
     samples: dict[str, list[float]] = {name: [] for name in backends}
     for _ in range(repeats):
         for name, backend in backends.items():
@@ -214,7 +219,6 @@ def main() -> None:
         )
         return
     config = ModelConfig.from_dir(args.checkpoint)
-    kv_dtype = resolve_precision(args.dtype, config, "cpu").compute_dtype
     backend = TorchAttentionBackend(native_decode=False)
     models = {"packed": load_model(args.checkpoint, config, args.dtype, "cpu", backend)}
     if args.compare == "attention":  # "dense" = the baseline: float32 attention
@@ -233,7 +237,7 @@ def main() -> None:
         batches = {}
         for name, m in models.items():
             torch.manual_seed(0)  # the same K/V and tokens for every load
-            batches[name] = DecodeBatch(m, b, args.context, kv_dtype)
+            batches[name] = DecodeBatch(m, b, args.context)
         outs = {name: batch.step() for name, batch in batches.items()}
         if "dense" in outs:
             same = torch.equal(outs["packed"], outs["dense"])
