@@ -27,11 +27,18 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bench.chat_workload import Conversation, next_prompt
 from bench.common import kv_bytes_per_token
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache, Qwen3ForCausalLM
+    from transformers.generation.continuous_batching.cache import PagedAttentionCache
+
+    from app.chat.token_history import ChatCodec
 
 WARMUP_IDS = list(range(20_000, 20_064))  # never appears in a workload (contents are < 10,000)
 
@@ -135,11 +142,12 @@ class PagechatPeer(ChatPeer):
 # ---- transformers generate --------------------------------------------------------------------
 
 
-def load_hf_model(model_dir: Path, device: str, dtype: str):
+def load_hf_model(model_dir: Path, device: str, dtype: str) -> Qwen3ForCausalLM:
     from transformers import Qwen3ForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return Qwen3ForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).to(device).eval()
+    # transformers wraps .to with functools.wraps(nn.Module.to): typed unbound, `self` expected first
+    return Qwen3ForCausalLM.from_pretrained(str(model_dir), dtype=torch_dtype).to(device).eval()  # type: ignore[arg-type]
 
 
 class _FirstTokenClock:
@@ -149,7 +157,7 @@ class _FirstTokenClock:
         self.calls = 0
         self.time: float | None = None
 
-    def put(self, value) -> None:  # first call: the prompt; second: the first new tokens
+    def put(self, value: object) -> None:  # first call: the prompt; second: the first new tokens
         self.calls += 1
         if self.calls == 2:
             self.time = time.perf_counter()
@@ -187,11 +195,13 @@ class _QueuedGenerate(ChatPeer):
             self.worker = loop.create_task(self._work())
         item = _Pending(key, list(prompt), max_tokens, time.perf_counter(), loop.create_future())
         self.pending.append(item)
+        assert self.wakeup is not None  # created with the worker, just above or earlier
         self.wakeup.set()
         return await item.future
 
     async def _work(self) -> None:
         while True:
+            assert self.wakeup is not None  # set before turn() starts this task
             await self.wakeup.wait()
             self.wakeup.clear()
             while self.pending:
@@ -255,7 +265,7 @@ class HFGenerateCache(_QueuedGenerate):
 
     def __init__(self, ctx: PeerContext) -> None:
         super().__init__(ctx)
-        self.caches: dict[int, tuple[list[int], object]] = {}
+        self.caches: dict[int, tuple[list[int], DynamicCache]] = {}
 
     def _generate(self, batch: list[_Pending]) -> list[TurnResult]:
         from transformers import DynamicCache
@@ -310,12 +320,15 @@ class HFContinuous(ChatPeer):
         self._patched = (PagedAttentionCache, PagedAttentionCache.search_prefix_match)
         original, cached = PagedAttentionCache.search_prefix_match, self.cached
 
-        def search_prefix_match(cache, request_id, prompt_ids):
+        def search_prefix_match(cache: PagedAttentionCache, request_id: str,
+                                prompt_ids: list[int]) -> int:
             found = original(cache, request_id, prompt_ids)
             cached[request_id] = cached.get(request_id, 0) + found
             return found
 
-        PagedAttentionCache.search_prefix_match = search_prefix_match
+        # Patched on purpose (close() restores it); mypy also mistypes the class attribute
+        # (an extra `self`), hence `assignment` besides `method-assign`.
+        PagedAttentionCache.search_prefix_match = search_prefix_match  # type: ignore[method-assign, assignment]
         self.manager = self.model.init_continuous_batching(
             generation_config=config, continuous_batching_config=ContinuousBatchingConfig(**options)
         )
@@ -348,7 +361,7 @@ class HFContinuous(ChatPeer):
             self.manager.stop(block=True, timeout=30)
         finally:
             cls, original = self._patched
-            cls.search_prefix_match = original
+            cls.search_prefix_match = original  # type: ignore[method-assign]  # undoes __init__'s patch
             del self.manager, self.model
 
 
@@ -393,7 +406,8 @@ class TurnRecord:
         }
 
 
-async def _converse(peer: ChatPeer, codec, key: int, conversation: Conversation) -> list[TurnRecord]:
+async def _converse(peer: ChatPeer, codec: ChatCodec, key: int,
+                    conversation: Conversation) -> list[TurnRecord]:
     records: list[TurnRecord] = []
     prompt = conversation.first_prompt()
     previous = 0
@@ -418,7 +432,7 @@ class PlayResult:
     answers_digest: str  # sha256 of every answer's token ids: equal digests = same workload
 
 
-async def play(peer: ChatPeer, codec, conversations: list[Conversation]) -> PlayResult:
+async def play(peer: ChatPeer, codec: ChatCodec, conversations: list[Conversation]) -> PlayResult:
     """Warm the peer up, then run every conversation concurrently."""
     await peer.warmup()
     t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -101,7 +102,7 @@ def default_dtype(device: str) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-def add_model_args(parser, name_help: str) -> None:
+def add_model_args(parser: argparse.ArgumentParser, name_help: str) -> None:
     """The checkpoint, device and output options every benchmark takes."""
     parser.add_argument("--shape", default=None,
                         help="tiny | qwen3-0.6b | qwen3-4b random weights (default: qwen3-0.6b on "
@@ -113,7 +114,7 @@ def add_model_args(parser, name_help: str) -> None:
     parser.add_argument("--out-dir", default=None, help="default bench/results")
 
 
-def resolve_model_args(args) -> tuple[Path, str, str]:
+def resolve_model_args(args: argparse.Namespace) -> tuple[Path, str, str]:
     """(checkpoint directory, shape label, dtype) from the parsed options."""
     shape = args.shape or default_shape(args.device)
     path = Path(args.model) if args.model else ensure_checkpoint(shape)
@@ -140,14 +141,15 @@ class MachineMonitor:
         self.start = (time.monotonic(), _machine_busy_s(), _own_cpu_s(), os.getloadavg())
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.end = (time.monotonic(), _machine_busy_s(), _own_cpu_s(), os.getloadavg())
 
     def report(self) -> dict:
         (t0, busy0, own0, load0), (t1, busy1, own1, load1) = self.start, self.end
         cores = os.cpu_count() or 1
         elapsed = max(t1 - t0, 1e-9)
-        other = max(0.0, (busy1 - busy0) - (own1 - own0)) if busy0 is not None else None
+        other = (max(0.0, (busy1 - busy0) - (own1 - own0))
+                 if busy0 is not None and busy1 is not None else None)
         share = None if other is None else round(other / (elapsed * cores), 3)
         return {
             "cpu_count": cores,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import cast
 
 import torch
 
@@ -27,7 +28,7 @@ from engine.layers.attention import (
 )
 from engine.model_config import ModelConfig
 from engine.models.loader import load_model
-from engine.models.qwen3 import Qwen3ForCausalLM
+from engine.models.qwen3 import Qwen3DecoderLayer, Qwen3ForCausalLM
 
 BLOCK = 16
 
@@ -112,7 +113,8 @@ def time_prefill(
     config = ModelConfig.from_dir(checkpoint)
     backends = {name: get_attention_backend("torch", name) for name in cpu_attention}
     model = load_model(checkpoint, config, dtype, "cpu", backends[cpu_attention[0]])
-    attention_layers = [layer.self_attn for layer in model.model.layers]
+    # The ModuleList holds Qwen3DecoderLayers (Qwen3Model builds it so; engine/models/qwen3.py casts too)
+    attention_layers = [cast(Qwen3DecoderLayer, layer).self_attn for layer in model.model.layers]
     batch = PrefillBatch(model, tokens)
     samples: dict[str, list[float]] = {name: [] for name in backends}
     for _ in range(repeats):

@@ -72,7 +72,7 @@ def gpu_test_files(root: Path = ROOT) -> list[str]:
                   if pattern.search(p.read_text(encoding="utf-8", errors="replace")))
 
 
-def build_plan(args, out: Path) -> Plan:
+def build_plan(args: argparse.Namespace, out: Path) -> Plan:
     py = sys.executable
     parts = out / "parts"
     if args.smoke:
@@ -284,8 +284,8 @@ def pytest_summary(xml_path: Path) -> dict | None:
         return None
     import xml.etree.ElementTree as ET
 
-    suite = ET.parse(xml_path).getroot()
-    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    root = ET.parse(xml_path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
     if suite is None:
         return None
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}

@@ -22,10 +22,20 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from bench.common import ensure_checkpoint, random_token_prompts, release_memory, write_result
 from bench.gpu_check import ratios
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from engine.llm import LLM
+
+T = TypeVar("T")
 
 PARTS = ("decode", "prefill", "nano-vllm", "hf")
 
@@ -40,7 +50,7 @@ class Deadline:
         return self.end - time.perf_counter()
 
 
-def _engine(path, device: str, dtype: str, kv_gb: float, **overrides):
+def _engine(path: str | Path, device: str, dtype: str, kv_gb: float, **overrides: Any) -> LLM:
     from engine import LLM
 
     if not device.startswith("cuda"):
@@ -55,7 +65,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def decode_speed(llm, batch: int, prompt_len: int = 128, new_tokens: int = 256) -> dict:
+def decode_speed(llm: LLM, batch: int, prompt_len: int = 128, new_tokens: int = 256) -> dict:
     """Decode tokens/s with `batch` sequences running, counted after every prompt is prefilled."""
     from engine import SamplingParams
 
@@ -77,7 +87,7 @@ def decode_speed(llm, batch: int, prompt_len: int = 128, new_tokens: int = 256) 
             "tokens_per_s": decoded / seconds, "ms_per_step": 1000 * seconds / max(steps, 1)}
 
 
-def prefill_speed(llm, length: int) -> dict:
+def prefill_speed(llm: LLM, length: int) -> dict:
     from engine import SamplingParams
 
     prompt = random_token_prompts(1, (length, length), seed=length)[0]
@@ -89,7 +99,7 @@ def prefill_speed(llm, length: int) -> dict:
             "tokens_per_s": length / seconds}
 
 
-def prefill_all(llm, lengths: list[int], deadline: Deadline) -> list[dict]:
+def prefill_all(llm: LLM, lengths: list[int], deadline: Deadline) -> list[dict]:
     """Lengths in increasing order; skip one whose estimate (time grows like length^1.5 between
     linear MLP and quadratic attention) does not fit what is left of the budget."""
     from engine import SamplingParams
@@ -113,7 +123,8 @@ def prefill_all(llm, lengths: list[int], deadline: Deadline) -> list[dict]:
     return results
 
 
-def nano_vllm_workload(llm, num_seqs: int = 256, input_lens=(100, 1024), output_lens=(100, 1024),
+def nano_vllm_workload(llm: LLM, num_seqs: int = 256, input_lens: tuple[int, int] = (100, 1024),
+                       output_lens: tuple[int, int] = (100, 1024),
                        deadline: Deadline | None = None) -> dict:
     """nano-vllm's bench.py: random ids below 10,000, uniform lengths, ignore EOS; stops at the
     deadline (aborting what is left) and reports the output tokens produced until then."""
@@ -123,7 +134,7 @@ def nano_vllm_workload(llm, num_seqs: int = 256, input_lens=(100, 1024), output_
     prompts = [[rng.randint(0, 10000) for _ in range(rng.randint(*input_lens))] for _ in range(num_seqs)]
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=rng.randint(*output_lens))
               for _ in range(num_seqs)]
-    wanted = sum(p.max_tokens for p in params)
+    wanted = sum(p.max_tokens for p in params if p.max_tokens is not None)  # all set just above
     llm.generate(["Benchmark: "], SamplingParams(max_tokens=8))
     engine = llm.engine
     deadline = deadline or Deadline(None)
@@ -146,16 +157,17 @@ def nano_vllm_workload(llm, num_seqs: int = 256, input_lens=(100, 1024), output_
             "complete": complete, "seconds": seconds, "output_tokens_per_s": tokens / seconds}
 
 
-def hf_decode_speed(path, device: str, dtype: str, batches: list[int], prompt_len: int,
+def hf_decode_speed(path: str | Path, device: str, dtype: str, batches: list[int], prompt_len: int,
                     new_tokens: int, deadline: Deadline) -> list[dict]:
     """transformers `generate` (greedy, EOS ignored) on the decode part's prompts."""
     import torch
     from transformers import Qwen3ForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device).eval()
+    # transformers wraps .to with functools.wraps(nn.Module.to): typed unbound, `self` expected first
+    model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device).eval()  # type: ignore[arg-type]
 
-    def timed(model, ids, n):
+    def timed(model: Qwen3ForCausalLM, ids: torch.Tensor, n: int) -> float:
         _sync(device)
         start = time.perf_counter()
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
@@ -230,18 +242,18 @@ def main(argv: list[str] | None = None) -> dict:
                     "enforce_eager": args.enforce_eager, "budget_s": args.budget_s, "seconds": {}}
     batches = _ints(args.decode_batches)
 
-    def timed_part(name, fn):
+    def timed_part(name: str, fn: Callable[[], T]) -> T:
         start = time.perf_counter()
         value = fn()
         result["seconds"][name] = round(time.perf_counter() - start, 2)
         return value
 
     if "decode" in wanted:
-        def run_decode():
+        def run_decode() -> list[dict]:
             llm = _engine(path, args.device, dtype, args.kv_gb, max_num_seqs=max(batches),
                           max_model_len=args.decode_prompt_len + args.decode_new_tokens + 64,
                           enforce_eager=args.enforce_eager)
-            out = []
+            out: list[dict] = []
             for b in batches:
                 if deadline.left() <= 0:
                     out.append({"batch": b, "skipped": "over budget"})
@@ -256,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
             if "tokens_per_s" in r:
                 print(f"decode batch {r['batch']:3d}: {r['tokens_per_s']:9.1f} tok/s ({r['ms_per_step']:.2f} ms/step)")
     if "prefill" in wanted:
-        def run_prefill():
+        def run_prefill() -> list[dict]:
             lens = _ints(args.prefill_lens)
             llm = _engine(path, args.device, dtype, args.kv_gb, max_num_seqs=4, max_model_len=max(lens) + 16,
                           max_num_batched_tokens=args.prefill_chunk, enforce_eager=True,
@@ -273,7 +285,7 @@ def main(argv: list[str] | None = None) -> dict:
             else:
                 print(f"prefill {r['prompt_tokens']:7d}: skipped ({r['skipped']})")
     if "nano-vllm" in wanted:
-        def run_nano():
+        def run_nano() -> dict:
             llm = _engine(path, args.device, dtype, args.kv_gb, max_num_seqs=args.nano_seqs,
                           max_model_len=args.nano_max_model_len, max_num_batched_tokens=16384,
                           enforce_eager=args.enforce_eager)

@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from bench.common import (
     add_model_args,
@@ -30,6 +31,9 @@ from bench.common import (
     resolve_model_args,
     write_result,
 )
+
+if TYPE_CHECKING:
+    from engine.llm import LLM
 
 DEFAULT_DOC_LENS = {"cpu": [8192, 32768], "cuda": [32768, 131072]}
 GOAL_SPEEDUP = 20.0  # the issue's goal on the CPU: 20x faster than reading the document again
@@ -57,7 +61,7 @@ class PauseClock:
 PAUSES = PauseClock()
 
 
-def first_token_s(llm, prompt: list[int]) -> tuple[float, int, float]:
+def first_token_s(llm: LLM, prompt: list[int]) -> tuple[float, int, float]:
     """Seconds until the first token of a one-token answer, the cached prompt tokens, and the
     seconds the process stood still meanwhile (PauseClock)."""
     from engine import SamplingParams
@@ -69,12 +73,12 @@ def first_token_s(llm, prompt: list[int]) -> tuple[float, int, float]:
 
 
 def run_one(model: Path, dtype: str, device: str, doc_len: int, kv_dir: Path) -> dict:
-    from engine import LLM
+    from engine.llm import LLM
 
     rng = random.Random(doc_len)
     doc, q1, q2, warm = ([rng.randrange(10_000) for _ in range(n)] for n in (doc_len, 32, 32, 64))
     kv_gb = (doc_len + 256) * kv_bytes_per_token(model, dtype) / 2**30 * 1.1
-    common = dict(dtype=dtype, device=device, max_model_len=doc_len + 256)
+    common: dict[str, Any] = dict(dtype=dtype, device=device, max_model_len=doc_len + 256)
     if device == "cpu":
         common["kv_cache_memory_gb"] = kv_gb
     shutil.rmtree(kv_dir, ignore_errors=True)

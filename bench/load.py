@@ -31,11 +31,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import httpx
 
 from bench.common import MachineMonitor, ensure_checkpoint, summarize, write_result
 from bench.server import ServerProcess, free_port
+
+if TYPE_CHECKING:
+    from tests.app_client import ChatClient
 
 # The stats line closing every chat answer: "*N prompt tokens · M cached · first token ...*".
 STATS = re.compile(r"\n\n\*([\d,]+) prompt tokens · ([\d,]+) cached · first token")
@@ -176,7 +180,7 @@ async def api_client(index: int, url: str, model: str, prompts: list[Prompt],
 # ---- the Chainlit clients ----------------------------------------------------------------------
 
 
-def _answer_of(client, start: int) -> dict | None:
+def _answer_of(client: ChatClient, start: int) -> dict | None:
     """The finished assistant answer (with its stats line) among events since `start`."""
     for message in client.assistant_messages(start):
         if STATS.search(message.get("output") or ""):
@@ -184,9 +188,12 @@ def _answer_of(client, start: int) -> dict | None:
     return None
 
 
-def _streamed_text(client, start: int, message_id: str) -> str:
+def _streamed_text(client: ChatClient, start: int, message_id: str) -> str:
     text = ""
-    for event, data in client.events[start:]:
+    for event, payload in client.events[start:]:
+        if event not in ("stream_start", "stream_token"):
+            continue
+        data = cast(dict, payload)  # Chainlit's stream events carry a dict
         if event == "stream_start" and data.get("id") == message_id:
             text = data.get("output") or ""
         elif event == "stream_token" and data.get("id") == message_id:
@@ -194,7 +201,7 @@ def _streamed_text(client, start: int, message_id: str) -> str:
     return text
 
 
-async def _ask(client, text: str, timeout: float) -> tuple[dict, int]:
+async def _ask(client: ChatClient, text: str, timeout: float) -> tuple[dict, int]:
     start = await client.send(text, wait=False)
     stop = time.monotonic() + timeout
     while (answer := _answer_of(client, start)) is None:
@@ -228,7 +235,10 @@ async def chat_client(index: int, url: str, max_tokens: int, reference: dict[str
                 tally.mismatches.append({"client": f"chat-{index}", "prompt": question,
                                          "solo": reference[question], "loaded": streamed})
             follow_up, _ = await _ask(client, "Tell me more.", timeout=300)
-            cached = int(STATS.search(follow_up["output"]).group(2).replace(",", ""))
+            stats = STATS.search(follow_up["output"])
+            if stats is None:
+                raise RuntimeError(f"the follow-up answer has no stats line: {follow_up['output']!r}")
+            cached = int(stats.group(2).replace(",", ""))
             tally.follow_up_cached.append(cached)
             if cached == 0:
                 tally.error(f"chat client {index}: the follow-up reused no cached tokens")
@@ -503,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory(prefix="pagechat-load-") as tmp:
                 server = demo_server(Path(tmp) / "data", args.kv_cache_memory_gb, args.max_model_len)
                 with server:
+                    assert server.process is not None  # __enter__ started it
                     result = asyncio.run(run_load(server.url, server.process.pid, config))
     result["machine"] = machine.report()
     path = write_result(args.name, result, device="cpu",

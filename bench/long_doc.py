@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from pathlib import Path
+from typing import TypedDict
 
 from bench import plots
 from bench.chat_peers import PEERS, PeerContext, play
@@ -30,7 +31,16 @@ from bench.common import (
 )
 
 RECOMPUTING = {"pagechat-no-prefix-cache", "hf-generate"}
-DEFAULTS = {
+
+
+class _Defaults(TypedDict):
+    doc_lens: list[int]
+    answer_len: int
+    recompute_max_doc: int
+    peers: str
+
+
+DEFAULTS: dict[str, _Defaults] = {
     "cpu": dict(doc_lens=[1024, 8192], answer_len=16, recompute_max_doc=1024,
                 peers="pagechat,pagechat-no-prefix-cache,hf-generate,hf-generate-cache,hf-continuous"),
     "cuda": dict(doc_lens=[8192, 32768, 131072], answer_len=64, recompute_max_doc=32768,

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 from pathlib import Path
+from typing import TypedDict
 
 from bench import plots
 from bench.chat_peers import PEERS, PeerContext, play
@@ -30,8 +31,17 @@ from bench.common import (
     write_result,
 )
 
+
+class _Defaults(TypedDict):
+    conversations: int
+    system_len: int
+    user_len: tuple[int, int]
+    answer_len: tuple[int, int]
+    peers: str
+
+
 # Per device: (conversations, system prompt, user turn range, answer range, peers).
-DEFAULTS = {
+DEFAULTS: dict[str, _Defaults] = {
     "cpu": dict(conversations=4, system_len=200, user_len=(20, 60), answer_len=(8, 16),
                 peers="pagechat,pagechat-no-prefix-cache,hf-generate,hf-generate-cache,hf-continuous"),
     # hf-generate-cache serves one request at a time: hours for 32 chats of 100-400 tokens.

@@ -36,7 +36,7 @@ class Peer:
 
 
 class PagechatPeer(Peer):
-    def __init__(self, args) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         from engine import LLM
 
         self.llm = LLM(args.model, device="cpu", dtype=args.dtype, max_num_seqs=args.max_num_seqs,
@@ -44,7 +44,7 @@ class PagechatPeer(Peer):
                        max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=True)
         self.info = {"dtype": args.dtype, "max_num_batched_tokens": args.max_num_batched_tokens}
 
-    def run(self, prompts, max_tokens):
+    def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
         from engine import SamplingParams
 
         engine = self.llm.engine
@@ -72,7 +72,7 @@ class PagechatPeer(Peer):
 
 
 class HFPeer(Peer):
-    def __init__(self, args) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         import torch
         from transformers import Qwen3ForCausalLM
 
@@ -81,7 +81,7 @@ class HFPeer(Peer):
         self.model = Qwen3ForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
         self.info = {"dtype": args.dtype}
 
-    def run(self, prompts, max_tokens):
+    def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
         torch = self.torch
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
@@ -106,7 +106,7 @@ class _FirstToken:
         self.calls = 0
         self.time: float | None = None
 
-    def put(self, value) -> None:
+    def put(self, value: object) -> None:
         self.calls += 1
         if self.calls == 2 and self.time is None:
             self.time = time.perf_counter()
@@ -116,7 +116,7 @@ class _FirstToken:
 
 
 class VllmPeer(Peer):
-    def __init__(self, args) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         import vllm
         from vllm import LLM
 
@@ -127,17 +127,17 @@ class VllmPeer(Peer):
         self.info = {"dtype": args.dtype, "vllm": vllm.__version__,
                      "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_CPU")}}
 
-    def run(self, prompts, max_tokens):
+    def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
         from vllm import SamplingParams
 
         engine = self.llm.llm_engine
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, detokenize=False)
         start = time.perf_counter()
-        index = {}
-        for i, p in enumerate(prompts):
+        index: dict[str, int] = {}
+        for position, p in enumerate(prompts):
             rid = f"r{self.next_id}"
             self.next_id += 1
-            index[rid] = i
+            index[rid] = position
             engine.add_request(rid, {"prompt_token_ids": p}, params)
         n = len(prompts)
         ttft: list[float | None] = [None] * n
@@ -161,7 +161,7 @@ class VllmPeer(Peer):
 
 
 class LlamaPeer(Peer):
-    def __init__(self, args) -> None:
+    def __init__(self, args: argparse.Namespace) -> None:
         import llama_cpp
         from llama_cpp import Llama
 
@@ -170,7 +170,7 @@ class LlamaPeer(Peer):
         self.info = {"gguf": os.path.basename(args.gguf), "llama_cpp_python": llama_cpp.__version__,
                      "threads": args.threads}
 
-    def run(self, prompts, max_tokens):
+    def run(self, prompts: list[list[int]], max_tokens: int) -> dict:
         n = len(prompts)
         ttft: list[float | None] = [None] * n
         finish: list[float | None] = [None] * n

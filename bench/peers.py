@@ -279,7 +279,8 @@ def peer_env(spec: PeerSpec, threads: int) -> dict[str, str]:
     return env
 
 
-def start_worker(spec: PeerSpec, model: Path, gguf: Path | None, args, log_dir: Path) -> Worker:
+def start_worker(spec: PeerSpec, model: Path, gguf: Path | None, args: argparse.Namespace,
+                 log_dir: Path) -> Worker:
     cmd = [str(spec.python()), str(WORKER), "--peer", spec.kind, "--model", str(model), "--dtype", spec.dtype,
            "--threads", str(args.threads), "--max-model-len", str(args.max_model_len),
            "--max-num-seqs", str(max(args.batch_requests, 1)), "--kv-gb", str(args.kv_gb),
@@ -303,7 +304,7 @@ def _ids(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(10_000) for _ in range(n)]
 
 
-def measure(worker: Worker, workload: str, rep: int, args) -> dict:
+def measure(worker: Worker, workload: str, rep: int, args: argparse.Namespace) -> dict:
     """One measurement of `workload` (repetition `rep`: its own prompts) on one peer."""
     rng = random.Random(f"{workload}-{rep}")
     t = args.timeout
@@ -333,7 +334,7 @@ def measure(worker: Worker, workload: str, rep: int, args) -> dict:
     raise ValueError(workload)
 
 
-def run(args) -> dict:
+def run(args: argparse.Namespace) -> dict:
     model, shape, _ = resolve_model_args(args)
     names = args.peers.split(",")
     unknown = [n for n in names if n not in PEERS]
@@ -414,7 +415,7 @@ def run(args) -> dict:
     return payload
 
 
-def _measure_all(workers: list[Worker], peers: dict, args) -> None:
+def _measure_all(workers: list[Worker], peers: dict, args: argparse.Namespace) -> None:
     sequence = 0  # the order measurements were taken in, across peers
     for workload in args.workloads.split(","):
         for rep in range(args.repeats):

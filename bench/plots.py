@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.common import RESULTS_DIR
+
+if TYPE_CHECKING:
+    import numpy as np
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 # One colour per peer in every panel and every benchmark.
 _COLORS = {name: f"C{i}" for i, name in enumerate([
@@ -19,7 +25,8 @@ def color(name: str) -> str:
     return _COLORS.setdefault(base, f"C{len(_COLORS) % 10}")
 
 
-def figure(rows: int, cols: int, title: str, size: tuple[float, float] | None = None):
+def figure(rows: int, cols: int, title: str,
+           size: tuple[float, float] | None = None) -> tuple[Figure, np.ndarray]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +37,7 @@ def figure(rows: int, cols: int, title: str, size: tuple[float, float] | None = 
     return fig, axes
 
 
-def lines(ax, x: list, series: dict[str, list], title: str, ylabel: str, xlabel: str,
+def lines(ax: Axes, x: list, series: dict[str, list], title: str, ylabel: str, xlabel: str,
           log: bool = False) -> None:
     """One line per peer; None values are left out."""
     for name, ys in series.items():
@@ -49,7 +56,7 @@ def lines(ax, x: list, series: dict[str, list], title: str, ylabel: str, xlabel:
     ax.legend(fontsize=8)
 
 
-def bars(ax, groups: list[str], series: dict[str, list], title: str, ylabel: str,
+def bars(ax: Axes, groups: list[str], series: dict[str, list], title: str, ylabel: str,
          log: bool = False, labels: bool = True) -> None:
     """Grouped bars: one group per entry of `groups`, one bar per series (None = no bar)."""
     n = max(len(series), 1)
@@ -71,7 +78,7 @@ def bars(ax, groups: list[str], series: dict[str, list], title: str, ylabel: str
     ax.legend(fontsize=8)
 
 
-def save(fig, name: str, out_dir: Path | None = None) -> Path:
+def save(fig: Figure, name: str, out_dir: Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     out_dir = out_dir or RESULTS_DIR

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -31,7 +32,8 @@ def free_port() -> int:
 class ServerProcess:
     """A server subprocess; `with` waits until `ready(client)` says it serves, then stops it."""
 
-    def __init__(self, name: str, argv: list[str], port: int, ready, env: dict | None = None,
+    def __init__(self, name: str, argv: list[str], port: int,
+                 ready: Callable[[httpx.Client], bool], env: dict | None = None,
                  startup_timeout: float = 600.0) -> None:
         self.name, self.argv, self.port, self.ready = name, argv, port, ready
         self.url = f"http://127.0.0.1:{port}"
@@ -61,7 +63,7 @@ class ServerProcess:
                                        f"{self.log_tail()}")
                 time.sleep(0.5)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def stop(self) -> None:

@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench import plots
 from bench.common import (
@@ -33,6 +34,9 @@ from bench.common import (
     write_result,
 )
 from bench.server import ServerProcess, pagechat_server, transformers_server
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
 
 SERVERS = ("pagechat", "transformers-serve")
 DEFAULTS = {
@@ -67,9 +71,11 @@ def prompt_texts(model_dir: Path, num: int, length: int, seed: int) -> list[str]
     return [tokenizer.decode([rng.randrange(10_000) for _ in range(length)]) for _ in range(num)]
 
 
-async def one_request(client, model: str, prompt: str, max_tokens: int, extra: dict) -> RequestStats:
+async def one_request(client: AsyncOpenAI, model: str, prompt: str, max_tokens: int,
+                      extra: dict) -> RequestStats:
     start = time.perf_counter()
-    first = last = None
+    first: float | None = None
+    last: float | None = None
     gaps: list[float] = []
     usage = None
     chunks = 0
@@ -87,6 +93,7 @@ async def one_request(client, model: str, prompt: str, max_tokens: int, extra: d
                 if first is None:
                     first = now
                 else:
+                    assert last is not None  # set together with first
                     gaps.append(now - last)
                 last = now
     except Exception as exc:
@@ -133,14 +140,15 @@ async def run_level(url: str, model: str, prompts: list[str], concurrency: int, 
         "output_tokens": output,
         "output_tokens_per_s": output / wall,
         "prompt_tokens_mean": sum(s.prompt_tokens for s in good) / len(good) if good else None,
-        "ttft_s": summarize([s.ttft_s for s in good]),
+        "ttft_s": summarize([s.ttft_s for s in good if s.ttft_s is not None]),  # set when ok
         "itl_s": summarize([g for s in good for g in s.itl_s]),
         "tpot_s": summarize([s.tpot_s for s in good if s.tpot_s is not None]),
-        "e2e_s": summarize([s.e2e_s for s in good]),
+        "e2e_s": summarize([s.e2e_s for s in good if s.e2e_s is not None]),  # set when ok
     }
 
 
-def start_server(name: str, args, path: Path, dtype: str, data_dir: Path) -> ServerProcess:
+def start_server(name: str, args: argparse.Namespace, path: Path, dtype: str,
+                 data_dir: Path) -> ServerProcess:
     top = max(args.levels)
     if name == "pagechat":
         kv_gb = None

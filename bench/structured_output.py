@@ -14,9 +14,16 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import engine.sampler as sampler_module
 from bench.common import ensure_checkpoint, random_token_prompts, write_result
+
+if TYPE_CHECKING:
+    import torch
+
+    from engine.structured_output import GrammarState
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,14 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     mask_s = [0.0]
     apply = sampler_module.apply_grammar_bitmasks
 
-    def timed_apply(logits, grammars):
+    def timed_apply(logits: torch.Tensor, grammars: Sequence[GrammarState | None]) -> torch.Tensor:
         start = time.perf_counter()
         try:
             return apply(logits, grammars)
         finally:
             mask_s[0] += time.perf_counter() - start
 
-    sampler_module.apply_grammar_bitmasks = timed_apply  # type: ignore[assignment]
+    sampler_module.apply_grammar_bitmasks = timed_apply
     runs = {}
     counts = (0, args.num_constrained)
     times: dict[int, list[float]] = {k: [] for k in counts}
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                     len(o.token_ids) for o in outs
                 ]
     finally:
-        sampler_module.apply_grammar_bitmasks = apply  # type: ignore[assignment]
+        sampler_module.apply_grammar_bitmasks = apply
     for k in counts:
         best = min(range(args.repeats), key=times[k].__getitem__)
         runs[f"{k}_of_{n}_constrained"] = {

@@ -14,13 +14,19 @@ from __future__ import annotations
 import argparse
 import gc
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from bench.common import MachineMonitor, ensure_checkpoint, random_token_prompts, write_result
 
+if TYPE_CHECKING:
+    from transformers import Qwen3ForCausalLM
 
-def run_pagechat(path, prompts, output_len, device, dtype, repeats):
+
+def run_pagechat(path: str | Path, prompts: list[list[int]], output_len: int, device: str,
+                 dtype: str, repeats: int) -> list[float]:
     from engine import LLM, SamplingParams
 
     llm = LLM(str(path), device=device, dtype=dtype, max_num_seqs=len(prompts),
@@ -38,15 +44,17 @@ def run_pagechat(path, prompts, output_len, device, dtype, repeats):
     return times
 
 
-def _hf_model(path, device, dtype):
+def _hf_model(path: str | Path, device: str, dtype: str) -> Qwen3ForCausalLM:
     from transformers import Qwen3ForCausalLM
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device).eval()
+    # transformers wraps .to with functools.wraps(nn.Module.to): typed unbound, `self` expected first
+    model = Qwen3ForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device).eval()  # type: ignore[arg-type]
     return model
 
 
-def run_hf_generate(path, prompts, output_len, device, dtype, repeats):
+def run_hf_generate(path: str | Path, prompts: list[list[int]], output_len: int, device: str,
+                    dtype: str, repeats: int) -> list[float]:
     model = _hf_model(path, device, dtype)
     width = max(len(p) for p in prompts)
     pad = 0
@@ -67,7 +75,8 @@ def run_hf_generate(path, prompts, output_len, device, dtype, repeats):
     return times
 
 
-def run_hf_continuous(path, prompts, output_len, device, dtype, repeats):
+def run_hf_continuous(path: str | Path, prompts: list[list[int]], output_len: int, device: str,
+                      dtype: str, repeats: int) -> list[float] | None:
     from transformers import GenerationConfig
 
     model = _hf_model(path, device, dtype)

@@ -13,6 +13,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import httpx
 
@@ -109,7 +110,7 @@ class ChatClient:
         self._task_end = asyncio.Event()
 
         @self.sio.on("*")
-        async def _any(event, data=None):
+        async def _any(event: str, data: object = None) -> None:
             self.events.append((event, data))
             if event == "task_end":
                 self._task_end.set()
@@ -121,6 +122,8 @@ class ChatClient:
             response = await self.http.post("/login", data={"username": username, "password": password})
         response.raise_for_status()
         token = response.cookies.get("access_token")
+        if token is None:
+            raise RuntimeError(f"{response.url.path} set no access_token cookie")
         self.cookie = f"access_token={token}"
         self.http.cookies.set("access_token", token)
 
@@ -206,10 +209,11 @@ class ChatClient:
         return [m for m in self.messages(start).values() if m.get("type") == "assistant_message"]
 
     def tokens(self, start: int = 0) -> list[str]:
-        return [d["token"] for e, d in self.events[start:] if e == "stream_token"]
+        # stream_token events carry a dict
+        return [cast(dict, d)["token"] for e, d in self.events[start:] if e == "stream_token"]
 
     def thread_id(self) -> str | None:
         for event, data in self.events:
             if event == "first_interaction":
-                return data["thread_id"]
+                return cast(dict, data)["thread_id"]  # first_interaction carries a dict
         return None
