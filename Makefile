@@ -45,7 +45,7 @@ test-avx2:
 	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 PAGECHAT_KERNEL_MARCH=x86-64-v3 \
 	  $(MAKE) test
 
-# ruff, then mypy over engine/ and app/ (settings in pyproject.toml).
+# ruff, then mypy over engine/, app/ and bench/ (settings in pyproject.toml).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
