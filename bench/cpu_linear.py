@@ -14,6 +14,7 @@ Side by side on the projections of Qwen3-0.6B (and two of Qwen3-4B):
   bf16 own          the engine's C kernels on their packed layout (engine.cpu_kernels), bf16 x
   bf16w f32 own     the same packed bf16 weight with float32 activations (float32 math)
   f32x own avx2     that kernel as an AVX2 CPU builds it (x86-64-v3), run on this CPU
+  bf16 own avx2     bf16 x on that AVX2 build (PAGECHAT_DTYPE=bfloat16 on such a CPU)
 
 GB/s = bytes of the weight as stored / time: what bounds a decode step. The last column is the
 speed relative to f32 onednn (time ratio; above 1 = faster). The kernel choice of the engine is not consulted:
@@ -93,6 +94,7 @@ def main() -> None:
             "bf16 own",
             "bf16w f32 own",
             "f32x own avx2",
+            "bf16 own avx2",
         )
     )
     print(header)
@@ -123,6 +125,9 @@ def main() -> None:
                     if own is not None
                     else None,
                     "f32x own avx2": (partial(packed_bf16.linear, x32, own, None, avx2), 2)
+                    if own is not None and avx2 is not None
+                    else None,
+                    "bf16 own avx2": (partial(packed_bf16.linear, x16, own, None, avx2), 2)
                     if own is not None and avx2 is not None
                     else None,
                 }

@@ -23,8 +23,11 @@ ROWS = [1, 2, 3, 4, 5, 7, 16, 17, 40]
 
 def builds() -> list[str]:
     marches = [kernel_march()]  # the engine's build: native unless PAGECHAT_KERNEL_MARCH
-    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"):
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability in ("AVX512", "AVX512_BF16", "AMX"):
         marches.append("x86-64-v3")  # the portable kernels, as an AVX2 CPU compiles them
+    if kernel_march() == "native" and packed_bf16.kernel_level() >= 1:
+        marches.append("skylake-avx512")  # AVX-512 without BF16 (Skylake to Ice Lake servers)
     return marches
 
 
@@ -140,10 +143,11 @@ def test_float32_rows_get_the_same_bits_alone_and_in_any_batch(march):
 
 @pytest.mark.parametrize("march", builds())
 def test_bf16_rows_without_avx512_bf16_get_the_same_bits_alone_and_in_a_prompt(march):
-    """Without AVX512-BF16 up to WIDEN_MAX_ROWS bf16 rows take the portable loop (x widened as
-    read, each output rounded once); above it, in builds that widen any rows, the float32
-    register kernels on x widened and the output rounded: the same sums, so the same bits, and
-    no torch bf16 matmul (5-10x slower on such CPUs)."""
+    """Without AVX512-BF16, in builds with float32 register kernels (AVX2, AVX-512), below 8
+    bf16 rows take the portable loop (x widened as read, each output rounded once), from 8 on
+    the register kernels on a widened copy of x, the output rounded once: the same sums, so
+    the same bits on either side of 8 (and of the panel kernel's 24), and no torch bf16 matmul
+    (5-10x slower on such CPUs)."""
     lib = load(march)
     assert lib is not None
     if packed_bf16.kernel_level(lib) >= 1 or not packed_bf16.widens_any_rows(lib):
@@ -155,7 +159,7 @@ def test_bf16_rows_without_avx512_bf16_get_the_same_bits_alone_and_in_a_prompt(m
     x = torch.randn(150, 2048).bfloat16()
     full = packed_bf16.linear(x, packed, bias, lib=lib)
     assert full.dtype == torch.bfloat16
-    for m in (1, 5, 8, 24, 64, 65, 100):
+    for m in (1, 5, 7, 8, 9, 23, 24, 64, 65, 100):
         assert torch.equal(packed_bf16.linear(x[:m], packed, bias, lib=lib), full[:m]), (march, m)
     assert torch.equal(packed_bf16.linear(x[97:98], packed, bias, lib=lib)[0], full[97])
     # The float32 sums rounded once, then the bias added in bf16 (the few-rows path's order).

@@ -13,10 +13,13 @@ Kernels by activation dtype and rows M:
               Zen 4/5) the few-rows kernel below 8 rows, from 8 on register tiles of the same
               vdpbf16ps sums (6 rows x 4 blocks, columns in L2-sized groups): the same bits
               for any M, so batch-invariant too, and faster than oneDNN on a dense copy.
-              Without AVX512-BF16 the portable float32 loop, bf16 out, up to WIDEN_MAX_ROWS
-              rows; above it, where the build widens any rows (AVX2, AVX-512), x widened to
-              float32 through the float32 kernel below and rounded back (the same bits),
-              elsewhere torch's matmul on the dense weight;
+              Without AVX512-BF16, where the build widens any rows (AVX2, AVX-512): below 8
+              rows the portable float32 loop widening x as it reads, from 8 on x widened to a
+              float32 copy in C and run through the float32 register kernels below, each
+              output rounded once to bf16 (the same sums, so the same bits at any M; AVX2
+              1.1-1.35x the loop at 8-128 rows, AVX-512 without BF16 2.2x). Other builds
+              (NEON, generic): the portable loop up to WIDEN_MAX_ROWS rows, above it torch's
+              matmul on the dense weight;
   float32 x:  the C widening kernel. AVX-512 and AVX2 builds run it at every row count (their
               register kernels: AVX-512's 1.2-3.9x torch's float32 matmul on a dense copy at
               64-512 rows and 0.9-1.03x at 2,048; AVX2's panel kernel 1.3-2.5x and 0.9-1.1x,
@@ -121,8 +124,9 @@ def rows(packed: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 def c_kernel_serves_bf16(rows: int, lib: ctypes.CDLL | None = None) -> bool:
     """pc_linear_bf16 multiplies `rows` bf16 rows itself: any count with AVX512-BF16 (AMX or
-    not), up to WIDEN_MAX_ROWS with the portable loop."""
-    return rows <= WIDEN_MAX_ROWS or kernel_level(lib) >= 1
+    not) or float32 register kernels (AVX2, AVX-512), up to WIDEN_MAX_ROWS with the portable
+    loop alone."""
+    return rows <= WIDEN_MAX_ROWS or kernel_level(lib) >= 1 or widens_any_rows(lib)
 
 
 @functools.cache
@@ -163,12 +167,6 @@ def linear(
     if x.dtype == torch.bfloat16 and c_kernel_serves_bf16(m, lib):
         out = torch.empty(m, n, dtype=torch.bfloat16)
         lib.pc_linear_bf16(_ptr(x), _ptr(packed), _ptr(out), m, n, k, threads, AMX_MIN_ROWS)
-    elif x.dtype == torch.bfloat16 and widens_any_rows(lib):
-        # No AVX512-BF16 (AVX2; AVX-512 without BF16): a prompt's bf16 rows ride the float32
-        # register kernels, x widened exactly and each output rounded once to nearest even, as
-        # the portable loop does for few rows: the same bits at any row count, and 5-10x the
-        # speed of torch's bf16 matmul there (which has no native bf16 math to use).
-        out = linear(x.float(), packed, lib=lib).bfloat16()
     elif x.dtype == torch.float32 and c_kernel_serves_float32(m, lib):
         out = torch.empty(m, n, dtype=torch.float32)
         lib.pc_linear_bf16w_f32(_ptr(x), _ptr(packed), _ptr(out), m, n, k, threads)
