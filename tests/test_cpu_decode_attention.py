@@ -103,3 +103,54 @@ def test_the_portable_loops_an_avx2_cpu_runs_match_float64(dtype):
     )
     tolerance = 1e-5 if dtype == torch.float32 else 2**-8
     torch.testing.assert_close(out.double(), dense_reference(batch), rtol=tolerance, atol=1e-4)
+
+
+def _kernel_builds() -> list[str]:
+    """This CPU's build, and the AVX2 one where this CPU runs it (an AVX512 one)."""
+    avx512 = torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX")
+    return ["native", "x86-64-v3"] if avx512 else ["native"]
+
+
+def _decode(batch, lib, q=None, meta=None) -> torch.Tensor:
+    q = batch.q if q is None else q
+    m = batch.meta if meta is None else meta
+    rows = torch.tensor([sum(m.query_lens_cpu[:s]) for s in range(m.num_seqs)])
+    out = torch.zeros_like(q)
+    cpu_decode_attention.decode_attention(
+        q, out, rows, batch.k_cache, batch.v_cache, m.block_tables, m.seq_lens, batch.scale,
+        lib=lib,
+    )
+    return out
+
+
+@pytest.mark.parametrize("march", _kernel_builds())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_contexts_split_into_work_units_match_float64_and_stay_batch_invariant(march, dtype):
+    """A sequence longer than the kernel's work unit (512 keys) is attended a unit at a time,
+    on every thread, and the units merged in order: exactly one unit, one key more, several
+    units with a short last one. float64 agrees; the bits depend neither on the thread count
+    nor on the batch mates (the split depends on the sequence's own length only)."""
+    lib = load(march)
+    assert lib is not None
+    batch = make_batch(
+        [(1, 512), (1, 513), (1, 1100), (1, 3), (1, 2049)],
+        num_kv_heads=2,
+        group=4,
+        head_dim=128,
+        block_size=16,
+        dtype=dtype,
+        seed=8,
+        device="cpu",
+    )
+    out = _decode(batch, lib)
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8
+    torch.testing.assert_close(out.double(), dense_reference(batch), rtol=tolerance, atol=1e-4)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(_decode(batch, lib), out)
+    finally:
+        torch.set_num_threads(threads)
+    for s in range(batch.meta.num_seqs):
+        q, meta, start = _single(batch, s)
+        assert torch.equal(_decode(batch, lib, q, meta), out[start : start + 1]), (march, s)

@@ -2,11 +2,12 @@
  *
  * One query token per sequence attends to its seq_len cached keys, read block by block where
  * they lie in the cache: no gather into a contiguous copy, no per-sequence framework call.
- * Work items are (sequence, KV head) pairs spread over the threads; each serves the query
- * heads that share its KV head (GQA) in one pass over the keys and one over the values.
- * Math is float32 whatever the cache dtype (float32 or bfloat16, widened exactly on load), and
- * each item is computed alone in a fixed order: a sequence's output never depends on its batch
- * mates or on the thread count.
+ * Work units are runs of up to UNIT_KEYS keys of one sequence, for all its query heads: each
+ * reads a token's keys (then values) of every KV head at once, a contiguous row of the cache,
+ * so memory is streamed front to back; the units of a long sequence run on different threads
+ * and are merged in order. Math is float32 whatever the cache dtype (float32 or bfloat16,
+ * widened exactly on load), and the split depends on the sequence's length only: a sequence's
+ * output never depends on its batch mates or on the thread count.
  */
 #include <math.h>
 #include <omp.h>
@@ -19,7 +20,8 @@
 #define MAX_HEAD_DIM 1024
 #define MAX_GROUP 64
 
-/* Row `token` of a cache of [blocks, block_size, kv_heads, head_dim], widened to float32. */
+/* `d` cache values from `offset` (one KV head of one token of a cache of [blocks, block_size,
+ * kv_heads, head_dim]), widened to float32. */
 static inline void load_row(const void *cache, int is_bf16, int64_t offset, int64_t d, float *dst) {
     if (is_bf16) {
         const uint16_t *src = (const uint16_t *)cache + offset;
@@ -28,6 +30,17 @@ static inline void load_row(const void *cache, int is_bf16, int64_t offset, int6
     } else {
         memcpy(dst, (const float *)cache + offset, (size_t)d * sizeof(float));
     }
+}
+
+/* Rows are requested PREFETCH_ROWS tokens ahead: the next token's row mostly follows this one
+ * (the prefetcher streams it), but a block's last row is followed by another block's first,
+ * anywhere in the cache. */
+#define PREFETCH_ROWS 2
+
+static inline void prefetch_row(const void *cache, int is_bf16, int64_t offset, int64_t elems) {
+    const int64_t elem = is_bf16 ? 2 : 4;
+    const char *row = (const char *)cache + offset * elem;
+    for (int64_t b = 0; b < elems * elem; b += 64) __builtin_prefetch(row + b, 0, 3);
 }
 
 #if defined(__AVX512F__)
@@ -43,94 +56,62 @@ static inline __m512 load16(const void *cache, int is_bf16, int64_t offset) {
     return _mm512_loadu_ps((const float *)cache + offset);
 }
 
-/* Each token's row of one head lies a whole row of all heads away from the next (kv_heads *
- * head_dim values): too far apart for the hardware prefetcher within a page, so rows are
- * requested by hand, PREFETCH tokens ahead. `rows[t]` is token t's offset in the cache. */
-#define PREFETCH 4
-
-static inline void prefetch_row(const void *cache, int is_bf16, int64_t offset, int64_t d) {
-    const int64_t elem = is_bf16 ? 2 : 4;
-    const char *row = (const char *)cache + offset * elem;
-    for (int64_t b = 0; b < d * elem; b += 64) _mm_prefetch(row + b, _MM_HINT_T0);
-}
-
-/* Scores of one query head (pre-scaled qf, d = 16 * chunks <= 256) against len keys. */
-static float scores_avx512(const float *qf, const void *k_cache, int is_bf16, const int64_t *rows,
-                           int64_t d, int64_t len, float *scores) {
-    __m512 qv[16];
+/* Pass 1 of a unit: the scores of every query head against `len` keys, token by token. Each
+ * token's keys of all KV heads lie side by side in the cache (kv_heads * d values), so reading
+ * them in this order streams whole rows (a block's rows follow each other): the hardware
+ * prefetcher serves it. One head at a time read 256-512 bytes a row, 2-4 KiB apart: every row
+ * a miss of its own, and a core keeps only ~12 in flight (~6 GB/s a core). Scores of query
+ * head hq at scores[hq * stride + t]; their maximum in top[hq]. The dot of one head is
+ * two chains over alternating 16-wide chunks, then summed across: the same sums in any batch. */
+static void scores_avx512(const float *qf, const void *k_cache, int is_bf16, const int64_t *rows,
+                          int64_t kv_heads, int64_t group, int64_t d, int64_t len, int64_t stride,
+                          float *scores, float *top) {
     const int64_t chunks = d / 16;
-    for (int64_t c = 0; c < chunks; c++) qv[c] = _mm512_loadu_ps(qf + 16 * c);
-    float top = -INFINITY;
     for (int64_t t = 0; t < len; t++) {
-        if (t + PREFETCH < len) prefetch_row(k_cache, is_bf16, rows[t + PREFETCH], d);
-        const int64_t off = rows[t];
-        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-        int64_t c = 0;
-        for (; c + 1 < chunks; c += 2) {
-            a0 = _mm512_fmadd_ps(qv[c], load16(k_cache, is_bf16, off + 16 * c), a0);
-            a1 = _mm512_fmadd_ps(qv[c + 1], load16(k_cache, is_bf16, off + 16 * c + 16), a1);
-        }
-        if (c < chunks) a0 = _mm512_fmadd_ps(qv[c], load16(k_cache, is_bf16, off + 16 * c), a0);
-        float dot = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-        scores[t] = dot;
-        top = dot > top ? dot : top;
-    }
-    return top;
-}
-
-/* The query heads of a KV group in one pass over the keys and one over the values, each row
- * read once for all of them (group * d / 16 <= GROUP_REGS). Same sums, same order, as the
- * per-head loops above: only the memory traffic differs. */
-#define GROUP_REGS 16
-
-static void scores_group_avx512(const float *qf, const void *k_cache, int is_bf16,
-                                const int64_t *rows, int64_t d, int64_t len, int64_t group,
-                                float *scores, float *top) {
-    const int64_t chunks = d / 16;
-    __m512 qv[GROUP_REGS];
-    for (int64_t g = 0; g < group; g++) {
-        top[g] = -INFINITY;
-        for (int64_t c = 0; c < chunks; c++) qv[g * chunks + c] = _mm512_loadu_ps(qf + g * d + 16 * c);
-    }
-    for (int64_t t = 0; t < len; t++) {
-        if (t + PREFETCH < len) prefetch_row(k_cache, is_bf16, rows[t + PREFETCH], d);
-        const int64_t off = rows[t];
-        __m512 kv[GROUP_REGS];
-        for (int64_t c = 0; c < chunks; c++) kv[c] = load16(k_cache, is_bf16, off + 16 * c);
-        for (int64_t g = 0; g < group; g++) {
-            __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
-            int64_t c = 0;
-            for (; c + 1 < chunks; c += 2) {
-                a0 = _mm512_fmadd_ps(qv[g * chunks + c], kv[c], a0);
-                a1 = _mm512_fmadd_ps(qv[g * chunks + c + 1], kv[c + 1], a1);
+        if (t + PREFETCH_ROWS < len) prefetch_row(k_cache, is_bf16, rows[t + PREFETCH_ROWS], kv_heads * d);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t off = rows[t] + h * d;
+            __m512 kv[16];
+            for (int64_t c = 0; c < chunks; c++) kv[c] = load16(k_cache, is_bf16, off + 16 * c);
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t hq = h * group + g;
+                const float *qh = qf + hq * d;
+                __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+                int64_t c = 0;
+                for (; c + 1 < chunks; c += 2) {
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kv[c], a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c + 16), kv[c + 1], a1);
+                }
+                if (c < chunks) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * c), kv[c], a0);
+                const float dot = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+                scores[hq * stride + t] = dot;
+                top[hq] = dot > top[hq] ? dot : top[hq];
             }
-            if (c < chunks) a0 = _mm512_fmadd_ps(qv[g * chunks + c], kv[c], a0);
-            const float dot = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-            scores[g * len + t] = dot;
-            top[g] = dot > top[g] ? dot : top[g];
         }
     }
 }
 
-static void values_group_avx512(const float *p, const void *v_cache, int is_bf16,
-                                const int64_t *rows, int64_t d, int64_t len, int64_t group,
-                                float *acc) {
+/* Pass 3 of a unit: acc[hq] = sum_t p[hq][t] * V[t][hq's KV head], token by token as above. */
+static void values_avx512(const float *p, const void *v_cache, int is_bf16, const int64_t *rows,
+                          int64_t kv_heads, int64_t group, int64_t d, int64_t len, int64_t stride,
+                          float *acc) {
     const int64_t chunks = d / 16;
-    __m512 av[GROUP_REGS];
-    for (int64_t i = 0; i < group * chunks; i++) av[i] = _mm512_setzero_ps();
     for (int64_t t = 0; t < len; t++) {
-        if (t + PREFETCH < len) prefetch_row(v_cache, is_bf16, rows[t + PREFETCH], d);
-        const int64_t off = rows[t];
-        __m512 pv[GROUP_REGS];
-        for (int64_t g = 0; g < group; g++) pv[g] = _mm512_set1_ps(p[g * len + t]);
-        for (int64_t c = 0; c < chunks; c++) {
-            const __m512 v = load16(v_cache, is_bf16, off + 16 * c);
-            for (int64_t g = 0; g < group; g++)
-                av[g * chunks + c] = _mm512_fmadd_ps(pv[g], v, av[g * chunks + c]);
+        if (t + PREFETCH_ROWS < len) prefetch_row(v_cache, is_bf16, rows[t + PREFETCH_ROWS], kv_heads * d);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t off = rows[t] + h * d;
+            __m512 v[16];
+            for (int64_t c = 0; c < chunks; c++) v[c] = load16(v_cache, is_bf16, off + 16 * c);
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t hq = h * group + g;
+                const __m512 pv = _mm512_set1_ps(p[hq * stride + t]);
+                float *a = acc + hq * d;
+                for (int64_t c = 0; c < chunks; c++)
+                    _mm512_storeu_ps(a + 16 * c,
+                                     _mm512_fmadd_ps(pv, v[c], _mm512_loadu_ps(a + 16 * c)));
+            }
         }
     }
-    for (int64_t g = 0; g < group; g++)
-        for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(acc + g * d + 16 * c, av[g * chunks + c]);
 }
 
 /* scores[t] = exp(scores[t] - top) for the whole 16-wide chunks of len, summed into *sum;
@@ -161,24 +142,77 @@ static int64_t exp_avx512(float *scores, int64_t len, float top, float *sum) {
     return t;
 }
 
-/* acc = sum_t p[t] * V[t] for one query head (d = 16 * chunks <= 256). */
-static void values_avx512(const float *p, const void *v_cache, int is_bf16, const int64_t *rows,
-                          int64_t d, int64_t len, float *acc) {
-    __m512 av[16];
-    const int64_t chunks = d / 16;
-    for (int64_t c = 0; c < chunks; c++) av[c] = _mm512_setzero_ps();
-    for (int64_t t = 0; t < len; t++) {
-        if (t + PREFETCH < len) prefetch_row(v_cache, is_bf16, rows[t + PREFETCH], d);
-        const int64_t off = rows[t];
-        __m512 pv = _mm512_set1_ps(p[t]);
-        for (int64_t c = 0; c < chunks; c++)
-            av[c] = _mm512_fmadd_ps(pv, load16(v_cache, is_bf16, off + 16 * c), av[c]);
-    }
-    for (int64_t c = 0; c < chunks; c++) _mm512_storeu_ps(acc + 16 * c, av[c]);
-}
 #else
 #define PC_ATT_AVX512 0
 #endif
+
+/* Keys per work unit. A sequence is split into units of UNIT_KEYS keys (the last one shorter),
+ * each unit attends over its keys for every query head, and the units' results are merged
+ * in order (flash-decoding): a long context's decode uses every thread, while the split, and
+ * so every bit of a sequence's output, depends on its own length only. A sequence within one
+ * unit is summed exactly as by a single pass. */
+#define UNIT_KEYS 512
+
+/* One unit's pass: the scaled queries `qf` [q_heads][d] against keys rows[0 .. len) (each the
+ * cache offset of a token's row of all KV heads); writes top[hq], total[hq] and the
+ * unnormalised acc[hq][d]. `scores`: [q_heads][UNIT_KEYS] scratch, `row`: [d] scratch. */
+static void attend_unit(const float *qf, const void *k_cache, const void *v_cache, int is_bf16,
+                        const int64_t *rows, int64_t len, int64_t q_heads, int64_t kv_heads,
+                        int64_t d, float *scores, float *row, float *top, float *total,
+                        float *acc) {
+    const int64_t group = q_heads / kv_heads, stride = UNIT_KEYS;
+    const int fast = PC_ATT_AVX512 && d % 16 == 0 && d <= 256;
+    for (int64_t hq = 0; hq < q_heads; hq++) top[hq] = -INFINITY;
+    memset(acc, 0, (size_t)(q_heads * d) * sizeof(float));
+    /* Pass 1: scores and their maximum per query head. */
+#if PC_ATT_AVX512
+    if (fast) scores_avx512(qf, k_cache, is_bf16, rows, kv_heads, group, d, len, stride, scores, top);
+#endif
+    for (int64_t t = 0; t < len && !fast; t++) {
+        if (t + PREFETCH_ROWS < len) prefetch_row(k_cache, is_bf16, rows[t + PREFETCH_ROWS], kv_heads * d);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            load_row(k_cache, is_bf16, rows[t] + h * d, d, row);
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t hq = h * group + g;
+                float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+                for (int64_t i = 0; i < d; i++) dot += qf[hq * d + i] * row[i];
+                scores[hq * stride + t] = dot;
+                top[hq] = dot > top[hq] ? dot : top[hq];
+            }
+        }
+    }
+    /* Pass 2: probabilities (unnormalised) and their sum. */
+    for (int64_t hq = 0; hq < q_heads; hq++) {
+        float sum = 0.0f;
+        int64_t t = 0;
+#if PC_ATT_AVX512
+        if (fast && is_bf16) t = exp_avx512(scores + hq * stride, len, top[hq], &sum);
+#endif
+        for (; t < len; t++) {
+            float p = expf(scores[hq * stride + t] - top[hq]);
+            scores[hq * stride + t] = p;
+            sum += p;
+        }
+        total[hq] = sum;
+    }
+    /* Pass 3: the weighted sum of the values. */
+#if PC_ATT_AVX512
+    if (fast) values_avx512(scores, v_cache, is_bf16, rows, kv_heads, group, d, len, stride, acc);
+#endif
+    for (int64_t t = 0; t < len && !fast; t++) {
+        if (t + PREFETCH_ROWS < len) prefetch_row(v_cache, is_bf16, rows[t + PREFETCH_ROWS], kv_heads * d);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            load_row(v_cache, is_bf16, rows[t] + h * d, d, row);
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t hq = h * group + g;
+                const float p = scores[hq * stride + t];
+#pragma omp simd
+                for (int64_t i = 0; i < d; i++) acc[hq * d + i] += p * row[i];
+            }
+        }
+    }
+}
 
 /* q, out: [rows, q_heads, head_dim] (q_rows[s] is sequence s's row); caches as above;
  * block_tables [num_seqs, table_stride] int32; seq_lens [num_seqs] int32.
@@ -192,137 +226,97 @@ int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, c
                               int64_t block_size, float scale, int is_bf16, int threads) {
     if (head_dim > MAX_HEAD_DIM || q_heads % kv_heads != 0 || q_heads / kv_heads > MAX_GROUP)
         return -1;
-    const int64_t group = q_heads / kv_heads;
-    const int64_t items = num_seqs * kv_heads;
-    int64_t longest = 0;
-    for (int64_t s = 0; s < num_seqs; s++) longest = seq_lens[s] > longest ? seq_lens[s] : longest;
+    const int64_t d = head_dim, row_elems = kv_heads * d;
+    /* Units: sequence s's are first_unit[s] .. first_unit[s + 1] - 1. */
+    int64_t *first_unit = (int64_t *)malloc((size_t)(num_seqs + 1) * sizeof(int64_t));
+    if (first_unit == NULL) return -2;
+    int64_t units = 0, keys = 0;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        first_unit[s] = units;
+        const int64_t len = seq_lens[s];
+        units += len > UNIT_KEYS ? (len + UNIT_KEYS - 1) / UNIT_KEYS : 1;
+        keys += len;
+    }
+    first_unit[num_seqs] = units;
+    /* Per unit: top and total per query head, then acc [q_heads][d]. */
+    const int64_t part = q_heads * (d + 2);
+    float *parts = (float *)malloc((size_t)(units * part) * sizeof(float));
+    if (parts == NULL) {
+        free(first_unit);
+        return -2;
+    }
     int failed = 0;
     /* Short work (a few sequences of a few hundred keys) stays on the calling thread: waking
      * the others costs more than it saves. */
-    int64_t keys = 0;
-    for (int64_t s = 0; s < num_seqs; s++) keys += seq_lens[s];
     const int parallel = keys * kv_heads * head_dim >= (1 << 18);
-    const int64_t total_keys = keys * kv_heads;
 #pragma omp parallel num_threads(threads) if (parallel)
     {
-        /* Per thread: scores [group][longest], scaled queries and accumulators [group][d]. */
-        float *scores = (float *)malloc((size_t)((longest + 2 * head_dim) * group + head_dim) *
-                                        sizeof(float));
-        int64_t *rows = (int64_t *)malloc((size_t)(longest > 0 ? longest : 1) * sizeof(int64_t));
-        if (rows == NULL) {
-            free(scores);
-            scores = NULL;
-        }
-        if (scores == NULL) {
+        /* Per thread: scores [q_heads][UNIT_KEYS], scaled queries [q_heads][d], a row [d], the
+         * units' row offsets. */
+        float *scores = (float *)malloc((size_t)(q_heads * (UNIT_KEYS + d) + d) * sizeof(float));
+        int64_t *rows = (int64_t *)malloc((size_t)UNIT_KEYS * sizeof(int64_t));
+        if (scores == NULL || rows == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
-        float *qf = scores ? scores + longest * group : NULL;
-        float *acc = qf ? qf + group * head_dim : NULL, *row = acc ? acc + group * head_dim : NULL;
-        /* Each thread takes one contiguous run of items holding its share of the keys: it
-         * streams neighbouring rows (a token's heads lie side by side, a sequence's blocks
-         * often follow each other), and sequences of different lengths still balance. */
+        float *qf = scores ? scores + q_heads * UNIT_KEYS : NULL, *row = qf ? qf + q_heads * d : NULL;
+        /* Each thread takes one contiguous run of units holding its share of the keys: it
+         * streams neighbouring rows, and sequences of different lengths still balance. */
         const int nthreads = omp_get_num_threads(), me = omp_get_thread_num();
-        int64_t first_item = items, last_item = items;
-        {
-            const int64_t lo = total_keys * me / nthreads, hi = total_keys * (me + 1) / nthreads;
-            int64_t acc_keys = 0;
-            for (int64_t it = 0; it < items; it++) {
-                if (first_item == items && acc_keys >= lo) first_item = it;
-                if (acc_keys >= hi) { last_item = it; break; }
-                acc_keys += seq_lens[it / kv_heads];
-            }
-            if (first_item > last_item) first_item = last_item;
-        }
-        for (int64_t item = first_item; item < last_item; item++) {
-            if (scores == NULL) continue;
-            const int64_t s = item / kv_heads, h = item % kv_heads, len = seq_lens[s];
+        const int64_t lo = keys * me / nthreads, hi = keys * (me + 1) / nthreads;
+        int64_t seen = 0, s = 0;
+        for (int64_t u = 0; u < units && scores != NULL && rows != NULL; u++) {
+            while (u >= first_unit[s + 1]) s++;
+            const int64_t len = seq_lens[s], t0 = (u - first_unit[s]) * UNIT_KEYS;
+            const int64_t n = len - t0 < UNIT_KEYS ? len - t0 : UNIT_KEYS;
+            const int64_t at = seen; /* the unit's first key among all keys: whose share */
+            seen += n;
+            if (at < lo || (at >= hi && me < nthreads - 1)) continue;
             const int32_t *table = block_tables + s * table_stride;
-            const int64_t q_base = (q_rows[s] * q_heads + h * group) * head_dim;
-            /* Cache offset of each token's row for this head, block by block. */
-            for (int64_t t0 = 0, blk = 0; t0 < len; t0 += block_size, blk++) {
-                const int64_t first = ((int64_t)table[blk] * block_size * kv_heads + h) * head_dim;
-                for (int64_t o = 0; o < block_size && t0 + o < len; o++)
-                    rows[t0 + o] = first + o * kv_heads * head_dim;
+            for (int64_t t = 0; t < n; t++) {
+                const int64_t key = t0 + t;
+                rows[t] = ((int64_t)table[key / block_size] * block_size + key % block_size) * row_elems;
             }
-            for (int64_t g = 0; g < group; g++) {
-                if (is_bf16) {
-                    for (int64_t i = 0; i < head_dim; i++)
-                        qf[g * head_dim + i] = bf16_to_f32(((const uint16_t *)q)[q_base + g * head_dim + i]) * scale;
-                } else {
-                    for (int64_t i = 0; i < head_dim; i++)
-                        qf[g * head_dim + i] = ((const float *)q)[q_base + g * head_dim + i] * scale;
-                }
-            }
-            /* Pass 1: scores and their maximum per query head. */
-            float top[MAX_GROUP];
-            const int fast = PC_ATT_AVX512 && head_dim % 16 == 0 && head_dim <= 256;
-#if PC_ATT_AVX512
-            const int grouped = fast && group * (head_dim / 16) <= GROUP_REGS;
-            if (grouped)
-                scores_group_avx512(qf, k_cache, is_bf16, rows, head_dim, len, group, scores, top);
-            else if (fast)
-                for (int64_t g = 0; g < group; g++)
-                    top[g] = scores_avx512(qf + g * head_dim, k_cache, is_bf16, rows, head_dim, len,
-                                           scores + g * len);
-#endif
-            for (int64_t g = 0; g < group && !fast; g++) top[g] = -INFINITY;
-            for (int64_t t = 0; t < len && !fast; t++) {
-                load_row(k_cache, is_bf16, rows[t], head_dim, row);
-                for (int64_t g = 0; g < group; g++) {
-                    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t i = 0; i < head_dim; i++) dot += qf[g * head_dim + i] * row[i];
-                    scores[g * len + t] = dot;
-                    top[g] = dot > top[g] ? dot : top[g];
-                }
-            }
-            /* Pass 2: probabilities (unnormalised) and their sum. */
-            float total[MAX_GROUP];
-            for (int64_t g = 0; g < group; g++) {
-                float sum = 0.0f;
-                int64_t t = 0;
-#if PC_ATT_AVX512
-                if (fast && is_bf16) t = exp_avx512(scores + g * len, len, top[g], &sum);
-#endif
-                for (; t < len; t++) {
-                    float p = expf(scores[g * len + t] - top[g]);
-                    scores[g * len + t] = p;
-                    sum += p;
-                }
-                total[g] = sum;
-                memset(acc + g * head_dim, 0, (size_t)head_dim * sizeof(float));
-            }
-            /* Pass 3: the weighted sum of the values. */
-#if PC_ATT_AVX512
-            if (grouped)
-                values_group_avx512(scores, v_cache, is_bf16, rows, head_dim, len, group, acc);
-            else if (fast)
-                for (int64_t g = 0; g < group; g++)
-                    values_avx512(scores + g * len, v_cache, is_bf16, rows, head_dim, len,
-                                  acc + g * head_dim);
-#endif
-            for (int64_t t = 0; t < len && !fast; t++) {
-                load_row(v_cache, is_bf16, rows[t], head_dim, row);
-                for (int64_t g = 0; g < group; g++) {
-                    const float p = scores[g * len + t];
-#pragma omp simd
-                    for (int64_t i = 0; i < head_dim; i++) acc[g * head_dim + i] += p * row[i];
-                }
-            }
-            for (int64_t g = 0; g < group; g++) {
-                const float inv = 1.0f / total[g];
-                const int64_t o = q_base + g * head_dim;
-                if (is_bf16) {
-                    for (int64_t i = 0; i < head_dim; i++)
-                        ((uint16_t *)out)[o + i] = f32_to_bf16(acc[g * head_dim + i] * inv);
-                } else {
-                    for (int64_t i = 0; i < head_dim; i++) ((float *)out)[o + i] = acc[g * head_dim + i] * inv;
-                }
-            }
+            const int64_t q_base = q_rows[s] * q_heads * d;
+            for (int64_t i = 0; i < q_heads * d; i++)
+                qf[i] = (is_bf16 ? bf16_to_f32(((const uint16_t *)q)[q_base + i])
+                                 : ((const float *)q)[q_base + i]) * scale;
+            float *pu = parts + u * part;
+            attend_unit(qf, k_cache, v_cache, is_bf16, rows, n, q_heads, kv_heads, d, scores, row,
+                        pu, pu + q_heads, pu + 2 * q_heads);
         }
         free(scores);
         free(rows);
     }
+    if (!failed) {
+        /* The units of each sequence merged in order, per query head. */
+#pragma omp parallel for schedule(static) num_threads(threads) if (parallel)
+        for (int64_t item = 0; item < num_seqs * q_heads; item++) {
+            const int64_t s = item / q_heads, hq = item % q_heads;
+            const int64_t u0 = first_unit[s], u1 = first_unit[s + 1];
+            const float *p0 = parts + u0 * part;
+            float top = p0[hq], total = p0[q_heads + hq];
+            float acc[MAX_HEAD_DIM];
+            memcpy(acc, p0 + 2 * q_heads + hq * d, (size_t)d * sizeof(float));
+            for (int64_t u = u0 + 1; u < u1; u++) {
+                const float *pu = parts + u * part;
+                const float m = pu[hq] > top ? pu[hq] : top;
+                const float old = expf(top - m), now = expf(pu[hq] - m);
+                const float *a = pu + 2 * q_heads + hq * d;
+                for (int64_t i = 0; i < d; i++) acc[i] = acc[i] * old + a[i] * now;
+                total = total * old + pu[q_heads + hq] * now;
+                top = m;
+            }
+            const float inv = 1.0f / total;
+            const int64_t o = (q_rows[s] * q_heads + hq) * d;
+            if (is_bf16) {
+                for (int64_t i = 0; i < d; i++) ((uint16_t *)out)[o + i] = f32_to_bf16(acc[i] * inv);
+            } else {
+                for (int64_t i = 0; i < d; i++) ((float *)out)[o + i] = acc[i] * inv;
+            }
+        }
+    }
+    free(parts);
+    free(first_unit);
     return failed ? -2 : 0;
 }
