@@ -126,14 +126,15 @@ def _decode(batch, lib, q=None, meta=None) -> torch.Tensor:
 @pytest.mark.parametrize("march", _kernel_builds())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_long_contexts_split_into_work_units_match_float64_and_stay_batch_invariant(march, dtype):
-    """A sequence longer than the kernel's work unit (512 keys) is attended a unit at a time,
+    """A sequence longer than the kernel's work unit (64 keys) is attended a unit at a time,
     on every thread, and the units merged in order: exactly one unit, one key more, several
-    units with a short last one. float64 agrees; the bits depend neither on the thread count
-    nor on the batch mates (the split depends on the sequence's own length only)."""
+    units with a short last one, and past 64 units (4,096 keys) 64 longer ones. float64
+    agrees; the bits depend neither on the thread count nor on the batch mates (the split
+    depends on the sequence's own length only)."""
     lib = load(march)
     assert lib is not None
     batch = make_batch(
-        [(1, 512), (1, 513), (1, 1100), (1, 3), (1, 2049)],
+        [(1, 64), (1, 65), (1, 1100), (1, 3), (1, 4161)],
         num_kv_heads=2,
         group=4,
         head_dim=128,

@@ -2,7 +2,7 @@
  *
  * One query token per sequence attends to its seq_len cached keys, read block by block where
  * they lie in the cache: no gather into a contiguous copy, no per-sequence framework call.
- * Work units are runs of up to UNIT_KEYS keys of one sequence, for all its query heads: each
+ * Work units are runs of one sequence's keys (see UNIT_KEYS), for all its query heads: each
  * reads a token's keys (then values) of every KV head at once, a contiguous row of the cache,
  * so memory is streamed front to back; the units of a long sequence run on different threads
  * and are merged in order. Math is float32 whatever the cache dtype (float32 or bfloat16,
@@ -147,20 +147,29 @@ static int64_t exp_avx512(float *scores, int64_t len, float top, float *sum) {
 #endif
 
 /* Keys per work unit. A sequence is split into units of UNIT_KEYS keys (the last one shorter),
- * each unit attends over its keys for every query head, and the units' results are merged
- * in order (flash-decoding): a long context's decode uses every thread, while the split, and
- * so every bit of a sequence's output, depends on its own length only. A sequence within one
- * unit is summed exactly as by a single pass. */
-#define UNIT_KEYS 512
+ * or into MAX_UNITS equal units once it is longer than UNIT_KEYS * MAX_UNITS; each unit
+ * attends over its keys for every query head, and the units' results are merged in order
+ * (flash-decoding): a decode uses every thread from a few hundred keys on, while the split,
+ * and so every bit of a sequence's output, depends on its own length only. A sequence within
+ * one unit is summed exactly as by a single pass. Small units keep both threads busy on a
+ * 384-key context (512-key units: 0.55x the former per-head kernel there, 64-key units 0.95x);
+ * the cap keeps the units' partial results (q_heads x (d + 2) floats each, written and read
+ * back once) to a few percent of the keys' bytes at 262,144 keys. */
+#define UNIT_KEYS 64
+#define MAX_UNITS 64
+
+static int64_t keys_per_unit(int64_t len) {
+    return len <= UNIT_KEYS * MAX_UNITS ? UNIT_KEYS : (len + MAX_UNITS - 1) / MAX_UNITS;
+}
 
 /* One unit's pass: the scaled queries `qf` [q_heads][d] against keys rows[0 .. len) (each the
  * cache offset of a token's row of all KV heads); writes top[hq], total[hq] and the
- * unnormalised acc[hq][d]. `scores`: [q_heads][UNIT_KEYS] scratch, `row`: [d] scratch. */
+ * unnormalised acc[hq][d]. `scores`: [q_heads][stride] scratch (stride >= len), `row`: [d] scratch. */
 static void attend_unit(const float *qf, const void *k_cache, const void *v_cache, int is_bf16,
                         const int64_t *rows, int64_t len, int64_t q_heads, int64_t kv_heads,
-                        int64_t d, float *scores, float *row, float *top, float *total,
-                        float *acc) {
-    const int64_t group = q_heads / kv_heads, stride = UNIT_KEYS;
+                        int64_t d, float *scores, int64_t stride, float *row, float *top,
+                        float *total, float *acc) {
+    const int64_t group = q_heads / kv_heads;
     const int fast = PC_ATT_AVX512 && d % 16 == 0 && d <= 256;
     for (int64_t hq = 0; hq < q_heads; hq++) top[hq] = -INFINITY;
     memset(acc, 0, (size_t)(q_heads * d) * sizeof(float));
@@ -230,12 +239,13 @@ int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, c
     /* Units: sequence s's are first_unit[s] .. first_unit[s + 1] - 1. */
     int64_t *first_unit = (int64_t *)malloc((size_t)(num_seqs + 1) * sizeof(int64_t));
     if (first_unit == NULL) return -2;
-    int64_t units = 0, keys = 0;
+    int64_t units = 0, keys = 0, widest = 1;
     for (int64_t s = 0; s < num_seqs; s++) {
         first_unit[s] = units;
-        const int64_t len = seq_lens[s];
-        units += len > UNIT_KEYS ? (len + UNIT_KEYS - 1) / UNIT_KEYS : 1;
+        const int64_t len = seq_lens[s], per = keys_per_unit(len);
+        units += len > per ? (len + per - 1) / per : 1;
         keys += len;
+        widest = per > widest ? per : widest;
     }
     first_unit[num_seqs] = units;
     /* Per unit: top and total per query head, then acc [q_heads][d]. */
@@ -251,15 +261,15 @@ int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, c
     const int parallel = keys * kv_heads * head_dim >= (1 << 18);
 #pragma omp parallel num_threads(threads) if (parallel)
     {
-        /* Per thread: scores [q_heads][UNIT_KEYS], scaled queries [q_heads][d], a row [d], the
+        /* Per thread: scores [q_heads][widest], scaled queries [q_heads][d], a row [d], the
          * units' row offsets. */
-        float *scores = (float *)malloc((size_t)(q_heads * (UNIT_KEYS + d) + d) * sizeof(float));
-        int64_t *rows = (int64_t *)malloc((size_t)UNIT_KEYS * sizeof(int64_t));
+        float *scores = (float *)malloc((size_t)(q_heads * (widest + d) + d) * sizeof(float));
+        int64_t *rows = (int64_t *)malloc((size_t)widest * sizeof(int64_t));
         if (scores == NULL || rows == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
-        float *qf = scores ? scores + q_heads * UNIT_KEYS : NULL, *row = qf ? qf + q_heads * d : NULL;
+        float *qf = scores ? scores + q_heads * widest : NULL, *row = qf ? qf + q_heads * d : NULL;
         /* Each thread takes one contiguous run of units holding its share of the keys: it
          * streams neighbouring rows, and sequences of different lengths still balance. */
         const int nthreads = omp_get_num_threads(), me = omp_get_thread_num();
@@ -267,8 +277,8 @@ int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, c
         int64_t seen = 0, s = 0;
         for (int64_t u = 0; u < units && scores != NULL && rows != NULL; u++) {
             while (u >= first_unit[s + 1]) s++;
-            const int64_t len = seq_lens[s], t0 = (u - first_unit[s]) * UNIT_KEYS;
-            const int64_t n = len - t0 < UNIT_KEYS ? len - t0 : UNIT_KEYS;
+            const int64_t len = seq_lens[s], per = keys_per_unit(len);
+            const int64_t t0 = (u - first_unit[s]) * per, n = len - t0 < per ? len - t0 : per;
             const int64_t at = seen; /* the unit's first key among all keys: whose share */
             seen += n;
             if (at < lo || (at >= hi && me < nthreads - 1)) continue;
@@ -282,8 +292,8 @@ int pc_paged_decode_attention(const void *q, void *out, const int64_t *q_rows, c
                 qf[i] = (is_bf16 ? bf16_to_f32(((const uint16_t *)q)[q_base + i])
                                  : ((const float *)q)[q_base + i]) * scale;
             float *pu = parts + u * part;
-            attend_unit(qf, k_cache, v_cache, is_bf16, rows, n, q_heads, kv_heads, d, scores, row,
-                        pu, pu + q_heads, pu + 2 * q_heads);
+            attend_unit(qf, k_cache, v_cache, is_bf16, rows, n, q_heads, kv_heads, d, scores, widest,
+                        row, pu, pu + q_heads, pu + 2 * q_heads);
         }
         free(scores);
         free(rows);
