@@ -130,13 +130,27 @@ def build_plan(args: argparse.Namespace, out: Path) -> Plan:
     return Plan(device, shape, checkpoint, steps)
 
 
+def pinned_packages() -> list[str]:
+    """NEEDED_PACKAGES at the versions installed here, where they are: the suite ran with those,
+    and pydantic pins pydantic-core exactly, so two unpinned downloads may not fit together."""
+    import importlib.metadata
+
+    specs = []
+    for name in NEEDED_PACKAGES:
+        try:
+            specs.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            specs.append(name)
+    return specs
+
+
 def download_wheels(dest: Path, python_version: str = GPU_PYTHON) -> int:
     """The wheels for NEEDED_PACKAGES, for the GPU machine's Python on x86-64 Linux, into dest."""
     dest.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
            "--python-version", python_version, "--implementation", "cp",
            "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-           "--platform", "manylinux2014_x86_64", "-d", str(dest), *NEEDED_PACKAGES]
+           "--platform", "manylinux2014_x86_64", "-d", str(dest), *pinned_packages()]
     print("$", shlex.join(cmd))
     rc = subprocess.call(cmd)
     if rc == 0:

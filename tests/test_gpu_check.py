@@ -113,3 +113,16 @@ def test_a_gpu_report_is_stored_under_the_gpus_name(tmp_path):
     stored = gpu_check.store(report, tmp_path)
     assert stored.name == "gpu-check-h100.json"
     assert json.loads(stored.read_text())["results"]["env"]["gpu"].startswith("NVIDIA H100")
+
+
+def test_wheels_are_pinned_to_the_versions_installed_here():
+    """The GPU machine gets the versions the suite ran with; pydantic-core is the exact one that
+    the pinned pydantic requires (read from pydantic's own metadata, not from our list)."""
+    import importlib.metadata
+
+    pins = dict(spec.split("==") for spec in gpu_check.pinned_packages())
+    assert set(pins) == set(gpu_check.NEEDED_PACKAGES)
+    for name, version in pins.items():
+        assert version == importlib.metadata.version(name)
+    required = [r for r in importlib.metadata.requires("pydantic") or [] if r.startswith("pydantic-core")]
+    assert required and required[0].replace(" ", "") == f"pydantic-core=={pins['pydantic-core']}"
