@@ -203,7 +203,14 @@ def install_wheels(wheels: Path, site: Path) -> int:
     rc = subprocess.call(cmd)
     if rc:
         return rc
-    sys.path.insert(0, str(site))
+    # The site may be on sys.path already (the check puts it on every step's PYTHONPATH): while
+    # it did not exist, Python cached "no finder" for it, which must go before the check again.
+    import importlib
+
+    if str(site) not in sys.path:
+        sys.path.insert(0, str(site))
+    sys.path_importer_cache.pop(str(site), None)
+    importlib.invalidate_caches()
     missing = _missing_modules()
     if missing:
         print(f"still missing after the install: {missing}", file=sys.stderr)

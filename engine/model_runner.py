@@ -65,6 +65,11 @@ class ModelRunner:
             keep_freed_memory()
         backend_name = config.resolved_attention_backend()
         self.attention_backend = get_attention_backend(backend_name, config.cpu_attention)
+        # What this process held on the GPU before this engine (another engine's weights and KV
+        # cache): not part of this engine's share, which is per engine as vLLM's is per instance.
+        self._gpu_baseline = (
+            torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else 0
+        )
         torch.manual_seed(config.seed)
         self.model = load_model(
             model_path, model_config, self.precision, str(self.device), self.attention_backend
@@ -123,7 +128,7 @@ class ModelRunner:
             return self.config.num_kv_blocks
         if self.device.type != "cuda":
             return max(1, int(self.config.kv_cache_memory_gb * GiB) // self.block_bytes)
-        peak = self._profile_activation_peak()
+        peak = self._profile_activation_peak() - self._gpu_baseline
         total = torch.cuda.get_device_properties(self.device).total_memory
         free_for_kv = total * self.config.gpu_memory_utilization - peak
         blocks = int(free_for_kv // self.block_bytes)
@@ -133,6 +138,14 @@ class ModelRunner:
                 f"utilization {self.config.gpu_memory_utilization}, weights and activations "
                 f"peak at {peak / GiB:.1f} GiB; raise PAGECHAT_GPU_MEMORY_UTILIZATION or lower "
                 "PAGECHAT_MAX_NUM_BATCHED_TOKENS"
+            )
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if blocks * self.block_bytes > free:
+            raise RuntimeError(
+                f"the KV cache's share of the GPU ({blocks * self.block_bytes / GiB:.1f} GiB of "
+                f"utilization {self.config.gpu_memory_utilization}) is more than is free "
+                f"({free / GiB:.1f} GiB; other engines or processes hold the rest): lower "
+                "PAGECHAT_GPU_MEMORY_UTILIZATION"
             )
         return blocks
 

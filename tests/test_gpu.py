@@ -64,8 +64,9 @@ def test_bf16_greedy_close_to_transformers(qwen3_like):
 def test_cuda_graphs_give_the_same_tokens(qwen3_like):
     prompts = random_prompts([5, 40, 77, 120, 9, 300, 64, 31, 2], seed=3)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    eager = LLM(str(qwen3_like), dtype="bfloat16", device="cuda", enforce_eager=True)
-    graphs = LLM(str(qwen3_like), dtype="bfloat16", device="cuda", enforce_eager=False)
+    # Two engines in one process: each takes its share of the GPU (as two vLLM instances would).
+    eager = LLM(str(qwen3_like), dtype="bfloat16", device="cuda", enforce_eager=True, gpu_memory_utilization=0.4)
+    graphs = LLM(str(qwen3_like), dtype="bfloat16", device="cuda", enforce_eager=False, gpu_memory_utilization=0.4)
     assert graphs.engine.runner.graphs is not None and graphs.engine.runner.graphs.graphs
     assert [o.token_ids for o in eager.generate(prompts, params)] == [
         o.token_ids for o in graphs.generate(prompts, params)

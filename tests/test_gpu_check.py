@@ -107,6 +107,22 @@ def test_wheels_install_offline_into_a_target_folder(tmp_path, monkeypatch):
     assert (tmp_path / "site" / module / "__init__.py").is_file()
 
 
+def test_wheels_install_into_a_site_already_on_the_path_before_it_existed(tmp_path, monkeypatch):
+    """As on the GPU machine: the check puts the site on PYTHONPATH before the wheels step makes it,
+    so Python has cached that the missing folder holds nothing."""
+    site = tmp_path / "site"
+    monkeypatch.setattr(sys, "path", [str(site), *sys.path])
+    monkeypatch.setattr(sys, "path_importer_cache", dict(sys.path_importer_cache))
+    module = "pagechat_gpu_check_fake_early"
+    monkeypatch.setattr(gpu_check, "NEEDED_MODULES", ("json", module))
+    assert gpu_check._missing_modules() == [module]  # caches "nothing here" for the missing site
+    wheels = tmp_path / "whl"
+    wheels.mkdir()
+    _fake_wheel(wheels, module)
+    assert gpu_check.install_wheels(wheels, site) == 0
+    assert gpu_check._missing_modules() == []
+
+
 def test_a_gpu_report_is_stored_under_the_gpus_name(tmp_path):
     report = tmp_path / "gpu-check.json"
     report.write_text(json.dumps({"device": "cuda", "results": {"env": {"gpu": "NVIDIA H100 80GB HBM3"}}}))
