@@ -79,7 +79,8 @@ def build_plan(args: argparse.Namespace, out: Path) -> Plan:
         device, shape = "cpu", "tiny"
         checkpoint = Path(args.checkpoint) if args.checkpoint else out / "checkpoint-tiny"
         engine_common = ["--device", "cpu", "--dtype", "float32", "--kv-gb", "0.05"]
-        decode = ["--decode-batches", "1,4", "--decode-prompt-len", "16", "--decode-new-tokens", "8"]
+        decode = ["--decode-batches", "1,4", "--decode-prompt-len", "16", "--decode-new-tokens", "8",
+                  "--profile-steps", "3"]
         prefill = ["--prefill-lens", "64,256", "--prefill-chunk", "128"]
         nano = ["--nano-seqs", "6", "--nano-input-lens", "10,40", "--nano-output-lens", "4,12",
                 "--nano-max-model-len", "256"]
@@ -91,7 +92,8 @@ def build_plan(args: argparse.Namespace, out: Path) -> Plan:
         device, shape = "cuda", args.shape
         checkpoint = Path(args.checkpoint) if args.checkpoint else CACHE_DIR / f"random-{shape}-seed0"
         engine_common = ["--device", "cuda"]
-        decode = ["--decode-batches", "1,64", "--decode-prompt-len", "128", "--decode-new-tokens", "256"]
+        decode = ["--decode-batches", "1,64", "--decode-prompt-len", "128", "--decode-new-tokens", "256",
+                  "--profile-steps", "50"]
         prefill = ["--prefill-lens", "8192,32768,131072", "--prefill-chunk", "8192"]
         nano = ["--nano-seqs", "256", "--nano-input-lens", "100,1024", "--nano-output-lens", "100,1024"]
         hf = ["--hf-batches", "1,64", "--hf-new-tokens", "64", "--decode-prompt-len", "128"]
@@ -444,6 +446,9 @@ def _summary(report: dict) -> str:
     for d in r.get("decode", []):
         if "tokens_per_s" in d:
             lines.append(f"decode batch {d['batch']}: {d['tokens_per_s']:.1f} tok/s")
+        gpu = d.get("profile", {}).get("gpu_kernels_ms_per_step")
+        if gpu is not None:
+            lines.append(f"  profiled: GPU kernels {gpu:.2f} of {d['profile']['profiled_ms_per_step']:.2f} ms a step")
     for d in r.get("prefill", []):
         if "tokens_per_s" in d:
             lines.append(f"prefill {d['prompt_tokens']}: {d['tokens_per_s']:.0f} tok/s ({d['seconds']:.2f} s)")

@@ -1,6 +1,8 @@
 """GPU engine figures on Qwen3-4B-shaped random weights (speed does not depend on the values).
 
-  decode     tokens/s at batch 1 and 64 (CUDA graphs on), timed once every prompt is prefilled
+  decode     tokens/s at batch 1 and 64 (CUDA graphs on), timed once every prompt is prefilled;
+             with --profile-steps, the torch profiler's GPU kernel time per step against the
+             step's wall time, and the heaviest kernels
   prefill    tokens/s for one 8K, 32K and 128K-token prompt (chunked by max_num_batched_tokens);
              a length whose estimated time exceeds what is left of --budget-s is skipped
   nano-vllm  256 sequences, input and output lengths uniform in 100..1024, temperature 0.6,
@@ -85,6 +87,46 @@ def decode_speed(llm: LLM, batch: int, prompt_len: int = 128, new_tokens: int = 
     return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "decode_tokens": decoded, "steps": steps, "seconds": seconds,
             "tokens_per_s": decoded / seconds, "ms_per_step": 1000 * seconds / max(steps, 1)}
+
+
+def decode_profile(llm: LLM, batch: int, prompt_len: int, steps: int, warm: int = 10) -> dict:
+    """Where a decode step's time goes: the torch profiler over `steps` steps of `batch` running
+    sequences. On CUDA, the kernels' own time per step against the step's wall time says how much
+    of the step the GPU waits for the host; the heaviest kernels say what the GPU does."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import SamplingParams
+
+    engine = llm.engine
+    cuda = llm.engine.runner.device.type == "cuda"
+    params = SamplingParams(temperature=0.0, max_tokens=warm + steps + 2, ignore_eos=True)
+    for p in random_token_prompts(batch, (prompt_len, prompt_len), seed=batch + 1):
+        engine.add_request(p, params)
+    for _ in range(warm + 1):  # the prompts, then a few decode steps
+        engine.step()
+    _sync(str(engine.runner.device))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            engine.step()
+        _sync(str(engine.runner.device))
+    wall = time.perf_counter() - start
+    while engine.has_unfinished():
+        engine.step()
+    events = prof.key_averages()
+    if cuda:
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        times = {e.key: e.self_device_time_total for e in kernels}
+    else:
+        times = {e.key: e.self_cpu_time_total for e in events}
+    top = sorted(times.items(), key=lambda kv: kv[1], reverse=True)[:8]
+    result = {"batch": batch, "steps": steps, "profiled_ms_per_step": 1000 * wall / steps,
+              "top_ms_per_step": {name: round(us / 1000 / steps, 4) for name, us in top}}
+    if cuda:
+        result["gpu_kernels_ms_per_step"] = sum(times.values()) / 1000 / steps
+    return result
 
 
 def prefill_speed(llm: LLM, length: int) -> dict:
@@ -220,6 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-batches", default="1,64")
     parser.add_argument("--decode-prompt-len", type=int, default=128)
     parser.add_argument("--decode-new-tokens", type=int, default=256)
+    parser.add_argument("--profile-steps", type=int, default=0,
+                        help="after each decode batch, profile this many steps (torch profiler)")
     parser.add_argument("--hf-batches", default="1,64")
     parser.add_argument("--hf-new-tokens", type=int, default=64)
     parser.add_argument("--nano-seqs", type=int, default=256)
@@ -259,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
                     out.append({"batch": b, "skipped": "over budget"})
                     continue
                 out.append(decode_speed(llm, b, args.decode_prompt_len, args.decode_new_tokens))
+                if args.profile_steps:
+                    out[-1]["profile"] = decode_profile(llm, b, args.decode_prompt_len, args.profile_steps)
             del llm
             release_memory()
             return out
@@ -267,6 +313,13 @@ def main(argv: list[str] | None = None) -> dict:
         for r in result["decode"]:
             if "tokens_per_s" in r:
                 print(f"decode batch {r['batch']:3d}: {r['tokens_per_s']:9.1f} tok/s ({r['ms_per_step']:.2f} ms/step)")
+            if "profile" in r:
+                prof = r["profile"]
+                gpu = prof.get("gpu_kernels_ms_per_step")
+                print(f"  profiled {prof['profiled_ms_per_step']:.2f} ms/step"
+                      + (f", GPU kernels {gpu:.2f} ms/step" if gpu is not None else "") + "; heaviest:")
+                for name, ms in prof["top_ms_per_step"].items():
+                    print(f"    {ms:8.3f} ms  {name[:90]}")
     if "prefill" in wanted:
         def run_prefill() -> list[dict]:
             lens = _ints(args.prefill_lens)

@@ -44,6 +44,10 @@ def test_smoke_runs_every_step_and_writes_json_and_log(tmp_path):
     assert r["pytest_gpu"]["tests"] > 0 and r["pytest_gpu"]["failures"] == r["pytest_gpu"]["errors"] == 0
     assert [d["batch"] for d in r["decode"]] == [1, 4]
     assert all(d["tokens_per_s"] > 0 and d["decode_tokens"] == d["batch"] * 7 for d in r["decode"])
+    for d in r["decode"]:  # the profile of 3 more steps (CPU ops here; kernels on a GPU)
+        prof = d["profile"]
+        assert prof["steps"] == 3 and prof["profiled_ms_per_step"] > 0
+        assert prof["top_ms_per_step"] and "gpu_kernels_ms_per_step" not in prof
     assert [p["prompt_tokens"] for p in r["prefill"]] == [64, 256]
     assert all(p["tokens_per_s"] > 0 and p["cached_tokens"] == 0 for p in r["prefill"])
     nano = r["nano_vllm"]
