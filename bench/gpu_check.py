@@ -448,7 +448,8 @@ def _summary(report: dict) -> str:
             lines.append(f"decode batch {d['batch']}: {d['tokens_per_s']:.1f} tok/s")
         gpu = d.get("profile", {}).get("gpu_kernels_ms_per_step")
         if gpu is not None:
-            lines.append(f"  profiled: GPU kernels {gpu:.2f} of {d['profile']['profiled_ms_per_step']:.2f} ms a step")
+            lines.append(f"  profiled: GPU kernels {gpu:.2f} ms of the {d['ms_per_step']:.2f} ms step "
+                         f"({100 * gpu / d['ms_per_step']:.0f}% busy)")
     for d in r.get("prefill", []):
         if "tokens_per_s" in d:
             lines.append(f"prefill {d['prompt_tokens']}: {d['tokens_per_s']:.0f} tok/s ({d['seconds']:.2f} s)")
