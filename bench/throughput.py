@@ -143,8 +143,6 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": dtype,
         "results": results,
     }
-    from pathlib import Path
-
     name = args.name or f"throughput-{args.device.split(':')[0]}"
     out = write_result(name, payload, args.device, Path(args.out_dir) if args.out_dir else None)
     print(f"wrote {out}")
