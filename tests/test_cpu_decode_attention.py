@@ -17,14 +17,14 @@ from tests.test_kernels import make_batch
 pytestmark = pytest.mark.skipif(compiler() is None, reason="no C compiler on this machine")
 
 
-def decode_batch(dtype: torch.dtype, seed: int, group: int = 2, block_size: int = 16):
+def decode_batch(dtype: torch.dtype, seed: int, group: int = 2, block_size: int = 16, head_dim: int = 128):
     rng = random.Random(seed)
     pairs = [(1, rng.randrange(2, 300)) for _ in range(5)] + [(1, 17), (1, 17), (1, 2)]
     return make_batch(
         pairs,
         num_kv_heads=2,
         group=group,
-        head_dim=128,
+        head_dim=head_dim,
         block_size=block_size,
         dtype=dtype,
         seed=seed,
@@ -88,12 +88,14 @@ def test_bits_do_not_depend_on_batch_mates_or_thread_count():
     torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"),
     reason="the AVX2 build runs here only on an AVX512 CPU (elsewhere it is the native one)",
 )
+@pytest.mark.parametrize("head_dim", [128, 36])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_portable_loops_an_avx2_cpu_runs_match_float64(dtype):
-    """The kernel as an AVX2 CPU compiles it (no AVX512 intrinsics: the portable loops)."""
+def test_the_kernel_an_avx2_cpu_runs_matches_float64(dtype, head_dim):
+    """The kernel as an AVX2 CPU compiles it: its AVX2 intrinsics where the head size is a
+    multiple of 8 (128), else the portable loops (36) that other CPUs (ARM) run too."""
     lib = load("x86-64-v3")
     assert lib is not None
-    batch = decode_batch(dtype, 6, group=4)
+    batch = decode_batch(dtype, 6, group=4, head_dim=head_dim)
     m = batch.meta
     rows = torch.tensor([sum(m.query_lens_cpu[:s]) for s in range(m.num_seqs)])
     out = torch.zeros_like(batch.q)

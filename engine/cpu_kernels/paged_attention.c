@@ -146,6 +146,90 @@ static int64_t exp_avx512(float *scores, int64_t len, float top, float *sum) {
 #define PC_ATT_AVX512 0
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define PC_ATT_AVX2 1
+
+/* 8 cache values at `offset` widened to float32. */
+static inline __m256 load8(const void *cache, int is_bf16, int64_t offset) {
+    if (is_bf16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)cache + offset));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_loadu_ps((const float *)cache + offset);
+}
+
+/* The 8 lanes' sum: halves, then pairs, then the last two. */
+static inline float sum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Pass 1 of a unit as scores_avx512 does it, 8 lanes wide: each dot is two chains over
+ * alternating 8-wide chunks, summed across in registers (the portable loop's reduction went
+ * through memory, a chain of scalar adds per dot). */
+static void scores_avx2(const float *qf, const void *k_cache, int is_bf16, const int64_t *rows,
+                        int64_t kv_heads, int64_t group, int64_t d, int64_t len, int64_t stride,
+                        float *scores, float *top) {
+    const int64_t chunks = d / 8;
+    for (int64_t t = 0; t < len; t++) {
+        if (t + PREFETCH_ROWS < len) prefetch_row(k_cache, is_bf16, rows[t + PREFETCH_ROWS], kv_heads * d);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t off = rows[t] + h * d;
+            for (int64_t g = 0; g < group; g++) {
+                const int64_t hq = h * group + g;
+                const float *qh = qf + hq * d;
+                __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+                int64_t c = 0;
+                for (; c + 1 < chunks; c += 2) {
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), load8(k_cache, is_bf16, off + 8 * c), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c + 8), load8(k_cache, is_bf16, off + 8 * c + 8), a1);
+                }
+                if (c < chunks) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + 8 * c), load8(k_cache, is_bf16, off + 8 * c), a0);
+                const float dot = sum8(_mm256_add_ps(a0, a1));
+                scores[hq * stride + t] = dot;
+                top[hq] = dot > top[hq] ? dot : top[hq];
+            }
+        }
+    }
+}
+
+/* Pass 3 of a unit, VALUE_TILE tokens at a time: each accumulator chunk is loaded once, takes
+ * the tile's tokens one after another and is stored once (the same fused multiply-adds in the
+ * same order as token by token, so the portable loop's bits), instead of a load and a store
+ * per token. */
+#define VALUE_TILE 4
+
+static void values_avx2(const float *p, const void *v_cache, int is_bf16, const int64_t *rows,
+                        int64_t kv_heads, int64_t group, int64_t d, int64_t len, int64_t stride,
+                        float *acc) {
+    const int64_t chunks = d / 8;
+    for (int64_t t0 = 0; t0 < len; t0 += VALUE_TILE) {
+        const int64_t n = len - t0 < VALUE_TILE ? len - t0 : VALUE_TILE;
+        for (int64_t t = t0 + VALUE_TILE; t < t0 + 2 * VALUE_TILE && t < len; t++)
+            prefetch_row(v_cache, is_bf16, rows[t], kv_heads * d);
+        for (int64_t h = 0; h < kv_heads; h++) {
+            for (int64_t c = 0; c < chunks; c++) {
+                __m256 v[VALUE_TILE];
+                for (int64_t j = 0; j < n; j++) v[j] = load8(v_cache, is_bf16, rows[t0 + j] + h * d + 8 * c);
+                for (int64_t g = 0; g < group; g++) {
+                    const int64_t hq = h * group + g;
+                    float *a = acc + hq * d + 8 * c;
+                    __m256 sum = _mm256_loadu_ps(a);
+                    for (int64_t j = 0; j < n; j++)
+                        sum = _mm256_fmadd_ps(_mm256_set1_ps(p[hq * stride + t0 + j]), v[j], sum);
+                    _mm256_storeu_ps(a, sum);
+                }
+            }
+        }
+    }
+}
+#else
+#define PC_ATT_AVX2 0
+#endif
+
 /* Keys per work unit. A sequence is split into units of UNIT_KEYS keys (the last one shorter),
  * or into MAX_UNITS equal units once it is longer than UNIT_KEYS * MAX_UNITS; each unit
  * attends over its keys for every query head, and the units' results are merged in order
@@ -171,13 +255,17 @@ static void attend_unit(const float *qf, const void *k_cache, const void *v_cach
                         float *total, float *acc) {
     const int64_t group = q_heads / kv_heads;
     const int fast = PC_ATT_AVX512 && d % 16 == 0 && d <= 256;
+    const int fast2 = PC_ATT_AVX2 && d % 8 == 0;
     for (int64_t hq = 0; hq < q_heads; hq++) top[hq] = -INFINITY;
     memset(acc, 0, (size_t)(q_heads * d) * sizeof(float));
     /* Pass 1: scores and their maximum per query head. */
 #if PC_ATT_AVX512
     if (fast) scores_avx512(qf, k_cache, is_bf16, rows, kv_heads, group, d, len, stride, scores, top);
 #endif
-    for (int64_t t = 0; t < len && !fast; t++) {
+#if PC_ATT_AVX2
+    if (fast2) scores_avx2(qf, k_cache, is_bf16, rows, kv_heads, group, d, len, stride, scores, top);
+#endif
+    for (int64_t t = 0; t < len && !fast && !fast2; t++) {
         if (t + PREFETCH_ROWS < len) prefetch_row(k_cache, is_bf16, rows[t + PREFETCH_ROWS], kv_heads * d);
         for (int64_t h = 0; h < kv_heads; h++) {
             load_row(k_cache, is_bf16, rows[t] + h * d, d, row);
@@ -209,7 +297,10 @@ static void attend_unit(const float *qf, const void *k_cache, const void *v_cach
 #if PC_ATT_AVX512
     if (fast) values_avx512(scores, v_cache, is_bf16, rows, kv_heads, group, d, len, stride, acc);
 #endif
-    for (int64_t t = 0; t < len && !fast; t++) {
+#if PC_ATT_AVX2
+    if (fast2) values_avx2(scores, v_cache, is_bf16, rows, kv_heads, group, d, len, stride, acc);
+#endif
+    for (int64_t t = 0; t < len && !fast && !fast2; t++) {
         if (t + PREFETCH_ROWS < len) prefetch_row(v_cache, is_bf16, rows[t + PREFETCH_ROWS], kv_heads * d);
         for (int64_t h = 0; h < kv_heads; h++) {
             load_row(v_cache, is_bf16, rows[t] + h * d, d, row);
