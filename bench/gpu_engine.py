@@ -99,7 +99,7 @@ def decode_profile(llm: LLM, batch: int, prompt_len: int, steps: int, warm: int 
     from engine import SamplingParams
 
     engine = llm.engine
-    cuda = llm.engine.runner.device.type == "cuda"
+    cuda = engine.runner.device.type == "cuda"
     params = SamplingParams(temperature=0.0, max_tokens=warm + steps + 2, ignore_eos=True)
     for p in random_token_prompts(batch, (prompt_len, prompt_len), seed=batch + 1):
         engine.add_request(p, params)
