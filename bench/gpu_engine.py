@@ -1,7 +1,8 @@
 """GPU engine figures on Qwen3-4B-shaped random weights (speed does not depend on the values).
 
   decode     tokens/s at batch 1 and 64 (CUDA graphs on), timed once every prompt is prefilled;
-             with --profile-steps, the torch profiler's GPU kernel time per step against the
+             with --async-output-ab, also with async output off and on, alternating; with
+             --profile-steps, the torch profiler's GPU kernel time per step against the
              step's wall time, and the heaviest kernels
   prefill    tokens/s for one 8K, 32K and 128K-token prompt (chunked by max_num_batched_tokens);
              a length whose estimated time exceeds what is left of --budget-s is skipped
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -78,15 +80,37 @@ def decode_speed(llm: LLM, batch: int, prompt_len: int = 128, new_tokens: int = 
     started: set[str] = set()
     while started != ids and engine.has_unfinished():  # prefill (possibly mixed with decodes)
         started.update(o.request_id for o in engine.step() if o.delta_token_ids)
+    # Tokens generated in the timed window: with async output the sequences already hold one
+    # more token than the outputs showed so far (the next step ran while they were emitted).
+    held = sum(engine.requests[i].seq.num_output_tokens for i in ids if i in engine.requests)
+    finished = 0
     start = time.perf_counter()
-    decoded = steps = 0
     while engine.has_unfinished():
-        decoded += sum(len(o.delta_token_ids) for o in engine.step())
-        steps += 1
+        finished += sum(len(o.token_ids) for o in engine.step() if o.finished)
     seconds = time.perf_counter() - start
+    decoded = finished - held
+    steps = decoded / batch  # device steps: every sequence decodes one token a step
     return {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
             "decode_tokens": decoded, "steps": steps, "seconds": seconds,
             "tokens_per_s": decoded / seconds, "ms_per_step": 1000 * seconds / max(steps, 1)}
+
+
+def output_mode_ab(llm: LLM, batch: int, prompt_len: int, new_tokens: int, rounds: int = 2) -> dict:
+    """Decode tokens/s with async output off and on, alternating `rounds` times each: what
+    emitting a step's outputs during the next step's forward pass is worth (the engine's own
+    setting is restored)."""
+    engine = llm.engine
+    own = engine.async_output
+    runs: dict[str, list[float]] = {"off": [], "on": []}
+    try:
+        for _ in range(rounds):
+            for mode in runs:
+                engine.async_output = mode == "on"
+                runs[mode].append(decode_speed(llm, batch, prompt_len, new_tokens)["tokens_per_s"])
+    finally:
+        engine.async_output = own
+    on, off = statistics.median(runs["on"]), statistics.median(runs["off"])
+    return {"on_tokens_per_s": on, "off_tokens_per_s": off, "on_over_off": on / off, "runs": runs}
 
 
 def decode_profile(llm: LLM, batch: int, prompt_len: int, steps: int, warm: int = 10) -> dict:
@@ -266,6 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-new-tokens", type=int, default=256)
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="after each decode batch, profile this many steps (torch profiler)")
+    parser.add_argument("--async-output-ab", action="store_true",
+                        help="after each decode batch, decode with async output off and on, alternating")
     parser.add_argument("--hf-batches", default="1,64")
     parser.add_argument("--hf-new-tokens", type=int, default=64)
     parser.add_argument("--nano-seqs", type=int, default=256)
@@ -305,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict:
                     out.append({"batch": b, "skipped": "over budget"})
                     continue
                 out.append(decode_speed(llm, b, args.decode_prompt_len, args.decode_new_tokens))
+                if args.async_output_ab:
+                    out[-1]["async_output_ab"] = output_mode_ab(
+                        llm, b, args.decode_prompt_len, args.decode_new_tokens)
                 if args.profile_steps:
                     out[-1]["profile"] = decode_profile(llm, b, args.decode_prompt_len, args.profile_steps)
             del llm
@@ -315,6 +344,10 @@ def main(argv: list[str] | None = None) -> dict:
         for r in result["decode"]:
             if "tokens_per_s" in r:
                 print(f"decode batch {r['batch']:3d}: {r['tokens_per_s']:9.1f} tok/s ({r['ms_per_step']:.2f} ms/step)")
+            if "async_output_ab" in r:
+                ab = r["async_output_ab"]
+                print(f"  async output on / off: {ab['on_tokens_per_s']:.1f} / {ab['off_tokens_per_s']:.1f} "
+                      f"tok/s ({ab['on_over_off']:.3f}x)")
             if "profile" in r:
                 prof = r["profile"]
                 gpu = prof.get("gpu_kernels_ms_per_step")

@@ -157,6 +157,20 @@ class AsyncLLM:
         if stream is not None and not stream.loop.is_closed():
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
+    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs with one wake-up per event loop, not one per request: each
+        `call_soon_threadsafe` writes to the loop's self-pipe and wakes its thread, which then
+        contends for the GIL with this one (64 of them a step at batch 64)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+        with self._lock:
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_put_all, items)
+
     def _handle(self, command: tuple) -> None:
         kind = command[0]
         if kind == "add":
@@ -200,8 +214,7 @@ class AsyncLLM:
                 logger.exception("engine step failed outside the model; failing running requests")
                 self._fail_all("internal engine error")
                 continue
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            self._deliver_step(outputs)
             self._stats = self.engine.stats()
 
     def _fail_all(self, why: str) -> None:
@@ -209,6 +222,11 @@ class AsyncLLM:
             out = self.engine.fail(request_id, why)
             if out is not None:
                 self._deliver(request_id, out)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream_queue, item in items:
+        stream_queue.put_nowait(item)
 
 
 def _resolve(future: asyncio.Future) -> None:

@@ -34,6 +34,12 @@ class EngineConfig(BaseSettings):
     enable_prefix_caching: bool = True
     attention_backend: Literal["auto", "triton", "torch"] = "auto"
     enforce_eager: bool = False
+    async_output: bool | None = Field(
+        None,
+        description="emit each step's outputs (detokenized text, stop strings) while the next "
+        "step runs on the device, one step later, as vLLM's async output processing does. "
+        "Default: on for CUDA; off on the CPU, whose steps leave no idle device to overlap",
+    )
     cpu_attention: Literal["auto", "float32", "native"] = Field(
         "auto",
         description="torch backend attention of 16-bit models: auto (decode in float32 math "
@@ -73,6 +79,11 @@ class EngineConfig(BaseSettings):
         if self.device != "auto":
             return self.device
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_async_output(self) -> bool:
+        if self.async_output is not None:
+            return self.async_output
+        return self.resolved_device().startswith("cuda")
 
     def resolved_attention_backend(self) -> str:
         if self.attention_backend != "auto":

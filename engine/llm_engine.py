@@ -12,7 +12,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +53,15 @@ class RequestState:
     logprobs: list[dict[int, float]] | None = None  # all so far, when the request asked for them
     reported_prompt_progress: int = 0
     cached_prefix: CachedPrefix | None = None  # by tier, once admitted
+
+
+@dataclass
+class _PendingOutputs:
+    """A step's results whose outputs are not emitted yet (with async output: until the next
+    step's forward pass is queued on the device)."""
+
+    out: SchedulerOutput
+    progressed: list[Sequence]
 
 
 @dataclass
@@ -129,11 +138,15 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self._finished_total = 0
         self._throughput = _Throughput()
+        self.async_output = config.resolved_async_output()
+        self._pending: _PendingOutputs | None = None  # the last step's, until emitted
         logger.info(
-            "engine ready: %s, max_model_len %d, KV pool %d tokens, model fingerprint %s",
+            "engine ready: %s, max_model_len %d, KV pool %d tokens, async output %s, "
+            "model fingerprint %s",
             self.model_path,
             self.max_model_len,
             pool_tokens,
+            "on" if self.async_output else "off",
             self.model_fingerprint.digest.hex()[:16],
         )
 
@@ -211,7 +224,8 @@ class LLMEngine:
         return self._output(state, finished=True, reason="error", error=error)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """Requests still running or waiting, or outputs not emitted yet (async output)."""
+        return self.scheduler.has_unfinished() or self._pending is not None
 
     # ---- stepping -----------------------------------------------------------------------------
 
@@ -221,6 +235,11 @@ class LLMEngine:
         Each scheduled sequence is one `ScheduledSequence` record from the scheduler through
         the runner (which fills its sampled token and logprobs) to the outputs; records whose
         model step failed are failed alone and filtered out before the scheduler sees results.
+
+        With async output (on CUDA), a step's outputs are emitted by the next step, while its
+        forward pass runs on the device: detokenizing, stop strings and building the outputs
+        then cost the GPU no idle time. A request that a stop string ends meanwhile has run one
+        step too many; `Scheduler.postprocess` drops that token (as vLLM does).
         """
         out = self.scheduler.schedule()
         if out.kv_copies:
@@ -228,21 +247,34 @@ class LLMEngine:
                 out.kv_copies, self.kv_tiers.host if self.kv_tiers is not None else None
             )
         if not out.scheduled:
+            if self._pending is not None:
+                return self._emit_pending()
             # Nothing can run until a disk load lands: wait for it a little instead of spinning.
             self.scheduler.wait_for_loads(IDLE_LOAD_WAIT_S)
             return []
         with self._cores_beside_loads():
-            self._run_isolating_failures(out.scheduled)
+            outputs = self._run_isolating_failures(out.scheduled, meanwhile=self._emit_pending)
         failed = [s for s in out.scheduled if s.error is not None]
-        outputs = [o for s in failed if (o := self.fail(s.seq.request_id, s.error or MODEL_ERROR))]
+        outputs.extend(
+            o for s in failed if (o := self.fail(s.seq.request_id, s.error or MODEL_ERROR))
+        )
         if failed:
             out = SchedulerOutput(
                 scheduled=[s for s in out.scheduled if s.error is None], preempted=out.preempted
             )
         progressed = self.scheduler.postprocess(out)
         self._save_new_blocks()
-        outputs.extend(self._collect_outputs(out, progressed))
+        self._pending = _PendingOutputs(out, progressed)
+        if not self.async_output:
+            outputs.extend(self._emit_pending())
         return outputs
+
+    def _emit_pending(self) -> list[RequestOutput]:
+        """The outputs of the last step run, if not emitted yet."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return []
+        return self._collect_outputs(pending.out, pending.progressed)
 
     def _save_new_blocks(self) -> int:
         """Hand registered blocks to the disk tier's writer, oldest first, as many as it has
@@ -292,22 +324,32 @@ class LLMEngine:
         finally:
             torch.set_num_threads(threads)
 
-    def _run_isolating_failures(self, batch: list[ScheduledSequence]) -> None:
-        """Run the batch; if it raises, rerun each sequence alone so one bad request fails alone.
+    def _run_isolating_failures(
+        self,
+        batch: list[ScheduledSequence],
+        meanwhile: Callable[[], list[RequestOutput]],
+    ) -> list[RequestOutput]:
+        """Run the batch, calling `meanwhile` (once) while the device works; if the batch
+        raises, rerun each sequence alone so one bad request fails alone. Returns what
+        `meanwhile` returned.
 
         A record whose run raised gets `error` set.
         """
+        read: Callable[[], None] | None = None
         try:
-            self.runner.run(batch)
-            return
+            read = self.runner.start(batch)
         except Exception:
-            if len(batch) == 1:
-                logger.exception("step failed for request %s", batch[0].seq.request_id)
-                batch[0].error = MODEL_ERROR
-                return
-            logger.exception(
-                "batched step failed; retrying its %d sequences one by one", len(batch)
-            )
+            self._log_failure(batch)
+        outputs = meanwhile()
+        if read is not None:
+            try:
+                read()
+                return outputs
+            except Exception:
+                self._log_failure(batch)
+        if len(batch) == 1:
+            batch[0].error = MODEL_ERROR
+            return outputs
         for s in batch:
             s.token_id, s.logprobs = None, None
             try:
@@ -315,6 +357,16 @@ class LLMEngine:
             except Exception:
                 logger.exception("step failed for request %s", s.seq.request_id)
                 s.error = MODEL_ERROR
+        return outputs
+
+    @staticmethod
+    def _log_failure(batch: list[ScheduledSequence]) -> None:
+        if len(batch) == 1:
+            logger.exception("step failed for request %s", batch[0].seq.request_id)
+        else:
+            logger.exception(
+                "batched step failed; retrying its %d sequences one by one", len(batch)
+            )
 
     def _collect_outputs(
         self, out: SchedulerOutput, progressed: list[Sequence]

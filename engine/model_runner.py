@@ -356,9 +356,16 @@ class ModelRunner:
             logits_indices=to_device(logits_rows, torch.int64),
         )
 
-    @torch.inference_mode()
     def run(self, batch: list[ScheduledSequence]) -> None:
         """Forward the batch and fill `token_id` (and `logprobs`) of every record that samples."""
+        self.start(batch)()
+
+    @torch.inference_mode()
+    def start(self, batch: list[ScheduledSequence]) -> Callable[[], None]:
+        """Queue the batch's forward pass and sampling on the device; the returned function
+        waits for the sampled ids and fills `token_id` (and `logprobs`) of every record that
+        samples. On CUDA the host is free in between: the engine emits the previous step's
+        outputs meanwhile. On the CPU the work is done before this returns."""
         inputs = self._build_inputs(
             token_ids=[s.seq.token_ids[s.start : s.start + s.num_new_tokens] for s in batch],
             starts=[s.start for s in batch],
@@ -369,14 +376,19 @@ class ModelRunner:
         hidden = self._forward(inputs)
         self._prompt_logprobs(batch, hidden)
         if not sampling:
-            return
+            return _nothing_to_read
         logits = self.model.compute_logits(hidden[inputs.logits_indices])
         rows = [sampling_row(s.seq) for s in sampling]
         for row, s in zip(rows, sampling):
             row.grammar = s.seq.grammar  # its bitmask masks this row's logits in the sampler
-        token_ids, logprobs = self.sampler.sample(logits, rows)
-        for s, token_id, entry in zip(sampling, token_ids, logprobs):
-            s.token_id, s.logprobs = token_id, entry
+        sampled = self.sampler.sample_on_device(logits, rows)
+
+        def read() -> None:
+            token_ids, logprobs = sampled.read()
+            for s, token_id, entry in zip(sampling, token_ids, logprobs):
+                s.token_id, s.logprobs = token_id, entry
+
+        return read
 
     def _forward(self, inputs: BatchInputs) -> torch.Tensor:
         """Hidden states of every row of the packed batch."""
@@ -402,6 +414,10 @@ class ModelRunner:
                         logits, targets[lo : lo + PROMPT_LOGPROB_ROWS], k
                     )
             offset += s.num_new_tokens
+
+
+def _nothing_to_read() -> None:
+    """The read of a step that samples nothing (every chunk was a prompt's middle)."""
 
 
 def sampling_row(seq: Sequence) -> SamplingRow:

@@ -17,8 +17,9 @@ The semantics follow HF transformers and vLLM so that results can be checked aga
 Every filter is computed from the row's own logits and parameters, and a seeded row draws its
 noise from its own generator only, so a seed gives the same tokens whatever the batch mates.
 Everything stays on the device: per-row settings travel in a few small host-to-device copies
-and nothing is read back until `sample` reads the ids (and the log-probabilities rows asked
-for) back in one go: the step's one sync.
+and nothing is read back until `SampledTokens.read()` reads the ids (and the log-probabilities
+rows asked for) back in one go: the step's one sync, which the engine can put off until it has
+done other host work (engine.llm_engine: async output).
 
 Log-probabilities are those of the model's raw distribution (`log_softmax` of the logits,
 before penalties, temperature and filters), as vLLM and the OpenAI API report them.
@@ -72,6 +73,35 @@ def has_penalty(params: SamplingParams) -> bool:
     )
 
 
+@dataclass
+class SampledTokens:
+    """A batch's sampled ids (and the log-probabilities its rows asked for) still on the device."""
+
+    token_ids: torch.Tensor  # [N] int64
+    wanted: list[int | None]  # per row, how many top log-probabilities it asked for
+    chosen: torch.Tensor | None = None  # [N] log-probability of each sampled id
+    top_ids: torch.Tensor | None = None  # [N, k] the most likely ids of the raw distribution
+    top_values: torch.Tensor | None = None
+
+    def read(self) -> tuple[list[int], list[dict[int, float] | None]]:
+        """Wait for the device; the ids and per row its log-probabilities (None: not asked)."""
+        ids = self.token_ids.tolist()
+        if self.chosen is None:
+            return ids, [None] * len(ids)
+        chosen = self.chosen.tolist()
+        top_ids = self.top_ids.tolist() if self.top_ids is not None else [[] for _ in ids]
+        top_values = self.top_values.tolist() if self.top_values is not None else [[] for _ in ids]
+        logprobs: list[dict[int, float] | None] = []
+        for i, k in enumerate(self.wanted):
+            if k is None:
+                logprobs.append(None)
+                continue
+            entry = dict(zip(top_ids[i][:k], top_values[i][:k]))
+            entry[ids[i]] = chosen[i]
+            logprobs.append(entry)
+        return ids, logprobs
+
+
 class Sampler:
     """Penalties, greedy and filtered random sampling for a batch of rows, vectorized."""
 
@@ -90,27 +120,26 @@ class Sampler:
         A row's log-probabilities are its `params.logprobs` most likely tokens of the raw model
         distribution plus the sampled token (None when the row did not ask).
         """
+        return self.sample_on_device(logits, rows).read()
+
+    def sample_on_device(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampledTokens:
+        """`sample` without the read back: the work is queued on the device and nothing waits
+        for it until `SampledTokens.read()` (the step's one sync)."""
         token_ids = self(logits, rows)
         wanted = [r.params.logprobs for r in rows]
         if all(k is None for k in wanted):
-            return token_ids.tolist(), [None] * len(rows)
+            return SampledTokens(token_ids, wanted)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         k_max = min(max(k for k in wanted if k is not None), MAX_LOGPROBS)
         top = log_probs.topk(k_max, dim=-1) if k_max > 0 else None
         chosen = log_probs.gather(1, token_ids.view(-1, 1)).view(-1)
-        ids = token_ids.tolist()
-        chosen_values = chosen.tolist()
-        top_ids = top.indices.tolist() if top is not None else [[] for _ in rows]
-        top_values = top.values.tolist() if top is not None else [[] for _ in rows]
-        logprobs: list[dict[int, float] | None] = []
-        for i, k in enumerate(wanted):
-            if k is None:
-                logprobs.append(None)
-                continue
-            entry = dict(zip(top_ids[i][:k], top_values[i][:k]))
-            entry[ids[i]] = chosen_values[i]
-            logprobs.append(entry)
-        return ids, logprobs
+        return SampledTokens(
+            token_ids,
+            wanted,
+            chosen,
+            top.indices if top is not None else None,
+            top.values if top is not None else None,
+        )
 
     def logprobs_of(
         self, logits: torch.Tensor, targets: Sequence[int], k: int

@@ -191,15 +191,15 @@ def test_refuses_prompts_that_can_never_fit(tiny_checkpoint):
 def test_error_in_one_request_fails_only_that_request(tiny_checkpoint, prompts, hf_reference):
     llm = LLM(str(tiny_checkpoint))
     runner = llm.engine.runner
-    original = runner.run
+    original = runner.start
     poison = 424242 % 150_000
 
-    def flaky_run(batch):
+    def flaky_start(batch):
         if any(poison in s.seq.token_ids for s in batch):
             raise RuntimeError("injected fault")
         return original(batch)
 
-    runner.run = flaky_run
+    runner.start = flaky_start
     outs = llm.generate(prompts[:4] + [[poison, 1, 2, 3]], GREEDY)
     assert [o.token_ids for o in outs[:4]] == hf_reference[:4]
     assert outs[4].finish_reason == "error" and outs[4].error

@@ -193,16 +193,16 @@ async def test_exception_in_one_request_fails_only_that_request(idle, monkeypatc
     engine keeps serving. (LLMEngine reruns a failed batch one sequence at a time.)"""
     server = idle
     runner = server.engine.engine.runner
-    real_run = runner.run
+    real_start = runner.start
     calls = {"poisoned": 0}
 
-    def run(batch):
+    def start(batch):
         if any(POISON in s.seq.token_ids for s in batch):
             calls["poisoned"] += 1
             raise RuntimeError("injected fault")
-        return real_run(batch)
+        return real_start(batch)
 
-    monkeypatch.setattr(runner, "run", run)
+    monkeypatch.setattr(runner, "start", start)
     async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
         expected, keep = await survivors(server, http, 4, max_tokens=30, offset=900)
         await asyncio.sleep(0.3)  # the survivors are decoding when the poisoned request joins

@@ -73,6 +73,33 @@ def test_cuda_graphs_give_the_same_tokens(qwen3_like):
     ]
 
 
+def test_async_output_gives_the_same_outputs(qwen3_like):
+    """On CUDA outputs are emitted during the next step's forward pass by default; turned off,
+    every request gets the same tokens, text, finish reason and log-probabilities."""
+    llm = LLM(str(qwen3_like), dtype="bfloat16", device="cuda", enable_prefix_caching=False,
+              gpu_memory_utilization=0.5, max_num_batched_tokens=256)
+    assert llm.engine.async_output
+    prompts = random_prompts([5, 40, 77, 120, 300, 64], seed=4)
+    free = llm.generate([prompts[1]], SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True))[0]
+    stop = free.text[len(free.text) // 2:][:2]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, stop=[stop]),
+        SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=NEW_TOKENS, logprobs=3),
+        SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True, prompt_logprobs=2),
+        SamplingParams(temperature=0.8, seed=5, max_tokens=24, min_tokens=4, repetition_penalty=1.3),
+        SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=1),
+    ]
+
+    def summary(outs):
+        return [(o.token_ids, o.text, o.finish_reason, o.logprobs, o.prompt_logprobs) for o in outs]
+
+    with_async = summary(llm.generate(prompts, params))
+    llm.engine.async_output = False
+    assert with_async == summary(llm.generate(prompts, params))
+    assert with_async[1][2] == "stop"
+
+
 def test_sampling_stays_on_device_and_kv_sizing_is_logged(qwen3_like, caplog):
     caplog.set_level("INFO")
     llm = LLM(str(qwen3_like), dtype="bfloat16", device="cuda", gpu_memory_utilization=0.5)

@@ -48,6 +48,9 @@ def test_smoke_runs_every_step_and_writes_json_and_log(tmp_path):
         prof = d["profile"]
         assert prof["steps"] == 3 and prof["profiled_ms_per_step"] > 0
         assert prof["top_ms_per_step"] and "gpu_kernels_ms_per_step" not in prof
+        ab = d["async_output_ab"]  # async output off and on, alternating, twice each
+        assert [len(ab["runs"]["off"]), len(ab["runs"]["on"])] == [2, 2]
+        assert ab["on_over_off"] == pytest.approx(ab["on_tokens_per_s"] / ab["off_tokens_per_s"])
     assert [p["prompt_tokens"] for p in r["prefill"]] == [64, 256]
     assert all(p["tokens_per_s"] > 0 and p["cached_tokens"] == 0 for p in r["prefill"])
     nano = r["nano_vllm"]
