@@ -80,7 +80,7 @@ def build_plan(args: argparse.Namespace, out: Path) -> Plan:
         checkpoint = Path(args.checkpoint) if args.checkpoint else out / "checkpoint-tiny"
         engine_common = ["--device", "cpu", "--dtype", "float32", "--kv-gb", "0.05"]
         decode = ["--decode-batches", "1,4", "--decode-prompt-len", "16", "--decode-new-tokens", "8",
-                  "--profile-steps", "3", "--async-output-ab"]
+                  "--profile-steps", "3", "--async-output-ab", "--host-phase-steps", "3"]
         prefill = ["--prefill-lens", "64,256", "--prefill-chunk", "128"]
         nano = ["--nano-seqs", "6", "--nano-input-lens", "10,40", "--nano-output-lens", "4,12",
                 "--nano-max-model-len", "256"]
@@ -93,7 +93,7 @@ def build_plan(args: argparse.Namespace, out: Path) -> Plan:
         checkpoint = Path(args.checkpoint) if args.checkpoint else CACHE_DIR / f"random-{shape}-seed0"
         engine_common = ["--device", "cuda"]
         decode = ["--decode-batches", "1,64", "--decode-prompt-len", "128", "--decode-new-tokens", "256",
-                  "--profile-steps", "50", "--async-output-ab"]
+                  "--profile-steps", "50", "--async-output-ab", "--host-phase-steps", "50"]
         prefill = ["--prefill-lens", "8192,32768,131072", "--prefill-chunk", "8192"]
         nano = ["--nano-seqs", "256", "--nano-input-lens", "100,1024", "--nano-output-lens", "100,1024"]
         hf = ["--hf-batches", "1,64", "--hf-new-tokens", "64", "--decode-prompt-len", "128"]
@@ -450,6 +450,10 @@ def _summary(report: dict) -> str:
         if ab is not None:
             lines.append(f"  async output on / off: {ab['on_tokens_per_s']:.1f} / {ab['off_tokens_per_s']:.1f} tok/s "
                          f"({ab['on_over_off']:.3f}x)")
+        phases = d.get("host_phases")
+        if phases is not None:
+            lines.append("  host phases, median ms a step: " + ", ".join(
+                f"{k} {v:.3f}" for k, v in phases["median_ms"].items()))
         gpu = d.get("profile", {}).get("gpu_kernels_ms_per_step")
         if gpu is not None:
             lines.append(f"  profiled: GPU kernels {gpu:.2f} ms of the {d['ms_per_step']:.2f} ms step "

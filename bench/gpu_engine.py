@@ -2,6 +2,7 @@
 
   decode     tokens/s at batch 1 and 64 (CUDA graphs on), timed once every prompt is prefilled;
              with --async-output-ab, also with async output off and on, alternating; with
+             --host-phase-steps, the host's time in each phase of a step; with
              --profile-steps, the torch profiler's GPU kernel time per step against the
              step's wall time, and the heaviest kernels
   prefill    tokens/s for one 8K, 32K and 128K-token prompt (chunked by max_num_batched_tokens);
@@ -155,6 +156,72 @@ def decode_profile(llm: LLM, batch: int, prompt_len: int, steps: int, warm: int 
     return result
 
 
+def host_phases(llm: LLM, batch: int, prompt_len: int, steps: int, warm: int = 10) -> dict:
+    """Median milliseconds a decode step spends in each phase on the host, over `steps` steps
+    of `batch` sequences: what the GPU waits for between its steps. `read` is the wait for the
+    sampled ids (on CUDA: for the GPU); with async output, `emit` (the previous step's outputs)
+    runs while the GPU works, the other phases while it idles."""
+    from engine import SamplingParams
+
+    engine = llm.engine
+    runner = engine.runner
+    times: dict[str, list[float]] = {}
+
+    def timed(obj: object, name: str, phase: str) -> None:
+        inner = getattr(obj, name)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                times.setdefault(phase, []).append(time.perf_counter() - start)
+
+        setattr(obj, name, wrapper)
+
+    def start_then_timed_read(batch_: list) -> Callable[[], None]:
+        read = start(batch_)
+
+        def timed_read() -> None:
+            t = time.perf_counter()
+            read()
+            times.setdefault("read", []).append(time.perf_counter() - t)
+
+        return timed_read
+
+    params = SamplingParams(temperature=0.0, max_tokens=warm + steps + 2, ignore_eos=True)
+    for p in random_token_prompts(batch, (prompt_len, prompt_len), seed=batch + 2):
+        engine.add_request(p, params)
+    for _ in range(warm + 1):
+        engine.step()
+    phases = (
+        (engine.scheduler, "schedule", "schedule"),
+        (runner, "_build_inputs", "build_inputs"),
+        (runner, "_forward", "forward_launch"),
+        (runner.model, "compute_logits", "logits_launch"),
+        (runner.sampler, "sample_on_device", "sample_launch"),
+        (engine, "_collect_outputs", "emit"),
+        (engine.scheduler, "postprocess", "postprocess"),
+        (engine, "step", "step"),
+    )
+    start = runner.start
+    try:
+        for obj, name, phase in phases:
+            timed(obj, name, phase)
+        runner.start = start_then_timed_read  # type: ignore[method-assign,assignment]
+        for _ in range(steps):
+            engine.step()
+    finally:
+        for obj, name, _ in phases:
+            delattr(obj, name)  # the class's method again
+        del runner.start
+    while engine.has_unfinished():
+        engine.step()
+    ms = {phase: round(1000 * statistics.median(v), 4) for phase, v in times.items()}
+    ms["other"] = round(ms["step"] - sum(v for k, v in ms.items() if k != "step"), 4)
+    return {"batch": batch, "steps": steps, "async_output": engine.async_output, "median_ms": ms}
+
+
 def prefill_speed(llm: LLM, length: int) -> dict:
     from engine import SamplingParams
 
@@ -290,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-new-tokens", type=int, default=256)
     parser.add_argument("--profile-steps", type=int, default=0,
                         help="after each decode batch, profile this many steps (torch profiler)")
+    parser.add_argument("--host-phase-steps", type=int, default=0,
+                        help="after each decode batch, time the host's phases of this many steps")
     parser.add_argument("--async-output-ab", action="store_true",
                         help="after each decode batch, decode with async output off and on, alternating")
     parser.add_argument("--hf-batches", default="1,64")
@@ -334,6 +403,9 @@ def main(argv: list[str] | None = None) -> dict:
                 if args.async_output_ab:
                     out[-1]["async_output_ab"] = output_mode_ab(
                         llm, b, args.decode_prompt_len, args.decode_new_tokens)
+                if args.host_phase_steps:
+                    out[-1]["host_phases"] = host_phases(
+                        llm, b, args.decode_prompt_len, args.host_phase_steps)
                 if args.profile_steps:
                     out[-1]["profile"] = decode_profile(llm, b, args.decode_prompt_len, args.profile_steps)
             del llm
@@ -348,6 +420,9 @@ def main(argv: list[str] | None = None) -> dict:
                 ab = r["async_output_ab"]
                 print(f"  async output on / off: {ab['on_tokens_per_s']:.1f} / {ab['off_tokens_per_s']:.1f} "
                       f"tok/s ({ab['on_over_off']:.3f}x)")
+            if "host_phases" in r:
+                print("  host phases, median ms a step: " + ", ".join(
+                    f"{k} {v:.3f}" for k, v in r["host_phases"]["median_ms"].items()))
             if "profile" in r:
                 prof = r["profile"]
                 gpu = prof.get("gpu_kernels_ms_per_step")

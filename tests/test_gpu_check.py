@@ -48,6 +48,8 @@ def test_smoke_runs_every_step_and_writes_json_and_log(tmp_path):
         prof = d["profile"]
         assert prof["steps"] == 3 and prof["profiled_ms_per_step"] > 0
         assert prof["top_ms_per_step"] and "gpu_kernels_ms_per_step" not in prof
+        phases = d["host_phases"]["median_ms"]  # where the host's part of a step goes
+        assert phases["step"] > 0 and {"schedule", "build_inputs", "read", "postprocess"} <= set(phases)
         ab = d["async_output_ab"]  # async output off and on, alternating, twice each
         assert [len(ab["runs"]["off"]), len(ab["runs"]["on"])] == [2, 2]
         assert ab["on_over_off"] == pytest.approx(ab["on_tokens_per_s"] / ab["off_tokens_per_s"])
