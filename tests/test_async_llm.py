@@ -1,4 +1,7 @@
-"""AsyncLLM: concurrent streams, aborts and cancellation against the engine thread."""
+"""AsyncLLM: concurrent streams, aborts and cancellation against the engine thread.
+
+Every test runs twice: with the CPU's default (outputs emitted in the step that made them) and
+with async output, CUDA's default (emitted during the next step's forward pass)."""
 
 from __future__ import annotations
 
@@ -12,9 +15,10 @@ from tests.engine_helpers import random_prompts
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_checkpoint):
-    llm = AsyncLLM(EngineConfig(model=str(tiny_checkpoint)))
+@pytest.fixture(scope="module", params=[False, True], ids=["sync-output", "async-output"])
+def engine(tiny_checkpoint, request):
+    llm = AsyncLLM(EngineConfig(model=str(tiny_checkpoint), async_output=request.param))
+    assert llm.engine.async_output is request.param
     yield llm
     llm.shutdown()
 
@@ -44,6 +48,25 @@ async def test_sixteen_concurrent_streams_equal_solo(engine):
     solo = [(await collect(engine, p, GREEDY)).token_ids for p in prompts]
     together = await asyncio.gather(*(collect(engine, p, GREEDY) for p in prompts))
     assert [o.token_ids for o in together] == solo
+    await wait_until_idle(engine)
+
+
+async def test_stop_strings_end_streams_with_the_solo_text(engine, tiny_checkpoint):
+    """A stop string found while the request's next step already runs (async output) ends the
+    stream with the same text as the blocking engine gives, the stop string cut."""
+    from engine import LLM
+
+    prompts = random_prompts([9, 33, 70], seed=13)
+    free = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    reference = LLM(str(tiny_checkpoint))
+    texts = [o.text for o in reference.generate(prompts, free)]
+    stops = [SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, stop=[t[8:10]]) for t in texts]
+    expected = reference.generate(prompts, stops)
+    streamed = await asyncio.gather(*(collect(engine, p, s) for p, s in zip(prompts, stops)))
+    assert [(o.text, o.token_ids, o.finish_reason) for o in streamed] == [
+        (o.text, o.token_ids, o.finish_reason) for o in expected
+    ]
+    assert all(o.finish_reason == "stop" for o in streamed)
     await wait_until_idle(engine)
 
 
