@@ -4,6 +4,7 @@ API's usage as requests run."""
 
 from __future__ import annotations
 
+import random
 import time
 import uuid
 
@@ -194,3 +195,23 @@ def test_requests_are_counted_by_kind(server, client):
     after = scrape(server)
     assert delta(after, before, 'pagechat_requests_served_total{kind="api"}') == 1
     assert delta(after, before, 'pagechat_requests_served_total{kind="chat"}') == 1
+
+
+def test_generation_rate_over_the_window_matches_summing_it(monkeypatch):
+    """The engine's tokens/s (read after every step) keeps its window's count as events come
+    and go; it equals summing the window's events after the first over their span."""
+    from engine import llm_engine
+
+    clock = [0.0]
+    monkeypatch.setattr(llm_engine.time, "monotonic", lambda: clock[0])
+    throughput = llm_engine._Throughput(window_s=1.0)
+    rng = random.Random(3)
+    assert throughput.rate() == 0.0
+    for _ in range(500):
+        clock[0] += rng.choice([0.004, 0.01, 0.3])
+        throughput.add(rng.randint(1, 64))
+        events = list(throughput.events)
+        assert all(clock[0] - t <= 1.0 for t, _ in events)
+        span = events[-1][0] - events[0][0]
+        naive = sum(n for _, n in events[1:]) / span if len(events) > 1 and span > 0 else 0.0
+        assert throughput.rate() == pytest.approx(naive)
