@@ -420,6 +420,20 @@ def ratios(result: dict) -> dict:
     return {f"decode_batch_{b}": round(ours[b] / theirs[b], 3) for b in sorted(ours) if b in theirs}
 
 
+def decode_extra_lines(d: dict) -> list[str]:
+    """A decode result's async output A/B and host phases, when measured, as printed lines."""
+    lines = []
+    ab = d.get("async_output_ab")
+    if ab is not None:
+        lines.append(f"  async output on / off: {ab['on_tokens_per_s']:.1f} / {ab['off_tokens_per_s']:.1f} tok/s "
+                     f"({ab['on_over_off']:.3f}x)")
+    phases = d.get("host_phases")
+    if phases is not None:
+        lines.append("  host phases, median ms a step: " + ", ".join(
+            f"{k} {v:.3f}" for k, v in phases["median_ms"].items()))
+    return lines
+
+
 def store(report_path: Path, results_dir: Path = ROOT / "bench" / "results") -> Path:
     """Copy a GPU run's report into bench/results/, named after the GPU (h100, h200, ...)."""
     report = json.loads(report_path.read_text())
@@ -446,14 +460,7 @@ def _summary(report: dict) -> str:
     for d in r.get("decode", []):
         if "tokens_per_s" in d:
             lines.append(f"decode batch {d['batch']}: {d['tokens_per_s']:.1f} tok/s")
-        ab = d.get("async_output_ab")
-        if ab is not None:
-            lines.append(f"  async output on / off: {ab['on_tokens_per_s']:.1f} / {ab['off_tokens_per_s']:.1f} tok/s "
-                         f"({ab['on_over_off']:.3f}x)")
-        phases = d.get("host_phases")
-        if phases is not None:
-            lines.append("  host phases, median ms a step: " + ", ".join(
-                f"{k} {v:.3f}" for k, v in phases["median_ms"].items()))
+        lines += decode_extra_lines(d)
         gpu = d.get("profile", {}).get("gpu_kernels_ms_per_step")
         if gpu is not None:
             lines.append(f"  profiled: GPU kernels {gpu:.2f} ms of the {d['ms_per_step']:.2f} ms step "

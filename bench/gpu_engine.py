@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from bench.common import ensure_checkpoint, random_token_prompts, release_memory, write_result
-from bench.gpu_check import ratios
+from bench.gpu_check import decode_extra_lines, ratios
 
 if TYPE_CHECKING:
     import torch
@@ -416,13 +416,8 @@ def main(argv: list[str] | None = None) -> dict:
         for r in result["decode"]:
             if "tokens_per_s" in r:
                 print(f"decode batch {r['batch']:3d}: {r['tokens_per_s']:9.1f} tok/s ({r['ms_per_step']:.2f} ms/step)")
-            if "async_output_ab" in r:
-                ab = r["async_output_ab"]
-                print(f"  async output on / off: {ab['on_tokens_per_s']:.1f} / {ab['off_tokens_per_s']:.1f} "
-                      f"tok/s ({ab['on_over_off']:.3f}x)")
-            if "host_phases" in r:
-                print("  host phases, median ms a step: " + ", ".join(
-                    f"{k} {v:.3f}" for k, v in r["host_phases"]["median_ms"].items()))
+            for line in decode_extra_lines(r):
+                print(line)
             if "profile" in r:
                 prof = r["profile"]
                 gpu = prof.get("gpu_kernels_ms_per_step")

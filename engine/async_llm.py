@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,24 +152,21 @@ class AsyncLLM:
     # ---- engine thread ------------------------------------------------------------------------
 
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
-        with self._lock:
-            stream = self._streams.get(request_id)
-        if stream is not None and not stream.loop.is_closed():
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        self._deliver_all([(request_id, item)])
 
-    def _deliver_step(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs with one wake-up per event loop, not one per request: each
-        `call_soon_threadsafe` writes to the loop's self-pipe and wakes its thread, which then
-        contends for the GIL with this one (64 of them a step at batch 64)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
+    def _deliver_all(self, items: Iterable[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Each item to its request's stream, with one wake-up per event loop, not one per
+        item: each `call_soon_threadsafe` writes to the loop's self-pipe and wakes its thread,
+        which then contends for the GIL with this one (64 of them a step at batch 64)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
         with self._lock:
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
+            for request_id, item in items:
+                stream = self._streams.get(request_id)
                 if stream is not None:
-                    by_loop.setdefault(stream.loop, []).append((stream.queue, out))
-        for loop, items in by_loop.items():
+                    by_loop.setdefault(stream.loop, []).append((stream.queue, item))
+        for loop, queued in by_loop.items():
             if not loop.is_closed():
-                loop.call_soon_threadsafe(_put_all, items)
+                loop.call_soon_threadsafe(_put_all, queued)
 
     def _handle(self, command: tuple) -> None:
         kind = command[0]
@@ -214,17 +211,15 @@ class AsyncLLM:
                 logger.exception("engine step failed outside the model; failing running requests")
                 self._fail_all("internal engine error")
                 continue
-            self._deliver_step(outputs)
+            self._deliver_all((out.request_id, out) for out in outputs)
             self._stats = self.engine.stats()
 
     def _fail_all(self, why: str) -> None:
-        for request_id in list(self.engine.requests):
-            out = self.engine.fail(request_id, why)
-            if out is not None:
-                self._deliver(request_id, out)
+        failed = [self.engine.fail(request_id, why) for request_id in list(self.engine.requests)]
+        self._deliver_all((out.request_id, out) for out in failed if out is not None)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+def _put_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
     for stream_queue, item in items:
         stream_queue.put_nowait(item)
 
