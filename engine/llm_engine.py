@@ -282,6 +282,14 @@ class LLMEngine:
             return []
         return self._collect_outputs(pending.out, pending.progressed)
 
+    def _finished_not_emitted(self) -> int:
+        """Requests the scheduler has finished whose final output the next step emits (async
+        output): still running for whoever watches the stats, until their callers hear."""
+        pending = self._pending
+        if pending is None:
+            return 0
+        return sum(s.is_finished and s.request_id in self.requests for s in pending.progressed)
+
     def _save_new_blocks(self) -> int:
         """Hand registered blocks to the disk tier's writer, oldest first, as many as it has
         room for; returns how many (their KV is gathered now, written on its thread)."""
@@ -485,7 +493,7 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         bm = self.scheduler.block_manager
         return EngineStats(
-            num_running=self.scheduler.num_running,
+            num_running=self.scheduler.num_running + self._finished_not_emitted(),
             num_waiting=self.scheduler.num_waiting,
             kv_blocks_used=bm.num_used_blocks,
             kv_blocks_total=bm.num_blocks,

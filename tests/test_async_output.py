@@ -104,6 +104,9 @@ def test_outputs_come_one_step_later_and_streams_add_up(engines, prompts):
                 deltas[o.request_id] += o.delta_token_ids
                 if o.finished:
                     final[o.request_id] = o.token_ids
+            # A request counts as running or waiting until its final output is out.
+            stats = engine.stats()
+            assert stats.num_running + stats.num_waiting == len(ids) - len(final)
         assert all(deltas[i] == final[i] for i in ids)  # every token streamed exactly once
         streams[llm is on] = (per_step, [final[i] for i in ids])
     (async_steps, async_tokens), (sync_steps, sync_tokens) = streams[True], streams[False]
